@@ -34,23 +34,21 @@ class ExpertDeployment:
         """Continue prompts. Each request: prompt (or chat messages), max_new_tokens,
         temperature, top_p, seed."""
 
-        def run() -> list[dict[str, Any]]:
-            out: list[dict[str, Any] | None] = [None] * len(requests)
-            # Requests that share generation settings run as one batch.
-            key = lambda i: _settings(requests[i])  # noqa: E731
-            for settings, group in groupby(sorted(range(len(requests)), key=key), key=key):
-                idx = list(group)
-                gens = self.engine.generate([self._prompt(requests[i]) for i in idx], *settings)
-                for i, gen in zip(idx, gens, strict=True):
-                    out[i] = asdict(gen)
-            return out
+        def run(settings: tuple, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            gens = self.engine.generate([self._prompt(r) for r in group], *settings)
+            return [asdict(g) for g in gens]
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(_by_settings, requests, _gen_settings, run)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def fill_mask(self, prompts: list[str]) -> list[dict[str, Any]]:
-        """Top predictions for each mask of each prompt."""
-        return await asyncio.to_thread(self.engine.fill_mask, prompts)
+    async def fill_mask(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Top predictions for each mask of each prompt. Each request: prompt, top_k."""
+
+        def run(settings: tuple, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return self.engine.fill_mask([r["prompt"] for r in group], *settings)
+
+        settings = lambda r: (int(r.get("top_k") or 5),)  # noqa: E731
+        return await asyncio.to_thread(_by_settings, requests, settings, run)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def score(self, texts: list[str]) -> list[dict[str, float]]:
@@ -69,10 +67,25 @@ class ExpertDeployment:
         return "\n".join([*(f"{m['role']}: {m['content']}" for m in messages), "assistant:"])
 
 
-def _settings(request: dict[str, Any]) -> tuple:
+def _gen_settings(request: dict[str, Any]) -> tuple:
     return (
         int(request["max_new_tokens"]),
         float(request.get("temperature") or 0.0),
         float(request.get("top_p") or 1.0),
         int(request.get("seed") or 0),
     )
+
+
+def _by_settings(
+    requests: list[dict[str, Any]],
+    settings: Callable[[dict[str, Any]], tuple],
+    run: Callable[[tuple, list[dict[str, Any]]], list[Any]],
+) -> list[Any]:
+    """Run a batch as sub-batches of requests that share settings; answers in request order."""
+    out: list[Any] = [None] * len(requests)
+    key = lambda i: settings(requests[i])  # noqa: E731
+    for shared, group in groupby(sorted(range(len(requests)), key=key), key=key):
+        idx = list(group)
+        for i, answer in zip(idx, run(shared, [requests[i] for i in idx]), strict=True):
+            out[i] = answer
+    return out

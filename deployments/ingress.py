@@ -168,7 +168,7 @@ class Ingress:
         def call(name: str) -> Awaitable[Any]:
             handle = self.experts[name]
             if self.task_of[name] == "fill-mask":
-                return handle.fill_mask.remote(payload["prompt"])
+                return handle.fill_mask.remote(payload)
             return handle.generate.remote(payload)
 
         return call
@@ -211,6 +211,7 @@ class Ingress:
             "temperature": body.temperature,
             "top_p": body.top_p,
             "seed": body.seed,
+            "top_k": body.top_k,
         }
         expert, output, skipped = await self._dispatch(ranking, self._on_expert(payload))
         task = self.task_of[expert]

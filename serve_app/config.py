@@ -50,6 +50,7 @@ def _check_actor_options(value: dict[str, Any]) -> dict[str, Any]:
     """Validate Ray actor options with Serve's own schema, keep them as the user wrote them."""
     from ray.serve.schema import RayActorOptionsSchema
 
+    _refuse_unknown(value, RayActorOptionsSchema, "Ray actor option")
     RayActorOptionsSchema.model_validate(value)
     return value
 
@@ -58,8 +59,16 @@ def _check_autoscaling(value: dict[str, Any]) -> dict[str, Any]:
     """Validate an autoscaling config with Serve's own schema, keep it as the user wrote it."""
     from ray.serve.config import AutoscalingConfig
 
+    _refuse_unknown(value, AutoscalingConfig, "autoscaling field")
     AutoscalingConfig.model_validate(value)
     return value
+
+
+def _refuse_unknown(value: dict[str, Any], schema: type[BaseModel], what: str) -> None:
+    """Ray's schemas ignore unknown keys; a typo there would be dropped or fail at deploy."""
+    unknown = [key for key in value if key not in schema.model_fields]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; known: {', '.join(schema.model_fields)}")
 
 
 class Batching(_Strict):

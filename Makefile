@@ -1,0 +1,47 @@
+# tryage: `make serve` to run the service, `make test` to run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LIBRARY ?= libraries/smoke/library.yaml
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install install-dev serve test lint format clean
+
+# torch is installed first, pinned, so pip takes the CPU build and not several GB of CUDA wheels.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Until the demo library exists, `make serve` builds and serves the smoke library (random experts).
+libraries/smoke/library.yaml: | $(VENV)/.installed
+	$(BIN)/tryage smoke-library libraries/smoke
+
+serve: install $(LIBRARY)
+	$(BIN)/tryage serve --library $(LIBRARY) --host $(HOST) --port $(PORT)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) libraries/smoke .pytest_cache .ruff_cache

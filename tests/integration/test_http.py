@@ -1,0 +1,255 @@
+"""The HTTP API of a served smoke library, over real HTTP on a local Ray."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.config import load_library
+from tests.integration.conftest import client
+
+TEXT_GEN = {"gen-xs", "gen-s", "gen-m"}
+
+
+@pytest.fixture(scope="module")
+def api(serve_port, smoke_library) -> httpx.Client:
+    serve.run(build_app({"library": str(smoke_library)}), name="main", route_prefix="/")
+    with client(serve_port) as c:
+        yield c
+    serve.delete("main")
+
+
+@pytest.fixture(scope="module")
+def oai(api, serve_port) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="unused", timeout=120, max_retries=0
+    )
+
+
+def route(api, **body) -> dict:
+    r = api.post("/v1/route", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# --- the contract's endpoints ---------------------------------------------------------------
+
+
+def test_healthz(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_models_lists_every_expert_with_its_card(api, smoke_library):
+    body = api.get("/v1/models").json()
+    library = load_library(smoke_library)
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == library.names
+    gen_m = next(m for m in body["data"] if m["id"] == "gen-m")
+    assert gen_m["object"] == "model"
+    assert gen_m["task"] == "text-generation"
+    assert gen_m["params"] == library.expert("gen-m").params > 0
+    assert gen_m["released"] == "2025-01-15"
+    assert gen_m["trusted"] is True
+    assert gen_m["description"]
+
+
+def test_route_ranks_eligible_experts_by_score(api):
+    body = route(api, prompt="def add(a, b):\n    return a + b")
+    ranking = body["ranking"]
+    # No [MASK] in the prompt: the masked LM is not eligible.
+    assert {r["expert"] for r in ranking} == TEXT_GEN
+    assert body["expert"] == ranking[0]["expert"]
+    scores = [r["score"] for r in ranking]
+    assert scores == sorted(scores)
+    for r in ranking:
+        assert math.isclose(r["score"], r["predicted_loss"] + r["penalty"], rel_tol=1e-9)
+        assert r["penalty"] == 0.0  # the smoke library's default weights are zero
+
+
+def test_same_prompt_same_route(api):
+    first = route(api, prompt="The patient presented with chest pain.")
+    again = route(api, prompt="The patient presented with chest pain.")
+    assert first == again
+
+
+def test_large_size_weight_picks_the_smallest(api):
+    assert route(api, prompt="hello there", weights={"size": 50})["expert"] == "gen-xs"
+
+
+def test_large_recency_weight_picks_the_newest(api):
+    assert route(api, prompt="hello there", weights={"recency": 50})["expert"] == "gen-m"
+
+
+def test_flags_set_weights_like_the_request(api):
+    assert route(api, prompt="[flag: smallest] hello there")["expert"] == "gen-xs"
+    assert route(api, prompt="hello there [flag: newest]")["expert"] == "gen-m"
+    trusted = route(api, prompt="hello [flag: trusted]", experts=["gen-s", "gen-m"])
+    assert trusted["expert"] == "gen-m"  # gen-s is untrusted
+
+
+def test_allow_list_restricts_the_choice(api):
+    body = route(api, prompt="hello there", experts=["gen-s"], weights={"size": 50})
+    assert body["expert"] == "gen-s"
+    assert [r["expert"] for r in body["ranking"]] == ["gen-s"]
+
+
+def test_task_restricts_the_choice(api):
+    body = route(api, prompt="The capital of France is [MASK].", task="fill-mask")
+    assert body["expert"] == "mask-s"
+
+
+def test_infer_generates_on_the_chosen_expert(api):
+    r = api.post("/v1/infer", json={"prompt": "def main():", "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["expert"] == body["ranking"][0]["expert"]
+    assert body["task"] == "text-generation"
+    assert isinstance(body["output"], str)
+    assert body["skipped"] == []
+
+
+def test_infer_fills_masks(api):
+    body = {"prompt": "The [MASK] sat on the mat.", "task": "fill-mask", "top_k": 3}
+    r = api.post("/v1/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["expert"] == "mask-s"
+    assert len(out["output"]["masks"]) == 1
+    assert len(out["output"]["masks"][0]) == 3
+    assert "[MASK]" not in out["output"]["text"]
+
+
+# --- OpenAI-compatible endpoints through the official client -------------------------------
+
+
+def test_completions_route_and_name_the_expert(oai):
+    raw = oai.completions.with_raw_response.create(model="tryage", prompt="Once upon", max_tokens=5)
+    done = raw.parse()
+    assert done.model in TEXT_GEN
+    assert raw.headers["x-tryage-expert"] == done.model
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.completion_tokens <= 5
+
+
+def test_completions_pin_an_expert(oai):
+    done = oai.completions.create(model="gen-m", prompt="Once upon", max_tokens=3)
+    assert done.model == "gen-m"
+
+
+def test_completions_take_routing_options(oai):
+    done = oai.completions.create(
+        model="tryage",
+        prompt="Once upon",
+        max_tokens=3,
+        extra_body={"tryage": {"weights": {"size": 50}}},
+    )
+    assert done.model == "gen-xs"
+
+
+def test_flags_are_removed_before_the_expert(oai):
+    plain = oai.completions.create(model="gen-m", prompt="Once upon a time", max_tokens=2)
+    flagged = oai.completions.create(
+        model="gen-m", prompt="Once upon a time [flag: newest]", max_tokens=2
+    )
+    assert flagged.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert flagged.choices[0].text == plain.choices[0].text
+
+
+def test_chat_completions(oai):
+    raw = oai.chat.completions.with_raw_response.create(
+        model="tryage",
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name a prime. [flag: smallest]"},
+        ],
+        max_tokens=4,
+    )
+    done = raw.parse()
+    assert done.model == "gen-xs"
+    assert raw.headers["x-tryage-expert"] == "gen-xs"
+    assert done.choices[0].message.role == "assistant"
+    assert isinstance(done.choices[0].message.content, str)
+
+
+def test_openai_unknown_model_is_not_found(oai):
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-9", prompt="hi", max_tokens=2)
+
+
+# --- bad input: 4xx in one shape, and the service keeps serving ----------------------------
+
+
+BAD = [
+    ("/v1/route", {"prompt": ""}, 400, "prompt"),
+    ("/v1/route", {"prompt": "   "}, 400, "prompt"),
+    ("/v1/route", {"prompt": "[flag: smallest]"}, 400, "prompt"),
+    ("/v1/route", {"prompt": "x" * 40_000}, 400, "prompt"),
+    ("/v1/route", {"prompt": "hi [flag: fastest]"}, 400, "prompt"),
+    ("/v1/route", {"prompt": "hi", "weights": {"sise": 1.0}}, 400, "weights"),
+    ("/v1/route", {"prompt": "hi", "weights": {"size": -1.0}}, 400, "weights"),
+    ("/v1/route", {"prompt": "hi", "weights": {"size": "big"}}, 400, "weights.size"),
+    ("/v1/route", {"prompt": "hi", "experts": ["nope"]}, 404, "experts"),
+    ("/v1/route", {"prompt": "hi", "experts": []}, 400, "experts"),
+    ("/v1/route", {"prompt": "hi", "experts": ["mask-s"], "task": "text-generation"}, 400, None),
+    ("/v1/route", {"prompt": "no mask here", "task": "fill-mask"}, 400, "prompt"),
+    ("/v1/route", {"prompt": "hi", "task": "translation"}, 400, "task"),
+    ("/v1/route", {"prompt": "hi", "colour": "red"}, 400, "colour"),
+    ("/v1/route", {}, 400, "prompt"),
+    ("/v1/route", ["not", "an", "object"], 400, None),
+    ("/v1/infer", {"prompt": "hi", "max_new_tokens": 100_000}, 400, "max_new_tokens"),
+    ("/v1/infer", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ("/v1/completions", {"model": "tryage", "prompt": "hi", "stream": True}, 400, "stream"),
+    ("/v1/completions", {"model": "tryage", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("/v1/chat/completions", {"model": "tryage", "messages": []}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {"model": "tryage", "messages": [{"role": "system", "content": "x"}]},
+        400,
+        "messages",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD)
+def test_bad_input_is_a_4xx_in_the_error_shape(api, path, body, status, param):
+    assert_error(api.post(path, json=body), status, param)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b'{"prompt": "hi", "weights": {"size": NaN}}',
+        b'{"prompt": "hi", "weights": {"size": Infinity}}',
+    ],
+)
+def test_malformed_or_non_finite_json_is_a_400(api, raw):
+    r = api.post("/v1/route", content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400)
+
+
+def test_unknown_path_and_method_use_the_error_shape(api):
+    assert_error(api.get("/v1/nothing"), 404)
+    assert_error(api.get("/v1/route"), 405)
+
+
+def test_service_keeps_serving_after_bad_input(api):
+    for path, body, _, _ in BAD:
+        api.post(path, json=body)
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert route(api, prompt="still here?")["expert"] in TEXT_GEN
