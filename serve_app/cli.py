@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "and pass --library DIR/library.yaml"
         )
     app = build_app({"library": args.library})  # validate before starting Ray
+    # Ctrl-C and SIGTERM stop cleanly, even where a shell started us with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     ray.init(ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -44,6 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def parser() -> argparse.ArgumentParser:

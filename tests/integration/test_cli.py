@@ -1,0 +1,111 @@
+"""The README's commands, run as a user runs them: `tryage smoke-library`, `tryage serve`,
+and Ray's own `serve run serve_app.app:build_app library=FILE`. Each starts its own Ray."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import ROOT, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, deadline_s: float = 240) -> None:
+    """Poll /healthz until it answers 200; fail early if the server process dies."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode}:\n{out[-4000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{url} did not become healthy in {deadline_s} s")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """Ctrl-C, as a user would; the process must exit on its own."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_library(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "s"
+    done = subprocess.run(
+        [BIN / "tryage", "smoke-library", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return out / "library.yaml"
+
+
+def test_smoke_library_writes_a_valid_library(cli_library):
+    raw = yaml.safe_load(cli_library.read_text())
+    experts = raw["experts"]
+    assert len(experts) >= 3
+    assert len({e["released"] for e in experts}) == len(experts)
+    assert (cli_library.parent / raw["router"]["checkpoint"] / "router.json").is_file()
+    for e in experts:
+        assert list((cli_library.parent / e["model"]).glob("*.safetensors"))
+
+
+def test_tryage_serve_answers_and_stops_on_ctrl_c(cli_library):
+    port = free_port()
+    proc = start([BIN / "tryage", "serve", "--library", str(cli_library), "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url)
+    r = httpx.post(f"{url}/v1/route", json={"prompt": "hi [flag: smallest]"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["expert"] == "gen-xs"
+    assert stop(proc) == 0
+
+
+def test_tryage_serve_refuses_a_bad_library(tmp_path):
+    bad = tmp_path / "library.yaml"
+    bad.write_text("router: {checkpoint: router}\nexperts: []\n")
+    done = subprocess.run(
+        [BIN / "tryage", "serve", "--library", str(bad)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "experts" in done.stderr and str(bad) in done.stderr
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ray_serve_run_builds_the_app(cli_library):
+    if not _port_free(8000):
+        pytest.skip("`serve run` always listens on port 8000, which is taken here")
+    proc = start(
+        [BIN / "serve", "run", "serve_app.app:build_app", f"library={cli_library}", "--name=tryage"]
+    )
+    url = "http://127.0.0.1:8000"
+    wait_healthy(proc, url)
+    r = httpx.get(f"{url}/v1/models", timeout=30)
+    assert [m["id"] for m in r.json()["data"]] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
+    stop(proc)
