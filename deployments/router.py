@@ -16,18 +16,28 @@ class RouterDeployment:
 
     def __init__(self, encoder: str, checkpoint: str, load: Callable[..., Router] = LearnedRouter):
         self.router = load(encoder=encoder, checkpoint=checkpoint)
+        self.batching: dict = {}
+        self.batches = 0  # batches run, and prompts in them: their ratio is the mean batch size
+        self.prompts = 0
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait, changeable without a restart."""
+        self.batching = dict(config)
         self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
         self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def predict(self, prompts: list[str]) -> list[dict[str, float]]:
         """Predicted loss (bits per byte) of every expert, one mapping per prompt."""
+        self.batches += 1
+        self.prompts += len(prompts)
         # A thread keeps the replica's event loop free (health checks, queueing the next batch).
         return await asyncio.to_thread(self.router.predict, prompts)
 
     async def experts(self) -> list[str]:
         """The experts the head predicts, in output order."""
         return list(self.router.experts)
+
+    async def stats(self) -> dict:
+        """Batches and prompts served by this replica, and its batching settings."""
+        return {"batches": self.batches, "prompts": self.prompts, "batching": self.batching}

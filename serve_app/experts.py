@@ -192,7 +192,11 @@ class HFExpert:
         enc = tok(
             texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
         ).to(self.device)
-        probs = self.model(**enc).logits.float().softmax(-1)  # (B, T, V)
+        logits = self.model(**enc).logits.float()  # (B, T, V)
+        # A mask is filled with text, never [MASK] or [SEP]: scores are probabilities over the
+        # vocabulary without its special tokens.
+        logits[..., special_ids(tok)] = float("-inf")
+        probs = logits.softmax(-1)  # (B, T, V)
         results = []
         for b, text in enumerate(texts):
             where = (enc["input_ids"][b] == tok.mask_token_id).nonzero().flatten().tolist()
@@ -205,11 +209,19 @@ class HFExpert:
                         for s, i in zip(p.tolist(), ids.tolist(), strict=True)
                     ]
                 )
-            filled = text
-            for choices in masks:
-                filled = filled.replace(tok.mask_token, choices[0]["token"], 1)
+            parts = text.split(tok.mask_token)  # masks cut off by truncation stay as they are
+            best = [choices[0]["token"] for choices in masks]
+            best += [tok.mask_token] * (len(parts) - 1 - len(best))
+            filled = parts[0] + "".join(b + p for b, p in zip(best, parts[1:], strict=True))
             results.append({"text": filled, "masks": masks})
         return results
+
+
+def special_ids(tokenizer: Any) -> list[int]:
+    """Ids of every special token, registered or only marked special in the vocabulary."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return sorted(ids)
 
 
 def has_mask(prompt: str) -> bool:

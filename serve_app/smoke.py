@@ -146,6 +146,7 @@ def build_smoke_library(out: str | Path, *, gpus: bool = False, seed: int = 0) -
             "checkpoint": "router",
             "resources": {"num_gpus": 1} if gpus else {"num_cpus": 0.5},
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
         },
         "experts": experts,
         "objective": {"weights": {"size": 0.0, "recency": 0.0}},

@@ -253,3 +253,21 @@ def test_service_keeps_serving_after_bad_input(api):
         api.post(path, json=body)
     assert api.get("/healthz").json() == {"status": "ok"}
     assert route(api, prompt="still here?")["expert"] in TEXT_GEN
+
+
+# --- batching -------------------------------------------------------------------------------
+
+
+def test_router_batches_concurrent_prompts(api):
+    from concurrent.futures import ThreadPoolExecutor
+
+    router = serve.get_deployment_handle("Router", app_name="main")
+    before = router.stats.remote().result()
+    assert before["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
+    prompts = [f"prompt number {i}: what is {i} squared?" for i in range(32)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(lambda p: api.post("/v1/route", json={"prompt": p}), prompts))
+    assert all(a.status_code == 200 for a in answers)
+    after = router.stats.remote().result()
+    assert after["prompts"] - before["prompts"] == 32
+    assert after["batches"] - before["batches"] < 32  # some prompts shared a batch

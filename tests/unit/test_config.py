@@ -1,0 +1,289 @@
+"""library.yaml: the good case, and every kind of mistake named by key and file."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from serve_app.config import (
+    EXPERT_AUTOSCALING_DEFAULTS,
+    LibraryError,
+    load_library,
+    minilm_path,
+    resolve_model,
+)
+from serve_app.smoke import SMOKE_EXPERTS, build_smoke_library
+
+_variants = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """The smoke library's `library.yaml` (built once: it trains a tokenizer and saves models)."""
+    return build_smoke_library(tmp_path_factory.mktemp("smoke"))
+
+
+@pytest.fixture
+def variant(smoke) -> Callable[[Callable[[dict], object]], Path]:
+    """Write a changed copy of the smoke library next to it, so relative paths still resolve."""
+
+    def write(change: Callable[[dict], object]) -> Path:
+        raw = copy.deepcopy(yaml.safe_load(smoke.read_text()))
+        change(raw)
+        path = smoke.parent / f"variant-{next(_variants)}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return write
+
+
+def _expert(raw: dict, name: str) -> dict:
+    return next(e for e in raw["experts"] if e["name"] == name)
+
+
+# --- the good case -----------------------------------------------------------------------
+
+
+def test_the_smoke_library_loads_with_every_expert(smoke):
+    library = load_library(smoke)
+    assert library.names == [e[0] for e in SMOKE_EXPERTS]
+    assert library.expert("mask-s").task == "fill-mask"
+    assert library.expert("gen-xs").released == dt.date(2023, 3, 1)
+    assert library.expert("gen-s").trusted is False
+    assert library.objective.weights == {"size": 0.0, "recency": 0.0}
+
+
+def test_params_left_out_are_counted_from_the_safetensors_weights(smoke):
+    library = load_library(smoke)
+    for expert in library.experts:
+        weights = load_file(str(Path(expert.model) / "model.safetensors"))
+        assert expert.params == sum(t.numel() for t in weights.values()), expert.name
+    sizes = [library.expert(n).params for n in ("gen-xs", "gen-s", "gen-m")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+
+
+def test_params_given_in_the_file_are_kept(variant):
+    path = variant(lambda raw: _expert(raw, "gen-m").update(params=1_234))
+    assert load_library(path).expert("gen-m").params == 1_234
+
+
+def test_relative_paths_resolve_against_the_file_not_the_working_directory(
+    smoke, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    library = load_library(smoke)
+    for expert in library.experts:
+        assert Path(expert.model).is_absolute()
+        assert Path(expert.model) == smoke.parent / "experts" / expert.name
+    assert library.router.checkpoint == smoke.parent / "router"
+    assert library.router.model == str(minilm_path())
+
+
+def test_a_hub_id_with_params_is_kept_as_a_hub_id(variant):
+    path = variant(lambda raw: _expert(raw, "gen-m").update(model="org/some-model", params=10))
+    assert load_library(path).expert("gen-m").model == "org/some-model"
+
+
+def test_experts_scale_to_zero_by_default(smoke):
+    for expert in load_library(smoke).experts:
+        assert expert.autoscaling == EXPERT_AUTOSCALING_DEFAULTS
+        assert expert.autoscaling["min_replicas"] == 0
+
+
+def test_expert_autoscaling_fields_are_merged_over_the_defaults(variant):
+    path = variant(lambda raw: _expert(raw, "gen-m").update(autoscaling={"max_replicas": 5}))
+    scaling = load_library(path).expert("gen-m").autoscaling
+    assert scaling["max_replicas"] == 5
+    assert scaling["min_replicas"] == 0
+    assert scaling["downscale_to_zero_delay_s"] == 300.0
+
+
+def test_router_autoscaling_and_resources_are_kept_as_written(smoke):
+    router = load_library(smoke).router
+    assert router.autoscaling == {"min_replicas": 1, "max_replicas": 1}
+    assert router.resources == {"num_cpus": 0.5}
+
+
+def test_expert_resources_are_passed_through(variant):
+    resources = {"num_gpus": 1, "resources": {"big-memory": 1}, "memory": 2**30}
+    path = variant(lambda raw: _expert(raw, "gen-m").update(resources=resources))
+    library = load_library(path)
+    assert library.expert("gen-m").resources == resources
+    assert library.expert("gen-xs").resources == {"num_cpus": 0.25}
+
+
+# --- every kind of mistake ---------------------------------------------------------------
+
+
+def _add_expert(raw: dict) -> None:
+    raw["experts"].append({**_expert(raw, "gen-xs"), "name": "gen-xl"})
+
+
+BAD = [
+    ("top-level-key", lambda raw: raw.update(colour="red"), ["colour"]),
+    (
+        "expert-key",
+        lambda raw: raw["experts"][0].update(colour="red"),
+        ["experts[0](gen-xs).colour"],
+    ),
+    (
+        "expert-name",
+        lambda raw: raw["experts"][1].update(name="Gen_S"),
+        ["experts[1](Gen_S).name", "[a-z0-9-]+"],
+    ),
+    (
+        "duplicate-name",
+        lambda raw: raw["experts"][1].update(name="gen-xs"),
+        ["experts", "'gen-xs' appears twice"],
+    ),
+    (
+        "task",
+        lambda raw: raw["experts"][2].update(task="summarise"),
+        ["experts[2](gen-m).task", "text-generation"],
+    ),
+    (
+        "date",
+        lambda raw: raw["experts"][1].update(released="2024-13-45"),
+        ["experts[1](gen-s).released"],
+    ),
+    (
+        "missing-model",
+        lambda raw: raw["experts"][0].update(model="./nowhere"),
+        ["experts[0](gen-xs).model", "'./nowhere' does not exist"],
+    ),
+    (
+        "missing-router-model",
+        lambda raw: raw["router"].update(model="./no-encoder"),
+        ["router.model", "'./no-encoder'"],
+    ),
+    (
+        "hub-id-without-params",
+        lambda raw: raw["experts"][2].update(model="org/some-model"),
+        ["experts[2](gen-m).params", "set params"],
+    ),
+    (
+        "unknown-weight",
+        lambda raw: raw["objective"]["weights"].update(sise=1.0),
+        ["objective.weights", "'sise'", "known: size, recency"],
+    ),
+    (
+        "negative-weight",
+        lambda raw: raw["objective"]["weights"].update(size=-1.0),
+        ["objective.weights", "'size'", ">= 0"],
+    ),
+    (
+        "weight-needs-measurement",
+        lambda raw: raw["objective"]["weights"].update(verbosity=1.0),
+        ["objective.weights.verbosity", "'verbosity' on every expert"],
+    ),
+    (
+        "autoscaling-value",
+        lambda raw: raw["experts"][0].update(autoscaling={"min_replicas": -1}),
+        ["experts[0](gen-xs).autoscaling.min_replicas"],
+    ),
+    (
+        "autoscaling-range",
+        lambda raw: raw["router"].update(autoscaling={"min_replicas": 3, "max_replicas": 1}),
+        ["router.autoscaling", "max_replicas"],
+    ),
+    (
+        "autoscaling-key",
+        lambda raw: raw["experts"][0].update(autoscaling={"max_replica": 4}),
+        ["experts[0](gen-xs).autoscaling", "'max_replica'", "max_replicas"],
+    ),
+    (
+        "resources-key",
+        lambda raw: raw["experts"][3].update(resources={"num_gpu": 1}),
+        ["experts[3](mask-s).resources", "'num_gpu'", "num_gpus"],
+    ),
+    (
+        "resources-value",
+        lambda raw: raw["router"].update(resources={"num_cpus": -1}),
+        ["router.resources.num_cpus"],
+    ),
+    (
+        "checkpoint-without-router-json",
+        lambda raw: raw["router"].update(checkpoint="experts"),
+        ["router.checkpoint", "no router.json"],
+    ),
+    (
+        "checkpoint-missing-an-expert",
+        _add_expert,
+        ["router.checkpoint", "gen-xl", "retrain"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_a_bad_library_is_refused_naming_the_key_and_the_file(variant, change, named):
+    path = variant(change)
+    with pytest.raises(LibraryError) as err:
+        load_library(path)
+    message = str(err.value)
+    assert str(path) in message
+    for part in named:
+        assert part in message
+
+
+def test_a_missing_library_file_is_named(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(LibraryError, match="does not exist") as err:
+        load_library(path)
+    assert str(path) in str(err.value)
+
+
+def test_invalid_yaml_is_named_with_the_file(smoke):
+    path = smoke.parent / "broken.yaml"
+    path.write_text("router: [unclosed\n")
+    with pytest.raises(LibraryError, match="not valid YAML") as err:
+        load_library(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(smoke):
+    path = smoke.parent / "list.yaml"
+    path.write_text("- router\n- experts\n")
+    with pytest.raises(LibraryError, match="expected a mapping") as err:
+        load_library(path)
+    assert str(path) in str(err.value)
+
+
+def test_library_error_is_a_value_error():
+    assert issubclass(LibraryError, ValueError)
+
+
+# --- resolve_model -----------------------------------------------------------------------
+
+
+def test_minilm_resolves_to_the_packaged_model_folder(tmp_path):
+    folder = Path(resolve_model("minilm", tmp_path))
+    assert folder == minilm_path()
+    assert (folder / "config.json").is_file()
+
+
+@pytest.mark.parametrize("hub_id", ["sentence-transformers/all-MiniLM-L6-v2", "gpt2"])
+def test_a_hub_id_that_is_not_a_path_is_kept(tmp_path, hub_id):
+    assert resolve_model(hub_id, tmp_path) == hub_id
+
+
+def test_an_existing_folder_wins_over_a_hub_id_of_the_same_shape(tmp_path):
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert resolve_model("org/name", tmp_path) == str(tmp_path / "org" / "name")
+
+
+@pytest.mark.parametrize("value", ["./gpt2", "/no/such/model", "~/no-such-model-here", "a b"])
+def test_a_missing_path_or_a_non_hub_id_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model(value, tmp_path)
+
+
+def test_must_exist_refuses_a_hub_id(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model("org/name", tmp_path, must_exist=True)

@@ -1,0 +1,313 @@
+"""Expert engines on tiny models: bits per byte checked by hand, generation and fill-mask."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from serve_app.experts import Generation, HFExpert, Score, has_mask, special_ids
+from serve_app.smoke import masked_tokenizer, train_tokenizer
+
+CORPUS = [
+    "hello world, héllo wörld! the cat sat on the mat. " * 20,
+    "A fox jumps over the lazy dog; Straße, café, naïve, jalapeño. " * 20,
+]
+TEXT = "héllo wörld, the cat sat"  # non-ASCII: more bytes than characters
+LONG = "the cat sat on the mat and the dog lay by the door. " * 8  # ASCII, far over 16 tokens
+
+
+@pytest.fixture(scope="module")
+def causal_tok():
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def masked_tok(causal_tok):
+    return masked_tokenizer(causal_tok)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tmp_path_factory.mktemp("experts")
+
+
+def _gpt2(vocab: int, n_positions: int = 128, zero: bool = False) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    return _maybe_zero(GPT2LMHeadModel(cfg), zero)
+
+
+def _bert(vocab: int, zero: bool = False) -> BertForMaskedLM:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=1,
+    )
+    return _maybe_zero(BertForMaskedLM(cfg), zero)
+
+
+def _maybe_zero(model, zero: bool):
+    """With every weight zero, every logit is 0: each token has probability 1/V."""
+    if zero:
+        for p in model.parameters():
+            torch.nn.init.zeros_(p)
+    return model.eval()
+
+
+def _save(model, tok, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def causal_path(causal_tok, folders) -> Path:
+    return _save(_gpt2(len(causal_tok)), causal_tok, folders / "causal")
+
+
+@pytest.fixture(scope="module")
+def causal(causal_path) -> HFExpert:
+    return HFExpert(str(causal_path), "text-generation")
+
+
+@pytest.fixture(scope="module")
+def causal_zero(causal_tok, folders) -> HFExpert:
+    path = _save(_gpt2(len(causal_tok), zero=True), causal_tok, folders / "causal-zero")
+    return HFExpert(str(path), "text-generation")
+
+
+@pytest.fixture(scope="module")
+def causal_short(causal_tok, folders) -> HFExpert:
+    model = _gpt2(len(causal_tok), n_positions=16, zero=True)
+    return HFExpert(str(_save(model, causal_tok, folders / "causal-short")), "text-generation")
+
+
+@pytest.fixture(scope="module")
+def masked_path(masked_tok, folders) -> Path:
+    return _save(_bert(len(masked_tok)), masked_tok, folders / "masked")
+
+
+@pytest.fixture(scope="module")
+def masked(masked_path) -> HFExpert:
+    return HFExpert(str(masked_path), "fill-mask")
+
+
+@pytest.fixture(scope="module")
+def masked_zero(masked_tok, folders) -> HFExpert:
+    path = _save(_bert(len(masked_tok), zero=True), masked_tok, folders / "masked-zero")
+    return HFExpert(str(path), "fill-mask")
+
+
+# --- bits per byte -----------------------------------------------------------------------
+
+
+def test_causal_bits_are_the_summed_next_token_surprisal(causal, causal_path, causal_tok):
+    # By hand: start token, then every token of the text predicted from the ones before it.
+    model = GPT2LMHeadModel.from_pretrained(causal_path).eval()
+    ids = causal_tok(TEXT, add_special_tokens=False)["input_ids"]
+    seq = [causal_tok.bos_token_id, *ids]
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0]  # (T+1, V)
+    bits = 0.0
+    for i, target in enumerate(seq[1:]):
+        probs = torch.softmax(logits[i].double(), dim=-1)
+        bits -= math.log2(float(probs[target]))
+    nbytes = len(TEXT.encode("utf-8"))
+    assert nbytes > len(TEXT)
+
+    score = causal.score([TEXT])[0]
+    assert score.tokens == len(ids)
+    assert score.bytes == nbytes
+    assert score.bits == pytest.approx(bits, rel=1e-5)
+    assert score.bpb == pytest.approx(bits / nbytes, rel=1e-5)
+
+
+def test_causal_bpb_of_a_uniform_model_is_log2_vocab_per_token(causal_zero, causal_tok):
+    n = len(causal_tok(TEXT, add_special_tokens=False)["input_ids"])
+    vocab = causal_zero.model.config.vocab_size
+    score = causal_zero.score([TEXT])[0]
+    assert score.tokens == n
+    assert score.bpb == pytest.approx(n * math.log2(vocab) / len(TEXT.encode()), abs=1e-4)
+
+
+def test_masked_bpb_of_a_uniform_model_is_log2_vocab_per_token(masked_zero, masked_tok):
+    n = len(masked_tok(TEXT, add_special_tokens=False)["input_ids"])
+    vocab = masked_zero.model.config.vocab_size
+    score = masked_zero.score([TEXT])[0]
+    assert score.tokens == n
+    assert score.bpb == pytest.approx(n * math.log2(vocab) / len(TEXT.encode()), abs=1e-4)
+
+
+def test_masked_bits_are_the_pseudo_log_likelihood(masked, masked_path, masked_tok):
+    # More tokens than one chunk of 64 masked copies, so chunking is covered too.
+    text = "the cat sat on the mat; héllo wörld. " * 4
+    model = BertForMaskedLM.from_pretrained(masked_path).eval()
+    ids = masked_tok(text, add_special_tokens=False)["input_ids"]
+    assert 64 < len(ids) <= 126
+    seq = [masked_tok.cls_token_id, *ids, masked_tok.sep_token_id]
+    copies = [
+        [masked_tok.mask_token_id if j == i else t for j, t in enumerate(seq)]
+        for i in range(1, len(ids) + 1)
+    ]  # copy i-1 has token i masked
+    with torch.no_grad():
+        logits = model(torch.tensor(copies)).logits.double()  # (n, T, V)
+    bits = 0.0
+    for i, target in enumerate(ids, start=1):
+        bits -= math.log2(float(torch.softmax(logits[i - 1, i], dim=-1)[target]))
+
+    score = masked.score([text])[0]
+    assert (score.tokens, score.bytes) == (len(ids), len(text.encode()))
+    assert score.bits == pytest.approx(bits, rel=1e-4)
+
+
+def test_scores_come_back_in_input_order(causal):
+    texts = [TEXT, "the cat", "A fox jumps over the lazy dog"]
+    batch = causal.score(texts)
+    assert [s.bytes for s in batch] == [len(t.encode()) for t in texts]
+    assert batch == [causal.score([t])[0] for t in texts]
+
+
+def test_a_text_longer_than_the_context_is_cut_and_bytes_counted_for_the_kept_tokens(
+    causal_short, causal_tok
+):
+    ids = causal_tok(LONG, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 15
+    score = causal_short.score([LONG])[0]
+    # 16 positions: the start token and 15 of the text.
+    assert score.tokens == 15
+    assert score.bytes < len(LONG.encode())
+    assert score.bytes == len(causal_tok.decode(ids[:15]).encode())
+    vocab = causal_short.model.config.vocab_size
+    assert score.bpb == pytest.approx(15 * math.log2(vocab) / score.bytes, abs=1e-4)
+
+
+def test_score_bpb_is_bits_over_bytes():
+    assert Score(bits=12.0, bytes=4, tokens=3).bpb == 3.0
+
+
+# --- masks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("The [MASK] sat on the mat.", True),
+        ("The <mask> sat on the mat.", True),
+        ("the [mask] sat", True),
+        ("Please mask this word.", False),
+        ("[MASKED] is not a marker", False),
+        ("", False),
+    ],
+)
+def test_has_mask_spots_mask_markers(prompt, expected):
+    assert has_mask(prompt) is expected
+
+
+def test_fill_mask_gives_top_k_predictions_per_mask_and_the_filled_text(masked):
+    prompts = ["The [MASK] sat on the <mask>.", "one [MASK] only"]
+    results = masked.fill_mask(prompts, top_k=3)
+    assert len(results) == 2
+    first, second = results
+    assert [len(m) for m in first["masks"]] == [3, 3]
+    assert [len(m) for m in second["masks"]] == [3]
+    for choices in first["masks"] + second["masks"]:
+        scores = [c["score"] for c in choices]
+        assert scores == sorted(scores, reverse=True)
+        assert all(0 < s <= 1 for s in scores)
+    a, b = (m[0]["token"] for m in first["masks"])
+    assert first["text"] == f"The {a} sat on the {b}."
+    assert second["text"] == f"one {second['masks'][0][0]['token']} only"
+
+
+def test_fill_mask_answers_do_not_depend_on_the_batch(masked):
+    alone = masked.fill_mask(["one [MASK] only"], top_k=3)[0]
+    batched = masked.fill_mask(["a much longer prompt with a [MASK] in it", "one [MASK] only"], 3)
+    together = batched[1]
+    assert [c["token"] for c in together["masks"][0]] == [c["token"] for c in alone["masks"][0]]
+    for x, y in zip(together["masks"][0], alone["masks"][0], strict=True):
+        assert x["score"] == pytest.approx(y["score"], abs=1e-5)
+
+
+def test_fill_mask_scores_are_probabilities(masked_zero):
+    vocab = masked_zero.model.config.vocab_size
+    (result,) = masked_zero.fill_mask(["The [MASK] sat."], top_k=4)
+    # Uniform over the tokens that can fill a mask: the vocabulary less its special tokens.
+    text_tokens = vocab - len(special_ids(masked_zero.tokenizer))
+    assert [c["score"] for c in result["masks"][0]] == [round(1 / text_tokens, 6)] * 4
+
+
+def test_fill_mask_never_answers_with_a_special_token(masked_path):
+    # A model that favours [MASK] above everything must still fill each mask with text,
+    # and each answer must land in its own mask, in order.
+    expert = HFExpert(str(masked_path), "fill-mask")
+    tok = expert.tokenizer
+    bias = expert.model.get_output_embeddings().bias
+    with torch.no_grad():
+        bias[special_ids(tok)] += 1e4
+    (result,) = expert.fill_mask(["a [MASK] b [MASK] c"], top_k=3)
+    specials = {tok.decode([i]).strip() for i in special_ids(tok)}
+    assert {"[MASK]", "[SEP]", "<|endoftext|>"} <= specials
+    assert all(c["token"] not in specials for m in result["masks"] for c in m)
+    first, second = (m[0]["token"] for m in result["masks"])
+    assert result["text"] == f"a {first} b {second} c"
+
+
+def test_a_fill_mask_expert_needs_a_mask_token(causal_tok, folders):
+    path = _save(_bert(len(causal_tok)), causal_tok, folders / "masked-without-mask-token")
+    with pytest.raises(ValueError, match="mask token"):
+        HFExpert(str(path), "fill-mask")
+
+
+# --- generation --------------------------------------------------------------------------
+
+
+def test_generate_answers_each_prompt_within_max_new_tokens(causal, causal_tok):
+    prompts = ["Hello world", "the cat sat on the"]
+    out = causal.generate(prompts, max_new_tokens=5)
+    assert len(out) == 2
+    for prompt, gen in zip(prompts, out, strict=True):
+        assert isinstance(gen, Generation)
+        assert isinstance(gen.text, str)
+        assert 0 <= gen.completion_tokens <= 5
+        assert gen.finish_reason in ("stop", "length")
+        if gen.finish_reason == "length":
+            assert gen.completion_tokens == 5
+        assert gen.prompt_tokens == len(causal_tok(prompt)["input_ids"])
+
+
+def test_greedy_generation_is_deterministic(causal):
+    prompts = ["Hello world", "the cat sat on the"]
+    assert causal.generate(prompts, max_new_tokens=6) == causal.generate(prompts, max_new_tokens=6)
+
+
+def test_sampling_with_the_same_seed_repeats(causal):
+    def sample():
+        return causal.generate(["the cat"], max_new_tokens=6, temperature=1.0, seed=7)
+
+    assert sample() == sample()
+
+
+def test_generation_stops_at_the_end_token(causal_zero):
+    # Uniform logits: greedy picks the first id, which is the end-of-text token.
+    (gen,) = causal_zero.generate(["the cat"], max_new_tokens=5)
+    assert gen == Generation(
+        text="", prompt_tokens=gen.prompt_tokens, completion_tokens=0, finish_reason="stop"
+    )

@@ -1,0 +1,75 @@
+"""HTTP request models: tryage's own are strict, OpenAI's accept what clients send."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.schemas import ChatRequest, CompletionRequest, InferRequest, RouteRequest
+
+
+def test_route_request_takes_prompt_weights_experts_and_task():
+    req = RouteRequest.model_validate(
+        {"prompt": "hi", "weights": {"size": 0.5}, "experts": ["gen-xs"], "task": "fill-mask"}
+    )
+    assert (req.prompt, req.weights, req.experts, req.task) == (
+        "hi",
+        {"size": 0.5},
+        ["gen-xs"],
+        "fill-mask",
+    )
+
+
+@pytest.mark.parametrize("model", [RouteRequest, InferRequest])
+def test_tryage_requests_refuse_unknown_fields(model):
+    with pytest.raises(ValidationError, match="colour"):
+        model.model_validate({"prompt": "hi", "colour": "red"})
+
+
+def test_route_request_refuses_an_unknown_task():
+    with pytest.raises(ValidationError, match="task"):
+        RouteRequest.model_validate({"prompt": "hi", "task": "summarise"})
+
+
+@pytest.mark.parametrize(
+    "field", [{"max_new_tokens": 0}, {"temperature": 2.5}, {"top_p": 0}, {"top_k": 51}]
+)
+def test_infer_request_refuses_out_of_range_sampling(field):
+    with pytest.raises(ValidationError, match=next(iter(field))):
+        InferRequest.model_validate({"prompt": "hi", **field})
+
+
+def test_openai_requests_ignore_fields_tryage_does_not_use():
+    req = CompletionRequest.model_validate(
+        {"prompt": "hi", "user": "u-1", "logprobs": 2, "max_tokens": 4}
+    )
+    assert req.prompt == "hi"
+    assert req.max_tokens == 4
+    assert "user" not in req.model_dump()
+    chat = ChatRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi", "name": "me"}], "user": "u-1"}
+    )
+    assert chat.messages[0].content == "hi"
+    assert chat.model == "tryage"
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatRequest])
+def test_openai_requests_refuse_more_than_one_choice(model):
+    body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+    with pytest.raises(ValidationError) as err:
+        model.model_validate(body)
+    assert [e["loc"] for e in err.value.errors()] == [("n",)]
+
+
+def test_the_tryage_routing_options_are_strict():
+    with pytest.raises(ValidationError, match="colour"):
+        CompletionRequest.model_validate({"prompt": "hi", "tryage": {"colour": "red"}})
+    req = CompletionRequest.model_validate(
+        {"prompt": "hi", "tryage": {"weights": {"size": 1}, "experts": ["gen-xs"]}}
+    )
+    assert req.tryage.weights == {"size": 1.0}
+
+
+def test_a_chat_request_needs_a_message():
+    with pytest.raises(ValidationError, match="messages"):
+        ChatRequest.model_validate({"messages": []})
