@@ -3,17 +3,18 @@ sends the prompt to the chosen expert only (falling back down the ranking if it 
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
 # runtime to know that a pydantic model is the request body.
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException
 
 from serve_app import objective
@@ -141,16 +142,25 @@ class Ingress:
         return objective.rank(predicted, self.penalties, merged, names)
 
     async def _dispatch(
-        self, ranking: list[objective.Ranked], call: Callable[[str], Awaitable[Any]]
+        self, ranking: list[objective.Ranked], call: Callable[[str], DeploymentResponse]
     ) -> tuple[str, Any, list[str]]:
-        """Run `call` on the best expert; on failure the next, up to max_attempts."""
+        """Run `call` on the best expert; on failure or timeout the next, up to max_attempts."""
         skipped: list[str] = []
         for ranked in ranking[: self.limits.max_attempts]:
+            response = call(ranked.expert)
             try:
-                return ranked.expert, await call(ranked.expert), skipped
+                answer = await asyncio.wait_for(response, self.limits.expert_timeout_s)
+                return ranked.expert, answer, skipped
+            except TimeoutError:
+                response.cancel()
+                logger.error(
+                    "expert %s gave no answer in %.0f s; trying the next",
+                    ranked.expert,
+                    self.limits.expert_timeout_s,
+                )
             except Exception as err:
                 logger.exception("expert %s failed; trying the next", ranked.expert, exc_info=err)
-                skipped.append(ranked.expert)
+            skipped.append(ranked.expert)
         raise NoExpertAvailable(f"every expert tried failed ({', '.join(skipped)}); retry shortly")
 
     def _new_tokens(self, asked: int | None) -> int:
@@ -162,10 +172,10 @@ class Ingress:
             )
         return n
 
-    def _on_expert(self, payload: dict) -> Callable[[str], Awaitable[Any]]:
+    def _on_expert(self, payload: dict) -> Callable[[str], DeploymentResponse]:
         """A call that runs `payload` on a named expert, by the expert's task."""
 
-        def call(name: str) -> Awaitable[Any]:
+        def call(name: str) -> DeploymentResponse:
             handle = self.experts[name]
             if self.task_of[name] == "fill-mask":
                 return handle.fill_mask.remote(payload)

@@ -169,6 +169,12 @@ class IngressConfig(_Strict):
     max_attempts: int = Field(
         3, ge=1, description="Experts tried in ranking order before a request fails (503)."
     )
+    expert_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long one expert may take to answer, cold start included, before the "
+        "next in the ranking is tried.",
+    )
 
     _actor = field_validator("resources")(_check_actor_options)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from serve_app.experts import HFExpert
 
 
@@ -14,3 +16,15 @@ class BrokenGenerator(HFExpert):
 
 def load_broken(model: str, task: str) -> BrokenGenerator:
     return BrokenGenerator(model, task)
+
+
+class SlowGenerator(HFExpert):
+    """A real model whose generation hangs, as a wedged replica would (scoring still works)."""
+
+    def generate(self, *args, **kwargs):
+        time.sleep(120)
+        return super().generate(*args, **kwargs)
+
+
+def load_slow(model: str, task: str) -> SlowGenerator:
+    return SlowGenerator(model, task)

@@ -1,4 +1,4 @@
-"""Fallback: when the chosen expert fails, the next one in the ranking answers."""
+"""Fallback: when the chosen expert fails or hangs, the next one in the ranking answers."""
 
 from __future__ import annotations
 
@@ -9,41 +9,57 @@ from ray import serve
 from serve_app.app import build_graph
 from serve_app.config import load_library
 from tests.integration.conftest import client
-from tests.integration.engines import load_broken
+from tests.integration.engines import load_broken, load_slow
+
+TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
 def api(serve_port, smoke_library) -> httpx.Client:
-    # The same library, but gen-xs (the smallest) fails whenever it generates.
-    app = build_graph(load_library(smoke_library), load_experts={"gen-xs": load_broken})
+    # The smoke library, but gen-xs (the smallest) fails whenever it generates and gen-s (the
+    # next smallest) hangs; an expert gets TIMEOUT_S to answer.
+    library = load_library(smoke_library)
+    ingress = library.ingress.model_copy(update={"expert_timeout_s": TIMEOUT_S})
+    app = build_graph(
+        library.model_copy(update={"ingress": ingress}),
+        load_experts={"gen-xs": load_broken, "gen-s": load_slow},
+    )
     serve.run(app, name="fallback", route_prefix="/fallback")
+    # Start gen-s and gen-m now, so the short timeout measures answers, not cold starts.
+    for name in ("gen-s", "gen-m"):
+        serve.get_deployment_handle(name, app_name="fallback").score.remote("warm").result()
     with client(serve_port, "/fallback") as c:
         yield c
     serve.delete("fallback")
 
 
-def test_failed_expert_falls_back_to_the_next_in_ranking(api):
-    body = {"prompt": "hello", "weights": {"size": 50}, "max_new_tokens": 3}
+def infer(api, experts: list[str]) -> dict:
+    body = {"prompt": "hello", "weights": {"size": 50}, "max_new_tokens": 3, "experts": experts}
     r = api.post("/v1/infer", json=body)
     assert r.status_code == 200, r.text
-    out = r.json()
-    assert out["ranking"][0]["expert"] == "gen-xs"
+    return r.json()
+
+
+def test_failed_expert_falls_back_to_the_next_in_ranking(api):
+    out = infer(api, ["gen-xs", "gen-m"])
+    assert [r["expert"] for r in out["ranking"]] == ["gen-xs", "gen-m"]
     assert out["skipped"] == ["gen-xs"]
-    assert out["expert"] == out["ranking"][1]["expert"]
+    assert out["expert"] == "gen-m"
     assert isinstance(out["output"], str)
 
 
+def test_hung_expert_times_out_to_the_next_in_ranking(api):
+    out = infer(api, ["gen-s", "gen-m"])
+    assert out["skipped"] == ["gen-s"]
+    assert out["expert"] == "gen-m"
+
+
 def test_openai_answer_names_the_expert_that_answered(api):
-    body = {
-        "model": "tryage",
-        "prompt": "hello",
-        "max_tokens": 2,
-        "tryage": {"weights": {"size": 50}},
-    }
+    body = {"model": "tryage", "prompt": "hi", "max_tokens": 2, "tryage": {"weights": {"size": 50}}}
     r = api.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["model"] == "gen-s"  # next smallest after the failing gen-xs
-    assert r.headers["x-tryage-expert"] == "gen-s"
+    assert r.json()["model"] == "gen-m"  # gen-xs failed, gen-s timed out
+    assert r.headers["x-tryage-expert"] == "gen-m"
 
 
 def test_no_working_expert_is_a_503_and_the_service_survives(api):
