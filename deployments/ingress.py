@@ -5,22 +5,18 @@ sends the prompt to the chosen expert only (falling back down the ranking if it 
 # runtime to know that a pydantic model is the request body.
 import asyncio
 import logging
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-from starlette.exceptions import HTTPException
 
 from serve_app import objective
 from serve_app.config import LibraryConfig
-from serve_app.errors import BadRequest, NoExpertAvailable, TryageError, UnknownExpert
+from serve_app.errors import BadRequest, NoExpertAvailable, UnknownExpert
 from serve_app.experts import has_mask
+from serve_app.http import create_api, openai_response
 from serve_app.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -31,63 +27,7 @@ from serve_app.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="tryage", description="Routes each prompt to the best expert model.")
-
-
-# --- one error shape -------------------------------------------------------------------------
-
-
-def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param}}
-    return JSONResponse(body, status_code=status)
-
-
-@api.exception_handler(TryageError)
-async def _tryage_error(_: Request, err: TryageError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ())][1:]  # drop "body" / "query"
-    if first.get("type") == "json_invalid":
-        return _error(400, "malformed JSON body", "invalid_request_error")
-    where = ".".join(loc) or None
-    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-    return _error(400, message, "invalid_request_error", where)
-
-
-@api.exception_handler(HTTPException)
-async def _http(_: Request, err: HTTPException) -> JSONResponse:
-    return _error(err.status_code, str(err.detail), "invalid_request_error")
-
-
-@api.exception_handler(Exception)
-async def _internal(_: Request, err: Exception) -> JSONResponse:
-    logger.exception("internal error", exc_info=err)
-    return _error(500, "internal error; see the server logs", "internal_error")
-
-
-def _openai_response(kind: str, prefix: str, expert: str, choice: dict, gen: dict) -> JSONResponse:
-    """An OpenAI response body, `model` set to the expert that answered."""
-    usage = {
-        "prompt_tokens": gen["prompt_tokens"],
-        "completion_tokens": gen["completion_tokens"],
-        "total_tokens": gen["prompt_tokens"] + gen["completion_tokens"],
-    }
-    body = {
-        "id": f"{prefix}-{uuid.uuid4().hex}",
-        "object": kind,
-        "created": int(time.time()),
-        "model": expert,
-        "choices": [{**choice, "finish_reason": gen["finish_reason"]}],
-        "usage": usage,
-    }
-    return JSONResponse(body, headers={"x-tryage-expert": expert})
-
-
-# --- the ingress (helpers sit above it: Serve pickles the class when it is decorated) ---
+api = create_api()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -274,7 +214,7 @@ class Ingress:
             body, prompts[0], lambda text: {**settings, "prompt": text}
         )
         choice = {"index": 0, "text": gen["text"], "logprobs": None}
-        return _openai_response("text_completion", "cmpl", expert, choice, gen)
+        return openai_response("text_completion", "cmpl", expert, choice, gen)
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest) -> JSONResponse:
@@ -291,4 +231,4 @@ class Ingress:
         expert, gen = await self._openai(body, body.messages[users[-1]].content, build)
         message = {"role": "assistant", "content": gen["text"]}
         choice = {"index": 0, "message": message, "logprobs": None}
-        return _openai_response("chat.completion", "chatcmpl", expert, choice, gen)
+        return openai_response("chat.completion", "chatcmpl", expert, choice, gen)
