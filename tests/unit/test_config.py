@@ -19,15 +19,9 @@ from serve_app.config import (
     minilm_path,
     resolve_model,
 )
-from serve_app.smoke import SMOKE_EXPERTS, build_smoke_library
+from serve_app.smoke import SMOKE_EXPERTS
 
 _variants = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    """The smoke library's `library.yaml` (built once: it trains a tokenizer and saves models)."""
-    return build_smoke_library(tmp_path_factory.mktemp("smoke"))
 
 
 @pytest.fixture

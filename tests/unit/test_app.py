@@ -1,0 +1,57 @@
+"""build_app only wires: one deployment per expert, named after it, with the library's options."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from serve_app.app import build_app
+from serve_app.config import EXPERT_AUTOSCALING_DEFAULTS, LibraryError, load_library
+
+
+def _graph(app):
+    ingress = app._bound_deployment
+    _, router, experts = ingress.init_args
+    return ingress, router._bound_deployment, {n: a._bound_deployment for n, a in experts.items()}
+
+
+def test_every_expert_gets_a_deployment_named_after_it(smoke):
+    ingress, router, experts = _graph(build_app({"library": str(smoke)}))
+    library = load_library(smoke)
+    assert ingress.name == "Ingress"
+    assert router.name == "Router"
+    assert list(experts) == library.names
+    assert [d.name for d in experts.values()] == library.names
+
+
+def test_library_options_reach_serve(smoke, tmp_path):
+    raw = yaml.safe_load(smoke.read_text())
+    raw["router"]["resources"] = {"num_gpus": 1}
+    raw["router"]["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.2}
+    raw["experts"][0]["resources"] = {"num_gpus": 0.5, "memory": 1_000_000}
+    raw["experts"][0]["autoscaling"] = {"max_replicas": 7}
+    raw["experts"][0]["max_ongoing_requests"] = 3
+    path = smoke.parent / "options.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    _, router, experts = _graph(build_app({"library": str(path)}))
+    assert router.ray_actor_options["num_gpus"] == 1
+    assert router.user_config == {"max_batch_size": 4, "batch_wait_timeout_s": 0.2}
+    first, second = list(experts.values())[:2]
+    assert first.ray_actor_options["num_gpus"] == 0.5
+    assert first.ray_actor_options["memory"] == 1_000_000
+    assert first.max_ongoing_requests == 3
+    scaling = first._deployment_config.autoscaling_config
+    assert scaling.max_replicas == 7
+    assert scaling.min_replicas == 0  # the scale-to-zero default stays
+    # An expert that says nothing gets the defaults.
+    defaults = second._deployment_config.autoscaling_config
+    assert defaults.min_replicas == EXPERT_AUTOSCALING_DEFAULTS["min_replicas"] == 0
+    assert defaults.max_replicas == EXPERT_AUTOSCALING_DEFAULTS["max_replicas"]
+
+
+def test_build_app_validates_its_arguments(smoke):
+    with pytest.raises(ValueError, match="colour"):
+        build_app({"library": str(smoke), "colour": "red"})
+    with pytest.raises(LibraryError, match="does not exist"):
+        build_app({"library": str(smoke.parent / "missing.yaml")})
