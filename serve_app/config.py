@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -195,7 +196,7 @@ def check_weights(weights: dict[str, float]) -> dict[str, float]:
     for name, weight in weights.items():
         if name not in WEIGHT_NAMES:
             raise ValueError(f"unknown weight {name!r}; known: {', '.join(WEIGHT_NAMES)}")
-        if not (weight >= 0 and weight != float("inf")):
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight {name!r} must be a finite number >= 0, got {weight}")
     return weights
 

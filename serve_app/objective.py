@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from serve_app.config import WEIGHT_NAMES
+from serve_app.config import WEIGHT_NAMES, check_weights
 from serve_app.errors import BadRequest, UnknownExpert
 
 #: Weight set by a paper-style flag such as `[flag: smallest]`: larger than any realistic
@@ -136,14 +136,10 @@ def merge_weights(*layers: Mapping[str, float] | None) -> dict[str, float]:
     merged: dict[str, float] = {}
     for layer in layers:
         merged.update(layer or {})
-    for name, w in merged.items():
-        if name not in WEIGHT_NAMES:
-            raise BadRequest(
-                f"unknown weight {name!r}; known: {', '.join(WEIGHT_NAMES)}", "weights"
-            )
-        if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
-            raise BadRequest(f"weight {name!r} must be a finite number >= 0, got {w!r}", "weights")
-    return merged
+    try:
+        return check_weights(merged)
+    except ValueError as err:
+        raise BadRequest(str(err), "weights") from None
 
 
 def eligible(
