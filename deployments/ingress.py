@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import Response
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -152,7 +153,7 @@ class Ingress:
         return {"expert": ranking[0].expert, "ranking": [r.as_dict() for r in ranking]}
 
     @api.post("/v1/infer")
-    async def infer(self, body: InferRequest) -> dict:
+    async def infer(self, body: InferRequest, response: Response) -> dict:
         text, flags = self._clean(body.prompt)
         ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
         payload = {
@@ -166,6 +167,7 @@ class Ingress:
         expert, output, skipped = await self._dispatch(ranking, self._on_expert(payload))
         task = self.task_of[expert]
         out = output["text"] if task == "text-generation" else output
+        response.headers["x-tryage-expert"] = expert
         return {
             "expert": expert,
             "task": task,
@@ -221,6 +223,12 @@ class Ingress:
         users = [i for i, m in enumerate(body.messages) if m.role == "user"]
         if not users:
             raise BadRequest("messages need at least one user message", "messages")
+        size = sum(len(m.content) for m in body.messages)
+        if size > self.limits.max_prompt_chars:
+            raise BadRequest(
+                f"messages have {size} characters; the limit is {self.limits.max_prompt_chars}",
+                "messages",
+            )
         settings = self._settings(body, body.max_completion_tokens or body.max_tokens)
 
         def build(text: str) -> dict:

@@ -83,6 +83,8 @@ class HFExpert:
         self.model = cls.from_pretrained(model, use_safetensors=True, trust_remote_code=False)
         self.model.to(self.device).eval()
         self.max_length = min(context_length(self.model), 4096)
+        # A prompt longer than the context keeps its end: that is what a continuation follows.
+        self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if task == "fill-mask" and self.tokenizer.mask_token_id is None:

@@ -120,6 +120,7 @@ def test_infer_generates_on_the_chosen_expert(api):
     assert body["task"] == "text-generation"
     assert isinstance(body["output"], str)
     assert body["skipped"] == []
+    assert r.headers["x-tryage-expert"] == body["expert"]
 
 
 def test_infer_fills_masks(api):
@@ -216,6 +217,18 @@ BAD = [
     ("/v1/completions", {"model": "tryage", "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": "tryage", "messages": []}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "tryage",
+            "messages": [
+                {"role": "system", "content": "x" * 40_000},
+                {"role": "user", "content": "hi"},
+            ],
+        },
+        400,
+        "messages",
+    ),
     (
         "/v1/chat/completions",
         {"model": "tryage", "messages": [{"role": "system", "content": "x"}]},

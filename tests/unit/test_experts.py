@@ -311,3 +311,15 @@ def test_generation_stops_at_the_end_token(causal_zero):
     assert gen == Generation(
         text="", prompt_tokens=gen.prompt_tokens, completion_tokens=0, finish_reason="stop"
     )
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(causal_tok, folders):
+    model = _gpt2(len(causal_tok), n_positions=16)  # random weights: output depends on context
+    expert = HFExpert(
+        str(_save(model, causal_tok, folders / "causal-short-random")), "text-generation"
+    )
+    (long,) = expert.generate([LONG], max_new_tokens=4)
+    assert long.prompt_tokens == 12  # 16 positions less the 4 new tokens
+    tail = causal_tok.decode(causal_tok(LONG, add_special_tokens=False)["input_ids"][-12:])
+    (short,) = expert.generate([tail], max_new_tokens=4)
+    assert long.text == short.text
