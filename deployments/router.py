@@ -34,10 +34,6 @@ class RouterDeployment:
         # A thread keeps the replica's event loop free (health checks, queueing the next batch).
         return await asyncio.to_thread(self.router.predict, prompts)
 
-    async def experts(self) -> list[str]:
-        """The experts the head predicts, in output order."""
-        return list(self.router.experts)
-
     async def stats(self) -> dict:
         """Batches and prompts served by this replica, and its batching settings."""
         return {"batches": self.batches, "prompts": self.prompts, "batching": self.batching}

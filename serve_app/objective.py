@@ -112,11 +112,6 @@ def parse_flags(prompt: str) -> tuple[str, dict[str, float]]:
         for item in filter(None, (part.strip().lower() for part in match.group(1).split(","))):
             name, sep, value = (s.strip() for s in item.partition("="))
             if sep:
-                if name not in WEIGHT_NAMES:
-                    raise BadRequest(
-                        f"unknown weight {name!r} in flag; known: {', '.join(WEIGHT_NAMES)}",
-                        "prompt",
-                    )
                 try:
                     weights[name] = float(value)
                 except ValueError:
@@ -128,6 +123,10 @@ def parse_flags(prompt: str) -> tuple[str, dict[str, float]]:
             else:
                 known = ", ".join([*FLAGS, *(f"{w}=<number>" for w in WEIGHT_NAMES)])
                 raise BadRequest(f"unknown flag {item!r}; known: {known}", "prompt")
+    try:
+        check_weights(weights)
+    except ValueError as err:
+        raise BadRequest(f"in a flag: {err}", "prompt") from None
     return _FLAG.sub("", prompt).strip(), weights
 
 

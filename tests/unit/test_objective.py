@@ -233,6 +233,12 @@ def test_an_unknown_weight_in_a_flag_is_a_bad_request_naming_it():
         objective.parse_flags("[flag: speed=1] hi")
 
 
+def test_a_negative_flag_weight_is_a_bad_request_about_the_prompt():
+    with pytest.raises(BadRequest, match="'size'") as err:
+        objective.parse_flags("[flag: size=-1] hi")
+    assert err.value.param == "prompt"
+
+
 def test_a_flag_weight_that_is_not_a_number_is_a_bad_request():
     with pytest.raises(BadRequest, match="'lots'"):
         objective.parse_flags("[flag: size=lots] hi")
