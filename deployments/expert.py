@@ -8,6 +8,7 @@ from dataclasses import asdict
 from itertools import groupby
 from typing import Any
 
+import ray
 from ray import serve
 
 from serve_app.experts import HFExpert, load_expert
@@ -55,6 +56,11 @@ class ExpertDeployment:
         """Loss of each text in bits per UTF-8 byte, with the bits, bytes and tokens behind it."""
         scores = await asyncio.to_thread(self.engine.score, texts)
         return [{**asdict(s), "bpb": s.bpb} for s in scores]
+
+    async def info(self) -> dict[str, Any]:
+        """What this replica runs on: the device torch picked and the GPU ids Ray assigned."""
+        device = getattr(self.engine, "device", None)
+        return {"task": self.task, "device": str(device), "ray_gpu_ids": ray.get_gpu_ids()}
 
     def _prompt(self, request: dict[str, Any]) -> str:
         """The request's prompt; a chat becomes the tokenizer's chat template or a transcript."""

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "own_ray: the module starts its own Ray cluster (run before the shared one)"
+    )
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with their own Ray run first: one driver holds one Ray, and the shared session
+    Ray (`serve_port`) stays up until the end once started."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
 
 
 def free_port() -> int:
@@ -47,3 +63,23 @@ def serve_port() -> int:
 def client(port: int, prefix: str = "") -> httpx.Client:
     """An HTTP client for an app served under `prefix`; cold starts can take a while."""
     return httpx.Client(base_url=f"http://127.0.0.1:{port}{prefix}", timeout=120)
+
+
+def wait_for(condition: Callable[[], Any], deadline_s: float, what: str) -> None:
+    """Poll `condition` until it is true; fail naming `what` after `deadline_s` seconds."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def with_autoscaling(library: Path, **fields: Any) -> Path:
+    """A copy of `library` (next to it, so paths still resolve) whose experts autoscale with
+    `fields` merged over their own settings; tests use short delays."""
+    raw = yaml.safe_load(library.read_text())
+    for expert in raw["experts"]:
+        expert["autoscaling"] = {**expert.get("autoscaling", {}), **fields}
+    out = library.with_name("library-fast-autoscaling.yaml")
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
