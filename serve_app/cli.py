@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from serve_app.config import LibraryError
+from serve_app.data import DataError
 
 
 def cmd_smoke_library(args: argparse.Namespace) -> int:
@@ -54,6 +55,158 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _prompts(args: argparse.Namespace) -> list:
+    from serve_app.data import load_prompts
+
+    prompts = load_prompts(args.data, per_domain=args.per_domain, seed=args.seed)
+    if not prompts:
+        raise LibraryError(f"no prompts in {args.data}")
+    return prompts
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure every expert on every prompt; store verbosity and readability in the library."""
+    from serve_app.config import load_library
+    from serve_app.profile import profile, write_measures
+
+    library = load_library(args.library)
+    prompts = _prompts(args)
+    print(f"profiling {len(library.experts)} experts on {len(prompts)} prompts", file=sys.stderr)
+    with _ray():
+        table = profile(
+            library,
+            prompts,
+            args.out,
+            generate=args.generate,
+            new_tokens=args.new_tokens,
+            batch_size=args.batch_size,
+            actors_per_expert=args.actors_per_expert,
+        )
+    print(f"wrote {args.out}: {table.num_rows} rows")
+    if args.update_library and args.generate > 0:
+        for name, m in write_measures(args.library, table).items():
+            if m["verbosity"] is not None:
+                read = "-" if m["readability"] is None else f"{m['readability']:.1f}"
+                print(f"  {name}: verbosity {m['verbosity']:.1f} bytes, readability {read}")
+        print(f"updated {args.library} with verbosity and readability")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the router on a profile and point the library at the checkpoint."""
+    import torch
+
+    from serve_app.config import load_library
+    from serve_app.profile import read_profile
+    from serve_app.train import TrainConfig, train
+
+    library = load_library(args.library)
+    mode = args.mode
+    if mode == "auto":
+        mode = "finetune" if torch.cuda.is_available() else "frozen"
+    out = args.out or library.router.checkpoint
+    cfg = TrainConfig(
+        mode=mode,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+    )
+    cache = args.profile.with_name(args.profile.name + ".embeddings")
+    report = train(library, read_profile(args.profile), out, cfg, cache=cache)
+    print(report.table())
+    _point_library_at(args.library, Path(out), finetuned=mode == "finetune")
+    print(f"wrote {out} (report.json beside the head); {args.library} points at it")
+    return 0
+
+
+def _point_library_at(library_path: Path, checkpoint: Path, finetuned: bool) -> None:
+    import os
+
+    import yaml
+
+    from serve_app.config import library_to_yaml
+
+    raw = yaml.safe_load(library_path.read_text())
+    base = library_path.resolve().parent
+    rel = Path(os.path.relpath(checkpoint.resolve(), base))
+    raw["router"]["checkpoint"] = str(rel)
+    if finetuned:
+        raw["router"]["model"] = str(rel / "encoder")
+    library_path.write_text(library_to_yaml(raw))
+
+
+def _truth(args: argparse.Namespace, library) -> tuple:
+    """The data's prompts profiled on every expert (cached next to the library)."""
+    import hashlib
+
+    from serve_app.profile import profile
+
+    prompts = _prompts(args)
+    key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
+    out = args.profile or args.library.resolve().parent / "profiles" / f"eval-{key}.parquet"
+    print(f"measuring every expert on {len(prompts)} prompts ({out})", file=sys.stderr)
+    with _ray():
+        return profile(library, prompts, out, generate=0, progress=not args.quiet)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Route every prompt with the router and the baselines; report against the truth."""
+    import json
+
+    from serve_app.config import load_library
+    from serve_app.evaluate import evaluate
+
+    library = load_library(args.library)
+    table = _truth(args, library)
+    result, _, _ = evaluate(library, table, k=args.k)
+    print(json.dumps(result.as_json(), indent=2) if args.json else result.table())
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    """Sweep one weight; write pareto.csv and pareto.png and print what each value trades."""
+    from serve_app.config import WEIGHT_NAMES, load_library
+    from serve_app.evaluate import evaluate
+    from serve_app.pareto import SWEEP, calibration, plot, sweep, write_csv
+
+    if args.weight not in WEIGHT_NAMES:
+        raise LibraryError(f"unknown weight {args.weight!r}; known: {', '.join(WEIGHT_NAMES)}")
+    library = load_library(args.library)
+    table = _truth(args, library)
+    _, scores, truth = evaluate(library, table, k=args.k)
+    values = tuple(args.values) if args.values else SWEEP
+    points = sweep(library, scores["router"], truth, args.weight, values)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(points, args.out / "pareto.csv")
+    plot(points, args.weight, args.out / "pareto.png")
+    lines = calibration(points, args.weight)
+    (args.out / "calibration.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    front = ", ".join(p.label for p in points if p.pareto)
+    print(f"non-dominated: {front}")
+    print(f"wrote {args.out / 'pareto.csv'} and {args.out / 'pareto.png'}")
+    return 0
+
+
+class _ray:
+    """Start Ray (or join RAY_ADDRESS's cluster) for an offline command; stop what we start."""
+
+    def __enter__(self):
+        import ray
+
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(log_to_driver=False)
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self.started:
+            ray.shutdown()
+
+
 def parser() -> argparse.ArgumentParser:
     from serve_app.app import DEFAULT_LIBRARY
 
@@ -71,6 +224,62 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
+
+    def data_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--library", type=Path, required=True, help="library.yaml")
+        s.add_argument("--data", type=Path, required=True, help=".jsonl/.parquet file or folder")
+        s.add_argument("--per-domain", type=int, help="a seeded sample of N prompts per domain")
+        s.add_argument("--seed", type=int, default=0)
+
+    def truth_args(s: argparse.ArgumentParser) -> None:
+        data_args(s)
+        s.add_argument("--profile", type=Path, help="where the data's true losses are cached")
+        s.add_argument("--k", type=int, default=10, help="neighbours of the knn baseline")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("profile", help="measure every expert on every prompt (a Ray job)")
+    data_args(s)
+    s.add_argument("--out", type=Path, required=True, help="the profile table (.parquet)")
+    s.add_argument("--generate", type=int, default=32, help="prompts sampled for generation")
+    s.add_argument("--new-tokens", type=int, default=48, help="tokens generated per sample")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--actors-per-expert", type=int, default=1)
+    s.add_argument(
+        "--no-update-library",
+        dest="update_library",
+        action="store_false",
+        help="do not write measured verbosity/readability into library.yaml",
+    )
+    s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("train", help="train the router on a profile")
+    s.add_argument("--library", type=Path, required=True)
+    s.add_argument("--profile", type=Path, required=True)
+    s.add_argument("--out", type=Path, help="checkpoint folder (default: the library's)")
+    s.add_argument(
+        "--mode",
+        choices=("auto", "frozen", "finetune"),
+        default="auto",
+        help="frozen: head only on cached embeddings; finetune: encoder too (accelerate); "
+        "auto: finetune where torch sees a GPU, else frozen",
+    )
+    s.add_argument("--val-fraction", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-epochs", type=int, default=300)
+    s.add_argument("--patience", type=int, default=30)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="the router against the baselines on a data path")
+    truth_args(s)
+    s.add_argument("--json", action="store_true", help="print the contract's JSON")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("pareto", help="sweep one weight; write pareto.csv and pareto.png")
+    truth_args(s)
+    s.add_argument("--weight", required=True, help="size, recency, security, ...")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--values", type=float, nargs="+", help="weight values to sweep")
+    s.set_defaults(func=cmd_pareto)
     return p
 
 
@@ -79,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except LibraryError as err:
+    except (LibraryError, DataError) as err:
         print(f"tryage: {err}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,18 +106,33 @@ class HFExpert:
     def score(self, texts: list[str]) -> list[Score]:
         """Loss of each text in bits per byte (see the module docstring for the definition)."""
         if self.task == "text-generation":
-            return [self._score_causal(t) for t in texts]
+            return self._score_causal(texts)
         return [self._score_masked(t) for t in texts]
 
-    def _score_causal(self, text: str) -> Score:
+    def _score_causal(self, texts: list[str], budget: int = 1 << 25) -> list[Score]:
+        """Batched: texts of similar length share a padded batch of at most `budget` logits."""
         tok = self.tokenizer
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         assert start is not None, "a causal tokenizer needs a BOS or EOS token to start from"
-        ids, nbytes = self._encode(text, self.max_length - 1)
-        x = torch.tensor([[start, *ids]], device=self.device)  # (1, T+1)
-        logits = self.model(input_ids=x).logits[:, :-1].float()  # (1, T, V)
-        logp = F.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None])  # (1, T, 1)
-        return Score(bits=float(-logp.sum() / LN2), bytes=nbytes, tokens=len(ids))
+        encoded = [self._encode(t, self.max_length - 1) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
+        vocab = int(self.model.config.vocab_size)
+        scores: list[Score | None] = [None] * len(texts)
+        for group in _groups(order, lambda j: (len(encoded[j][0]) + 1) * vocab, budget):
+            width = len(encoded[group[-1]][0]) + 1  # sorted: the last is the longest
+            x = torch.full((len(group), width), start, device=self.device)  # (B, T+1)
+            mask = torch.zeros_like(x)
+            for b, j in enumerate(group):
+                ids = encoded[j][0]
+                x[b, : len(ids) + 1] = torch.tensor([start, *ids])
+                mask[b, : len(ids) + 1] = 1
+            logits = self.model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+            logp = F.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None])[..., 0]  # (B, T)
+            bits = -(logp * mask[:, 1:]).sum(1) / LN2  # (B,): padding counts nothing
+            for b, j in enumerate(group):
+                ids, nbytes = encoded[j]
+                scores[j] = Score(bits=float(bits[b]), bytes=nbytes, tokens=len(ids))
+        return scores  # type: ignore[return-value]
 
     def _score_masked(self, text: str, chunk: int = 64) -> Score:
         tok = self.tokenizer
@@ -217,6 +233,17 @@ class HFExpert:
             filled = parts[0] + "".join(b + p for b, p in zip(best, parts[1:], strict=True))
             results.append({"text": filled, "masks": masks})
         return results
+
+
+def _groups(order: list[int], cost: Callable[[int], int], budget: int) -> list[list[int]]:
+    """Cut items sorted by size into batches whose size times length stays within `budget`."""
+    groups: list[list[int]] = []
+    for j in order:
+        if groups and (len(groups[-1]) + 1) * cost(j) <= budget:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups
 
 
 def special_ids(tokenizer: Any) -> list[int]:

@@ -98,21 +98,46 @@ def load_head(folder: str | Path) -> RouterHead:
 class Encoder:
     """Sentence embeddings from a Hugging Face encoder: mean pooling, then L2 norm."""
 
-    def __init__(self, model: str, max_length: int = 256, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: str,
+        max_length: int = 256,
+        device: torch.device | None = None,
+        memo: bool = False,
+    ):
         from transformers import AutoModel, AutoTokenizer
 
+        self.name = model
         self.device = device or pick_device()
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
         self.model = AutoModel.from_pretrained(model, use_safetensors=True, trust_remote_code=False)
         self.model.to(self.device).eval()
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
+        # Evaluation embeds the same prompts for several routers: remember them (off when
+        # serving, where prompts do not repeat and memory must stay flat).
+        self.memo: dict[str, torch.Tensor] | None = {} if memo else None
 
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    def encode(
+        self, texts: list[str], batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
         """Embeddings (N, H) on the CPU."""
+        if self.memo is not None:
+            todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+            if todo:
+                self.memo.update(zip(todo, self._encode(todo, batch_size, progress), strict=True))
+            return torch.stack([self.memo[t] for t in texts]) if texts else self._encode([])
+        return self._encode(texts, batch_size, progress)
+
+    def _encode(
+        self, texts: list[str], batch_size: int = 64, progress: bool = False
+    ) -> torch.Tensor:
+        from tqdm import tqdm
+
         out = []
-        for i in range(0, len(texts), batch_size):
+        steps = range(0, len(texts), batch_size)
+        for i in tqdm(steps, desc="embed", unit="batch", disable=not progress or len(steps) < 2):
             enc = self.tokenizer(
                 texts[i : i + batch_size],
                 padding=True,
@@ -120,11 +145,16 @@ class Encoder:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            hidden = self.model(**enc).last_hidden_state  # (B, T, H)
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, H)
-            out.append(F.normalize(pooled, dim=-1).float().cpu())
+            out.append(embed(self.model, enc).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.dim)
+
+
+def embed(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sentence embeddings (B, H): token states mean-pooled over the mask, L2-normalised."""
+    hidden = model(**enc).last_hidden_state  # (B, T, H)
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, H)
+    return F.normalize(pooled, dim=-1)
 
 
 class Router(Protocol):
@@ -138,9 +168,11 @@ class Router(Protocol):
 class LearnedRouter:
     """The perceptive router: encoder + trained head."""
 
-    def __init__(self, encoder: str, checkpoint: str | Path):
+    def __init__(self, encoder: str | Encoder, checkpoint: str | Path):
         self.head = load_head(checkpoint)
-        self.encoder = Encoder(encoder, max_length=self.head.cfg.max_length)
+        if isinstance(encoder, str):
+            encoder = Encoder(encoder, max_length=self.head.cfg.max_length)
+        self.encoder = encoder
         if self.encoder.dim != self.head.cfg.embed_dim:
             raise ValueError(
                 f"{checkpoint}: head expects {self.head.cfg.embed_dim}-d embeddings, "
@@ -156,8 +188,79 @@ class LearnedRouter:
         return [dict(zip(self.experts, row, strict=True)) for row in losses]
 
 
+# --- baselines: the routers a user would try instead -----------------------------------
+# Each predicts a score per expert, lowest best, like the learned router's predicted losses.
+
+
+class OracleRouter:
+    """Knows every expert's true loss on the prompts it is asked about (the upper bound)."""
+
+    def __init__(self, truth: dict[str, dict[str, float]]):
+        self.truth = truth  # prompt text -> expert -> true loss
+        self.experts = list(next(iter(truth.values()))) if truth else []
+
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        return [dict(self.truth[p]) for p in prompts]
+
+
+class BestSingleRouter:
+    """Always the expert with the lowest mean loss on the training prompts."""
+
+    def __init__(self, experts: list[str], mean_loss: list[float]):
+        self.experts = list(experts)
+        self.scores = dict(zip(self.experts, map(float, mean_loss), strict=True))
+
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        return [dict(self.scores) for _ in prompts]
+
+
+class ModelCardRouter:
+    """Model selection by reading model cards: the expert whose description is most similar
+    to the prompt (cosine of sentence embeddings; score = 1 - similarity)."""
+
+    def __init__(self, encoder: Encoder, cards: dict[str, str]):
+        self.encoder = encoder
+        self.experts = list(cards)
+        self.cards = encoder.encode([cards[e] or e for e in self.experts])  # (E, H)
+
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        sim = self.encoder.encode(prompts) @ self.cards.T  # (B, E)
+        return [dict(zip(self.experts, (1 - row).tolist(), strict=True)) for row in sim]
+
+
+class KnnRouter:
+    """The mean loss of each expert over the k training prompts nearest the prompt."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        experts: list[str],
+        embeddings: torch.Tensor,
+        losses: torch.Tensor,
+        k: int = 10,
+    ):
+        assert embeddings.shape[0] == losses.shape[0], "one loss row per training embedding"
+        self.encoder = encoder
+        self.experts = list(experts)
+        self.embeddings = embeddings.float()  # (N, H)
+        self.losses = losses.float()  # (N, E)
+        self.k = min(k, len(self.embeddings))
+
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        sim = self.encoder.encode(prompts) @ self.embeddings.T  # (B, N)
+        near = sim.topk(self.k, dim=1).indices  # (B, k)
+        mean = self.losses[near].mean(1)  # (B, E)
+        return [dict(zip(self.experts, row.tolist(), strict=True)) for row in mean]
+
+
 #: Routers by name; evaluation and serving build them through `make_router`.
-ROUTERS = {"learned": LearnedRouter}
+ROUTERS = {
+    "learned": LearnedRouter,
+    "oracle": OracleRouter,
+    "best_single": BestSingleRouter,
+    "model_card": ModelCardRouter,
+    "knn": KnnRouter,
+}
 
 
 def make_router(name: str, **kwargs) -> Router:

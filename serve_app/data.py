@@ -1,0 +1,128 @@
+"""Prompt data: `.jsonl` or `.parquet` files of rows with `text` (and optionally `domain`).
+
+A data PATH is one such file or a directory searched recursively. A row without `domain`
+takes the name of its file's parent directory, so `../shared/corpora/code/*.jsonl` is code.
+Every prompt gets a stable id, a hash of its text: the same text has the same id in every
+file and every run, which is what lets profiling resume and splits stay fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SUFFIXES = (".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """A data path that cannot be read; the message names the file and the row."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a data path."""
+
+    id: str
+    text: str
+    domain: str
+
+
+def prompt_id(text: str) -> str:
+    """Stable id of a text: the first 16 hex digits of its SHA-1."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The data files of a path, sorted: the path itself or every data file below it."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise DataError(f"{path}: not a data file; use {' or '.join(SUFFIXES)}")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"no data at {path}")
+    files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{path}: no {' or '.join(SUFFIXES)} files below it")
+    return files
+
+
+def _rows(file: Path) -> list[dict]:
+    if file.suffix == ".parquet":
+        table = pq.read_table(file)
+        if "text" not in table.column_names:
+            raise DataError(f"{file}: no 'text' column; columns: {', '.join(table.column_names)}")
+        keep = [c for c in ("text", "domain") if c in table.column_names]
+        return table.select(keep).to_pylist()
+    rows = []
+    with file.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file}:{n}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{file}:{n}: a row needs a string 'text'")
+            rows.append(row)
+    return rows
+
+
+def load_prompts(
+    path: str | Path, per_domain: int | None = None, seed: int = 0, min_chars: int = 1
+) -> list[Prompt]:
+    """Every distinct prompt under `path`, or a seeded sample of `per_domain` per domain.
+
+    Duplicates (same text) are kept once. The order is fixed by the texts and the seed, not
+    by the file system, so the same data gives the same prompts on every machine.
+    """
+    seen: dict[str, Prompt] = {}
+    for file in data_files(path):
+        for row in _rows(file):
+            text = row["text"]
+            if len(text.strip()) < min_chars:
+                continue
+            domain = row.get("domain") or file.parent.name
+            pid = prompt_id(text)
+            seen.setdefault(pid, Prompt(pid, text, str(domain)))
+    # A seeded shuffle, the same everywhere: order by a hash of (seed, id).
+    order = sorted(seen.values(), key=lambda p: _draw(seed, p.id))
+    if per_domain is not None:
+        counts: dict[str, int] = {}
+        kept = []
+        for p in order:
+            if counts.get(p.domain, 0) < per_domain:
+                counts[p.domain] = counts.get(p.domain, 0) + 1
+                kept.append(p)
+        order = kept
+    return order
+
+
+def _draw(seed: int, pid: str) -> str:
+    return hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest()
+
+
+def in_split(pid: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a prompt falls in a held-out split of `fraction`; fixed by its id and the seed.
+
+    Salted apart from the sampling order of `load_prompts`: a sample drawn there is not all
+    on one side of a split.
+    """
+    return int(_draw(seed, f"split:{pid}")[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def prompts_table(prompts: list[Prompt]) -> pa.Table:
+    """Prompts as a table of id, text, domain."""
+    return pa.table(
+        {
+            "prompt_id": [p.id for p in prompts],
+            "text": [p.text for p in prompts],
+            "domain": [p.domain for p in prompts],
+        }
+    )

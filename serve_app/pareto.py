@@ -1,0 +1,211 @@
+"""The Pareto front between accuracy and one secondary goal, by sweeping one weight.
+
+For each weight value the router's choice on every prompt is the expert with the lowest
+predicted loss + weight * penalty (the serving objective with that one weight); each choice
+is judged on its true loss. Every single expert is a point too. A point is on the front
+(non-dominated) when no other point has both a lower or equal mean true loss and a lower or
+equal mean penalty, one of them strictly.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serve_app.config import LibraryConfig, LibraryError
+from serve_app.metrics import summarize
+from serve_app.objective import penalties
+from serve_app.train import Matrix
+
+#: Weight values swept by default: fine steps where choices change fastest.
+SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+@dataclass
+class Point:
+    """One row of pareto.csv."""
+
+    kind: str  # "router" (a weight value of the sweep) or "expert" (always that expert)
+    label: str
+    weight: float | None
+    mean_loss: float  # true loss of the choices, bits per byte
+    mean_penalty: float  # the swept weight's penalty of the choices, in [0, 1]
+    mean_params: float  # parameters of the chosen experts
+    top1: float
+    regret: float
+    pareto: bool = False
+
+
+def penalty_vector(library: LibraryConfig, experts: list[str], weight: str) -> np.ndarray:
+    """Each expert's penalty (E,) for one weight, in [0, 1]."""
+    table = penalties(library.experts)
+    missing = [e for e in experts if table[e][weight] is None]
+    if missing:
+        raise LibraryError(
+            f"weight {weight!r} needs a measured {weight} for every expert; "
+            f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} none "
+            "(tryage profile measures verbosity and readability of text-generation experts)"
+        )
+    return np.array([table[e][weight] for e in experts], dtype=np.float64)
+
+
+def sweep(
+    library: LibraryConfig,
+    predicted: np.ndarray,
+    truth: Matrix,
+    weight: str,
+    values: tuple[float, ...] = SWEEP,
+) -> list[Point]:
+    """Router points for each weight value, one point per expert, the front marked."""
+    pen = penalty_vector(library, truth.experts, weight)  # (E,)
+    params = np.array([float(library.expert(e).params or 0) for e in truth.experts])  # (E,)
+    points = []
+    for value in values:
+        chosen = np.argmin(predicted + value * pen[None, :], axis=1)  # (N,)
+        m = summarize(chosen, truth.losses)
+        points.append(
+            Point(
+                "router",
+                f"{weight}={value:g}",
+                value,
+                m["mean_loss"],
+                float(pen[chosen].mean()),
+                float(params[chosen].mean()),
+                m["top1"],
+                m["regret"],
+            )
+        )
+    for j, name in enumerate(truth.experts):
+        m = summarize(np.full(len(truth.ids), j), truth.losses)
+        points.append(
+            Point(
+                "expert",
+                name,
+                None,
+                m["mean_loss"],
+                float(pen[j]),
+                float(params[j]),
+                m["top1"],
+                m["regret"],
+            )
+        )
+    for p in points:
+        p.pareto = not any(_dominates(q, p) for q in points)
+    return points
+
+
+def _dominates(a: Point, b: Point) -> bool:
+    no_worse = a.mean_loss <= b.mean_loss and a.mean_penalty <= b.mean_penalty
+    better = a.mean_loss < b.mean_loss or a.mean_penalty < b.mean_penalty
+    return no_worse and better
+
+
+def calibration(points: list[Point], weight: str) -> list[str]:
+    """What each swept value of the weight trades, in words a user can pick from.
+
+    Quality is the share of the router's gain over the worst single expert that is kept:
+    100% is the router at weight 0, 0% the worst single expert's mean loss (the "performance
+    gap recovered" of RouteLLM, in bits per byte).
+    """
+    sweep_points = [p for p in points if p.kind == "router"]
+    base = next((p for p in sweep_points if p.weight == 0), sweep_points[0])
+    worst = max(p.mean_loss for p in points if p.kind == "expert")
+    gain = worst - base.mean_loss
+    lines = []
+    for p in sweep_points:
+        kept = (worst - p.mean_loss) / gain if gain > 0 else 1.0
+        if weight == "size" and base.mean_params:
+            cost = f"{p.mean_params / base.mean_params:.0%} of the parameters"
+        else:
+            cost = (
+                f"a mean {weight} penalty of {p.mean_penalty:.2f} (at 0: {base.mean_penalty:.2f})"
+            )
+        lines.append(
+            f"{weight} {p.weight:g} keeps {kept:.0%} of the quality "
+            f"({p.mean_loss:.3f} bits/byte) at {cost}"
+        )
+    lines.append(
+        f"(quality: 100% = the router at {weight} 0, {base.mean_loss:.3f} bits/byte; "
+        f"0% = the worst single expert, {worst:.3f} bits/byte)"
+    )
+    return lines
+
+
+def write_csv(points: list[Point], path: Path) -> None:
+    """pareto.csv: one row per point, the fields of Point."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
+        writer.writeheader()
+        for p in points:
+            writer.writerow(asdict(p))
+
+
+def plot(points: list[Point], weight: str, path: Path) -> None:
+    """pareto.png: mean true loss against mean penalty; experts as points, the sweep as a
+    line, the non-dominated points ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    sweep_points = [p for p in points if p.kind == "router"]
+    ax.plot(
+        [p.mean_penalty for p in sweep_points],
+        [p.mean_loss for p in sweep_points],
+        "-o",
+        color="tab:blue",
+        label=f"router, {weight} weight swept",
+        zorder=2,
+    )
+    shown: set[tuple[float, float]] = set()
+    for p in sweep_points:  # one label per distinct point: high weights often share one
+        if (p.mean_penalty, p.mean_loss) in shown:
+            continue
+        shown.add((p.mean_penalty, p.mean_loss))
+        ax.annotate(
+            f"{p.weight:g}",
+            (p.mean_penalty, p.mean_loss),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+            color="tab:blue",
+        )
+    experts = [p for p in points if p.kind == "expert"]
+    ax.scatter(
+        [p.mean_penalty for p in experts],
+        [p.mean_loss for p in experts],
+        marker="s",
+        color="tab:orange",
+        label="single expert",
+        zorder=2,
+    )
+    for p in experts:
+        ax.annotate(
+            p.label,
+            (p.mean_penalty, p.mean_loss),
+            fontsize=8,
+            xytext=(4, -10),
+            textcoords="offset points",
+        )
+    front = [p for p in points if p.pareto]
+    ax.scatter(
+        [p.mean_penalty for p in front],
+        [p.mean_loss for p in front],
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        label="non-dominated",
+        zorder=3,
+    )
+    ax.set_xlabel(f"mean {weight} penalty of the chosen experts (0 best, 1 worst)")
+    ax.set_ylabel("mean true loss (bits per byte)")
+    ax.set_title(f"Pareto front: loss against {weight}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,340 @@
+"""Profiling: every expert of a library on every prompt of a data path, as one Ray job.
+
+Each expert gets its own Ray Data actor pool (`map_batches` with the expert's resources from
+library.yaml), so on a cluster every expert runs on the nodes that fit it, all at once. The
+result is one Parquet table, PROFILE_SCHEMA, one row per (prompt, expert):
+
+    prompt_id  string   stable hash of the text (serve_app.data.prompt_id)
+    text       string   the prompt
+    domain     string   its domain (the file's folder when the row has none)
+    expert     string   expert name
+    loss       float64  bits per UTF-8 byte of the text under the expert (serve_app.experts)
+    bytes      int64    UTF-8 bytes the loss covers (the text, or the part that fit the context)
+    tokens     int64    tokens the loss covers, in the expert's own tokenizer
+    seconds    float64  scoring time of the row's batch, divided by the batch's rows
+    output     string   for a sample of prompts and text-generation experts: a greedy
+                        continuation of the text's opening; null elsewhere
+
+Rerunning with the same output file keeps every (prompt, expert) row already measured with
+the same expert weights and only measures the rest. Rows land in `FILE.parts/` as they are
+made, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from serve_app.config import LibraryConfig, LibraryError, library_to_yaml
+from serve_app.data import Prompt, prompts_table
+
+PROFILE_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("expert", pa.string(), nullable=False),
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("seconds", pa.float64(), nullable=False),
+        pa.field("output", pa.string()),
+    ]
+)
+#: Parquet metadata key: {expert name: fingerprint of its weights} the rows were made with.
+FINGERPRINTS = b"tryage.experts"
+#: Characters of a prompt's opening that a sampled generation continues.
+OPENING_CHARS = 200
+
+
+# --- readability and verbosity ------------------------------------------------------------
+
+_SENTENCE = re.compile(r"[.!?]+(?:\s|$)")
+_WORD = re.compile(r"[A-Za-zÀ-ÿ]+(?:'[A-Za-z]+)?")
+
+
+def reading_ease(text: str) -> float | None:
+    """Flesch reading ease: 206.835 - 1.015 words/sentence - 84.6 syllables/word.
+
+    Higher is easier (90-100: very easy; 0-30: very hard; code and gibberish go below 0).
+    Syllables come from pyphen's English hyphenation dictionary (one more than the
+    hyphenation points of a word). None for a text without words.
+    """
+    import pyphen
+
+    words = _WORD.findall(text)
+    if not words:
+        return None
+    dic = _pyphen(pyphen)
+    syllables = sum(len(dic.positions(w.lower())) + 1 for w in words)
+    sentences = max(1, len(_SENTENCE.findall(text.strip() + " ")))
+    return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
+
+
+_DICT: dict[str, Any] = {}
+
+
+def _pyphen(pyphen: Any) -> Any:
+    if "en" not in _DICT:
+        _DICT["en"] = pyphen.Pyphen(lang="en_US")
+    return _DICT["en"]
+
+
+def measures(table: pa.Table) -> dict[str, dict[str, float | None]]:
+    """Per expert: verbosity (mean UTF-8 bytes of its sampled outputs) and readability (mean
+    reading ease of the outputs that have words). Experts without outputs get None."""
+    out: dict[str, dict[str, float | None]] = {}
+    rows = table.filter(pc.is_valid(table["output"])).select(["expert", "output"]).to_pylist()
+    by_expert: dict[str, list[str]] = {}
+    for row in rows:
+        by_expert.setdefault(row["expert"], []).append(row["output"])
+    for expert in sorted(set(table["expert"].to_pylist())):
+        outputs = by_expert.get(expert, [])
+        ease = [e for e in map(reading_ease, outputs) if e is not None]
+        out[expert] = {
+            "verbosity": sum(len(o.encode()) for o in outputs) / len(outputs) if outputs else None,
+            "readability": sum(ease) / len(ease) if ease else None,
+        }
+    return out
+
+
+# --- the Ray Data worker -----------------------------------------------------------------
+
+
+class ExpertScorer:
+    """A Ray Data actor holding one expert: scores its batches and generates for the sample."""
+
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        task: str,
+        new_tokens: int,
+        load: Callable[[str, str], Any] | None = None,
+    ):
+        from serve_app.experts import load_expert
+
+        self.name = name
+        self.task = task
+        self.new_tokens = new_tokens
+        self.engine = (load or load_expert)(model, task)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch["text"].to_pylist()
+        start = time.perf_counter()
+        scores = self.engine.score(texts)
+        per_row = (time.perf_counter() - start) / max(1, len(texts))
+        outputs: list[str | None] = [None] * len(texts)
+        wanted = [i for i, g in enumerate(batch["generate"].to_pylist()) if g]
+        if wanted and self.task == "text-generation" and self.new_tokens > 0:
+            openings = [texts[i][:OPENING_CHARS] for i in wanted]
+            for i, gen in zip(wanted, self.engine.generate(openings, self.new_tokens), strict=True):
+                outputs[i] = gen.text
+        return pa.table(
+            {
+                "prompt_id": batch["prompt_id"],
+                "text": batch["text"],
+                "domain": batch["domain"],
+                "expert": pa.array([self.name] * len(texts), pa.string()),
+                "loss": pa.array([s.bpb for s in scores], pa.float64()),
+                "bytes": pa.array([s.bytes for s in scores], pa.int64()),
+                "tokens": pa.array([s.tokens for s in scores], pa.int64()),
+                "seconds": pa.array([per_row] * len(texts), pa.float64()),
+                "output": pa.array(outputs, pa.string()),
+            },
+            schema=PROFILE_SCHEMA,
+        )
+
+
+# --- resuming ----------------------------------------------------------------------------
+
+
+def fingerprint(model: str) -> str:
+    """What identifies an expert's weights: its config and weight files' names, sizes and
+    modification times for a local folder, else the Hub id."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    h = hashlib.sha1()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model"):
+            stat = f.stat()
+            h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def read_profile(path: str | Path) -> pa.Table:
+    """A profile table, checked against PROFILE_SCHEMA."""
+    table = pq.read_table(path)
+    missing = [f.name for f in PROFILE_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise LibraryError(f"{path}: not a tryage profile; missing column(s) {', '.join(missing)}")
+    return table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+
+
+def _done(out: Path, prints: dict[str, str]) -> pa.Table:
+    """Rows already measured with the current weights: the last output plus unfinished parts."""
+    tables = []
+    if out.exists():
+        old = pq.read_table(out)
+        meta = json.loads((old.schema.metadata or {}).get(FINGERPRINTS, b"{}"))
+        tables.append((read_profile(out), meta))
+    parts = _parts_dir(out)
+    for part in sorted(parts.glob("*.parquet")) if parts.exists() else []:
+        table = pq.read_table(part)
+        meta = json.loads((table.schema.metadata or {}).get(FINGERPRINTS, b"{}"))
+        tables.append((table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA), meta))
+    kept = []
+    for table, meta in tables:
+        same = [name for name, fp in prints.items() if meta.get(name) == fp]
+        kept.append(table.filter(pc.is_in(table["expert"], pa.array(same, pa.string()))))
+    if not kept:
+        return PROFILE_SCHEMA.empty_table()
+    done = pa.concat_tables(kept)
+    # One row per (prompt, expert): the first measured wins.
+    pairs = zip(done["prompt_id"].to_pylist(), done["expert"].to_pylist(), strict=True)
+    first: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(pairs):
+        first.setdefault(key, i)
+    return done.take(sorted(first.values()))
+
+
+# --- the job -----------------------------------------------------------------------------
+
+
+def profile(
+    library: LibraryConfig,
+    prompts: list[Prompt],
+    out: str | Path,
+    *,
+    generate: int = 32,
+    new_tokens: int = 48,
+    batch_size: int = 16,
+    actors_per_expert: int = 1,
+    progress: bool = True,
+    load: Callable[[str, str], Any] | None = None,
+) -> pa.Table:
+    """Measure every expert on every prompt; write and return the profile table.
+
+    `generate` prompts (a seeded sample, the same for every expert) also get a greedy
+    continuation of `new_tokens` tokens from each text-generation expert, for verbosity and
+    readability. `load` replaces the model loader (tests).
+    """
+    import ray
+    from tqdm import tqdm
+
+    out = Path(out)
+    prints = {e.name: fingerprint(e.model) for e in library.experts}
+    prompt_ids = {p.id for p in prompts}
+    done = _done(out, prints)
+    done = done.filter(pc.is_in(done["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
+    have = set(zip(done["prompt_id"].to_pylist(), done["expert"].to_pylist(), strict=True))
+    sample = {p.id for p in sorted(prompts, key=lambda p: p.id)[: max(0, generate)]}
+    base = prompts_table(prompts).append_column(
+        "generate", pa.array([p.id in sample for p in prompts], pa.bool_())
+    )
+
+    todo = {}
+    for expert in library.experts:
+        missing = [(p.id, expert.name) not in have for p in prompts]
+        if any(missing):
+            todo[expert.name] = base.filter(pa.array(missing, pa.bool_()))
+    total = sum(t.num_rows for t in todo.values())
+
+    parts = _parts_dir(out)
+    if total:
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # one bar of our own, in rows
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        datasets = []
+        for expert in library.experts:
+            if expert.name not in todo:
+                continue
+            ds = ray.data.from_arrow(_chunks(todo[expert.name], batch_size * 4))
+            datasets.append(
+                ds.map_batches(
+                    ExpertScorer,
+                    fn_constructor_kwargs={
+                        "name": expert.name,
+                        "model": expert.model,
+                        "task": expert.task,
+                        "new_tokens": new_tokens,
+                        "load": load,
+                    },
+                    batch_size=batch_size,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=actors_per_expert),
+                    udf_modifying_row_count=False,
+                    **_data_resources(expert.resources),
+                )
+            )
+        job = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        parts.mkdir(parents=True, exist_ok=True)
+        n = len(list(parts.glob("*.parquet")))
+        meta = {FINGERPRINTS: json.dumps(prints).encode()}
+        with tqdm(total=total, desc="profile", unit="row", disable=not progress) as bar:
+            for batch in job.iter_batches(batch_size=None, batch_format="pyarrow"):
+                batch = batch.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+                pq.write_table(batch.replace_schema_metadata(meta), parts / f"{n:06d}.parquet")
+                n += 1
+                bar.update(batch.num_rows)
+
+    table = _done(out, prints) if total else done
+    table = table.filter(pc.is_in(table["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
+    table = table.sort_by([("prompt_id", "ascending"), ("expert", "ascending")])
+    table = table.replace_schema_metadata({FINGERPRINTS: json.dumps(prints).encode()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    if parts.exists():
+        for part in parts.glob("*.parquet"):
+            part.unlink()
+        parts.rmdir()
+    return table
+
+
+def _chunks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """Blocks of `rows` rows, so the pools stream instead of waiting on one block."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+
+
+def _data_resources(resources: dict[str, Any]) -> dict[str, Any]:
+    """An expert's Ray actor options as map_batches takes them (CPU and GPU counts, memory,
+    custom resources, accelerator type); defaults to one CPU like any Ray actor."""
+    keys = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
+    out = {k: resources[k] for k in keys if k in resources}
+    out.setdefault("num_cpus", 1)
+    return out
+
+
+def write_measures(library_path: str | Path, table: pa.Table) -> dict[str, dict]:
+    """Store measured verbosity and readability in library.yaml (comments are not kept)."""
+    path = Path(library_path)
+    raw = yaml.safe_load(path.read_text())
+    found = measures(table)
+    for expert in raw["experts"]:
+        for key, value in found.get(expert["name"], {}).items():
+            if value is not None:
+                expert[key] = round(float(value), 2)
+    path.write_text(library_to_yaml(raw))
+    return found

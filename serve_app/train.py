@@ -1,0 +1,376 @@
+"""Training the perceptive router on a profile: encoder -> head predicting every expert's loss.
+
+Two modes:
+* frozen (default on CPU): the encoder embeds every prompt once (cached next to the profile),
+  then only the head trains, in seconds.
+* finetune (for GPU users): encoder and head train together through accelerate; the tuned
+  encoder is saved beside the head and the library points at it.
+
+The objective is the mean squared error of the standardised loss predictions plus, with weight
+`relative`, the squared error of each prompt's losses centred on their mean across experts: the
+first term learns how hard a prompt is, the second which expert is better on it, which is what
+routing needs. The split is fixed by prompt id and seed (serve_app.data.in_split); training
+stops when the validation error has not improved for `patience` epochs and keeps the best head.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from serve_app.config import LibraryConfig, LibraryError
+from serve_app.data import in_split
+from serve_app.metrics import choose, expert_errors, summarize
+from serve_app.router import Encoder, HeadConfig, RouterHead, embed, save_head
+
+#: File in a router checkpoint holding the training prompts' embeddings and losses, for the
+#: knn and best_single baselines.
+REFERENCE = "reference.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """How the router trains."""
+
+    mode: str = "frozen"  # "frozen": head only, cached embeddings; "finetune": encoder too
+    val_fraction: float = 0.2  # share of prompts held out for validation and early stopping
+    seed: int = 0
+    max_epochs: int = 300
+    patience: int = 30  # epochs without a better validation error before stopping
+    batch_size: int = 64
+    lr: float = 2e-3  # head
+    encoder_lr: float = 2e-5  # finetune mode
+    weight_decay: float = 1e-4
+    hidden: int = 256
+    dropout: float = 0.1
+    relative: float = 1.0  # weight of the centred (which-expert-is-better) error
+    max_length: int = 256  # encoder tokens read from a prompt
+
+
+@dataclass
+class Matrix:
+    """A profile pivoted to one row per prompt with every expert's loss."""
+
+    ids: list[str]
+    texts: list[str]
+    domains: list[str]
+    experts: list[str]
+    losses: np.ndarray  # (N, E) bits per byte
+
+    def subset(self, keep: np.ndarray) -> Matrix:
+        idx = np.flatnonzero(keep)
+        return Matrix(
+            [self.ids[i] for i in idx],
+            [self.texts[i] for i in idx],
+            [self.domains[i] for i in idx],
+            self.experts,
+            self.losses[idx],
+        )
+
+
+def pivot(table: pa.Table, experts: list[str]) -> Matrix:
+    """Prompts measured on every one of `experts`, in prompt-id order."""
+    rows: dict[str, dict[str, Any]] = {}
+    cols = table.select(["prompt_id", "text", "domain", "expert", "loss"]).to_pydict()
+    for pid, text, domain, expert, loss in zip(*cols.values(), strict=True):
+        row = rows.setdefault(pid, {"text": text, "domain": domain, "loss": {}})
+        row["loss"][expert] = loss
+    missing = [e for e in experts if not any(e in r["loss"] for r in rows.values())]
+    if missing:
+        raise LibraryError(
+            f"the profile has no rows for expert(s) {', '.join(missing)}; "
+            "run tryage profile with this library"
+        )
+    ids = sorted(pid for pid, r in rows.items() if all(e in r["loss"] for e in experts))
+    return Matrix(
+        ids=ids,
+        texts=[rows[i]["text"] for i in ids],
+        domains=[rows[i]["domain"] for i in ids],
+        experts=list(experts),
+        losses=np.array([[rows[i]["loss"][e] for e in experts] for i in ids], dtype=np.float64),
+    )
+
+
+@dataclass
+class Report:
+    """What training did and how well the router routes the validation prompts."""
+
+    mode: str
+    experts: list[str]
+    n_train: int
+    n_val: int
+    epochs: int
+    val_error: float  # mean squared error of standardised predictions, best epoch
+    untrained_val_error: float  # the same for the head before training
+    val: dict[str, float] = field(default_factory=dict)  # router: top1, regret, mean_loss
+    val_best_single: dict[str, float] = field(default_factory=dict)
+    val_oracle: dict[str, float] = field(default_factory=dict)
+    expert_mae: dict[str, float] = field(default_factory=dict)  # bits per byte
+
+    def table(self) -> str:
+        """A readable summary."""
+        lines = [
+            f"router trained ({self.mode}): {self.n_train} train / {self.n_val} validation "
+            f"prompts, {self.epochs} epochs",
+            f"validation error (standardised MSE): {self.val_error:.4f} "
+            f"(untrained head: {self.untrained_val_error:.4f})",
+            "",
+            f"{'validation':<12} {'top1':>6} {'regret':>8} {'loss':>8}",
+        ]
+        for name, m in (
+            ("router", self.val),
+            ("best_single", self.val_best_single),
+            ("oracle", self.val_oracle),
+        ):
+            lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {m['mean_loss']:>8.4f}")
+        lines += ["", "per-expert mean absolute error (bits/byte):"]
+        lines += [f"  {name:<20} {mae:.4f}" for name, mae in self.expert_mae.items()]
+        return "\n".join(lines)
+
+
+def _loss(head: RouterHead, emb: torch.Tensor, z: torch.Tensor, relative: float) -> torch.Tensor:
+    """Standardised MSE plus the centred error in bits per byte (see the module docstring)."""
+    out = head(emb)  # (B, E) standardised
+    mse = ((out - z) ** 2).mean()
+    if relative == 0:
+        return mse
+    pred = out * head.std + head.mean  # (B, E) bits per byte
+    true = z * head.std + head.mean
+    centred = (pred - pred.mean(1, keepdim=True)) - (true - true.mean(1, keepdim=True))
+    return mse + relative * (centred**2).mean() / (head.std**2).mean()
+
+
+def _error(head: RouterHead, emb: torch.Tensor, z: torch.Tensor) -> float:
+    head.eval()
+    with torch.no_grad():
+        return float(((head(emb) - z) ** 2).mean())
+
+
+def train_head(
+    train_emb: torch.Tensor,
+    train_y: np.ndarray,
+    val_emb: torch.Tensor,
+    val_y: np.ndarray,
+    experts: list[str],
+    cfg: TrainConfig,
+) -> tuple[RouterHead, int, float, float]:
+    """Fit a head on fixed embeddings; returns (best head, epochs run, its validation error,
+    the untrained head's validation error)."""
+    torch.manual_seed(cfg.seed)
+    mean = train_y.mean(0)
+    std = np.maximum(train_y.std(0), 1e-3)
+    head = RouterHead(
+        HeadConfig(
+            experts=experts,
+            embed_dim=train_emb.shape[1],
+            hidden=cfg.hidden,
+            dropout=cfg.dropout,
+            max_length=cfg.max_length,
+            target_mean=mean.tolist(),
+            target_std=std.tolist(),
+        )
+    )
+    z_train = torch.tensor((train_y - mean) / std, dtype=torch.float32)  # (N, E)
+    z_val = torch.tensor((val_y - mean) / std, dtype=torch.float32)
+    untrained = _error(head, val_emb, z_val)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, best_state, since, epochs = float("inf"), copy.deepcopy(head.state_dict()), 0, 0
+    for epoch in range(cfg.max_epochs):
+        head.train()
+        for idx in torch.randperm(len(z_train), generator=gen).split(cfg.batch_size):
+            loss = _loss(head, train_emb[idx], z_train[idx], cfg.relative)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        epochs = epoch + 1
+        error = _error(head, val_emb, z_val)
+        if error < best - 1e-6:
+            best, best_state, since = error, copy.deepcopy(head.state_dict()), 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    return head.eval(), epochs, best, untrained
+
+
+def embeddings(encoder: Encoder, matrix: Matrix, cache: Path | None) -> torch.Tensor:
+    """Embeddings (N, H) of the matrix's prompts, read from or written to `cache`."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha1(
+        json.dumps([encoder.name, encoder.max_length, matrix.ids]).encode()
+    ).hexdigest()[:16]
+    file = cache / f"{key}.safetensors" if cache else None
+    if file and file.exists():
+        return load_file(str(file))["embeddings"]
+    emb = encoder.encode(matrix.texts, progress=True)
+    if file:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": emb.contiguous()}, str(file))
+    return emb
+
+
+def train(
+    library: LibraryConfig,
+    table: pa.Table,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    cache: Path | None = None,
+) -> Report:
+    """Train the router of `library` on a profile table; write the checkpoint to `out`."""
+    cfg = cfg or TrainConfig()
+    if cfg.mode not in ("frozen", "finetune"):
+        raise ValueError(f"unknown training mode {cfg.mode!r}; known: frozen, finetune")
+    matrix = pivot(table, library.names)
+    val_mask = np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
+    train_m, val_m = matrix.subset(~val_mask), matrix.subset(val_mask)
+    if len(train_m.ids) < 2 or len(val_m.ids) < 1:
+        raise LibraryError(
+            f"the profile has {len(matrix.ids)} prompt(s) measured on every expert; "
+            "training needs at least a few dozen"
+        )
+    encoder = Encoder(library.router.model, max_length=cfg.max_length)
+    out = Path(out)
+    if cfg.mode == "finetune":
+        head, epochs, err, untrained = finetune(encoder, train_m, val_m, cfg, out / "encoder")
+        encoder_name = "encoder"
+    else:
+        train_emb = embeddings(encoder, train_m, cache)
+        val_emb = embeddings(encoder, val_m, cache)
+        head, epochs, err, untrained = train_head(
+            train_emb, train_m.losses, val_emb, val_m.losses, matrix.experts, cfg
+        )
+        encoder_name = library.router.model
+    save_head(head, out, encoder=encoder_name)
+    # The knn and best_single baselines read the training prompts from the checkpoint.
+    save_reference(
+        out, embeddings(encoder, train_m, None if cfg.mode == "finetune" else cache), train_m
+    )
+    with torch.no_grad():
+        pred = head.predict(embeddings(encoder, val_m, None if cfg.mode == "finetune" else cache))
+    pred = pred.numpy()
+    best_single = int(np.argmin(train_m.losses.mean(0)))
+    report = Report(
+        mode=cfg.mode,
+        experts=matrix.experts,
+        n_train=len(train_m.ids),
+        n_val=len(val_m.ids),
+        epochs=epochs,
+        val_error=err,
+        untrained_val_error=untrained,
+        val=summarize(choose(pred), val_m.losses),
+        val_best_single=summarize(np.full(len(val_m.ids), best_single), val_m.losses),
+        val_oracle=summarize(choose(val_m.losses), val_m.losses),
+        expert_mae=expert_errors(pred, val_m.losses, matrix.experts),
+    )
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def save_reference(folder: Path, emb: torch.Tensor, matrix: Matrix) -> None:
+    """Training prompts' embeddings (N, H) and losses (N, E) beside the head."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "embeddings": emb.float().contiguous(),
+            "losses": torch.tensor(matrix.losses, dtype=torch.float32),
+        },
+        str(folder / REFERENCE),
+        metadata={"experts": json.dumps(matrix.experts)},
+    )
+
+
+def finetune(
+    encoder: Encoder, train_m: Matrix, val_m: Matrix, cfg: TrainConfig, encoder_out: Path
+) -> tuple[RouterHead, int, float, float]:
+    """Train encoder and head together through accelerate; save the encoder to `encoder_out`.
+
+    The head first fits on frozen embeddings (a warm start, so the encoder is not pulled
+    around by a random head), then both train with separate learning rates.
+    """
+    from accelerate import Accelerator
+
+    head, _, _, untrained = train_head(
+        encoder.encode(train_m.texts),
+        train_m.losses,
+        encoder.encode(val_m.texts),
+        val_m.losses,
+        train_m.experts,
+        cfg,
+    )
+    accel = Accelerator(cpu=not torch.cuda.is_available())
+    model = encoder.model
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.parameters(), "lr": cfg.encoder_lr},
+            {"params": head.parameters(), "lr": cfg.lr / 10},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    model, head, opt = accel.prepare(model, head, opt)
+    z_train = torch.tensor((train_m.losses - head.mean.cpu().numpy()) / head.std.cpu().numpy())
+    z_val = torch.tensor((val_m.losses - head.mean.cpu().numpy()) / head.std.cpu().numpy())
+
+    def batches(texts: list[str], order: list[int]):
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            enc = encoder.tokenizer(
+                [texts[j] for j in idx],
+                padding=True,
+                truncation=True,
+                max_length=cfg.max_length,
+                return_tensors="pt",
+            ).to(accel.device)
+            yield idx, enc
+
+    def val_error() -> float:
+        model.eval()
+        head.eval()
+        total = 0.0
+        with torch.no_grad():
+            for idx, enc in batches(val_m.texts, list(range(len(val_m.texts)))):
+                out = head(embed(model, enc))
+                total += float(((out - z_val[idx].to(out)) ** 2).sum())
+        return total / z_val.numel()
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, since, epochs = val_error(), 0, 0
+    best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        head.train()
+        order = torch.randperm(len(train_m.texts), generator=gen).tolist()
+        for idx, enc in batches(train_m.texts, order):
+            loss = _loss(
+                head, embed(model, enc), z_train[idx].to(accel.device).float(), cfg.relative
+            )
+            opt.zero_grad()
+            accel.backward(loss)
+            opt.step()
+        epochs = epoch + 1
+        error = val_error()
+        if error < best - 1e-6:
+            best, since = error, 0
+            best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))
+        else:
+            since += 1
+            if since >= max(2, cfg.patience // 10):
+                break
+    model.load_state_dict(best_state[0])
+    head.load_state_dict(best_state[1])
+    model = accel.unwrap_model(model)
+    model.save_pretrained(encoder_out, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(encoder_out)
+    encoder.model = model.eval()
+    return accel.unwrap_model(head).cpu().eval(), epochs, best, untrained
