@@ -182,7 +182,18 @@ def test_scores_come_back_in_input_order(causal):
     texts = [TEXT, "the cat", "A fox jumps over the lazy dog"]
     batch = causal.score(texts)
     assert [s.bytes for s in batch] == [len(t.encode()) for t in texts]
-    assert batch == [causal.score([t])[0] for t in texts]
+    alone = [causal.score([t])[0] for t in texts]
+    # Batched texts are padded together; padding must not change a text's loss.
+    assert [s.tokens for s in batch] == [s.tokens for s in alone]
+    assert [s.bits for s in batch] == pytest.approx([s.bits for s in alone], rel=1e-5)
+
+
+def test_batches_stay_within_the_logit_budget():
+    from serve_app.experts import _groups
+
+    sizes = [1, 2, 2, 3, 10]
+    groups = _groups(list(range(5)), lambda j: sizes[j], budget=6)
+    assert groups == [[0, 1, 2], [3], [4]]
 
 
 def test_a_text_longer_than_the_context_is_cut_and_bytes_counted_for_the_kept_tokens(
