@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from itertools import groupby
@@ -20,7 +21,9 @@ class ExpertDeployment:
 
     def __init__(self, model: str, task: str, load: Callable[[str, str], HFExpert] = load_expert):
         self.task = task
+        start = time.perf_counter()
         self.engine = load(model, task)
+        self.load_s = time.perf_counter() - start  # model load, the part of a cold start we own
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait of every batched method."""
@@ -58,9 +61,14 @@ class ExpertDeployment:
         return [{**asdict(s), "bpb": s.bpb} for s in scores]
 
     async def info(self) -> dict[str, Any]:
-        """What this replica runs on: the device torch picked and the GPU ids Ray assigned."""
-        device = getattr(self.engine, "device", None)
-        return {"task": self.task, "device": str(device), "ray_gpu_ids": ray.get_gpu_ids()}
+        """What this replica runs on (the device torch picked, the GPU ids Ray assigned) and how
+        long its model took to load."""
+        return {
+            "task": self.task,
+            "device": str(getattr(self.engine, "device", None)),
+            "ray_gpu_ids": ray.get_gpu_ids(),
+            "load_s": self.load_s,
+        }
 
     def _prompt(self, request: dict[str, Any]) -> str:
         """The request's prompt; a chat becomes the tokenizer's chat template or a transcript."""

@@ -1,0 +1,40 @@
+"""The cold-start benchmark runs as the README shows and writes its figures (its own Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.integration.conftest import ROOT
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.cold_start", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cold_start_bench_writes_its_figures(tmp_path, smoke_library):
+    done = bench(
+        *("--library", str(smoke_library), "--experts", "gen-xs"),
+        *("--repeats", "1", "--out", str(tmp_path)),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| gen-xs |" in done.stdout
+    report = json.loads((tmp_path / "cold_start.json").read_text())
+    assert list(report["experts"]) == ["gen-xs"]
+    (only,) = report["experts"]["gen-xs"]["trials"]
+    # A cold request waits for the replica and its model; the warm one right after does not.
+    assert only["cold_request_s"] > only["warm_request_s"] > 0
+    assert only["cold_start_s"] > only["model_load_s"] > 0
+
+
+def test_cold_start_bench_refuses_an_unknown_expert(tmp_path, smoke_library):
+    done = bench("--library", str(smoke_library), "--experts", "nope", "--out", str(tmp_path))
+    assert done.returncode == 2
+    assert "unknown expert 'nope'" in done.stderr
