@@ -81,6 +81,16 @@ class Batching(_Strict):
     )
 
 
+#: Every prompt goes through the router, so it never scales to zero (no cold start on the
+#: routing path). It batches up to 32 prompts: a second replica (and GPU) only once it holds
+#: half a batch on average, not at Serve's default target of 2.
+ROUTER_AUTOSCALING_DEFAULTS: dict[str, Any] = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 16,
+}
+
+
 class RouterConfig(_Strict):
     """The perceptive router: an encoder and a head that predicts each expert's loss."""
 
@@ -91,8 +101,8 @@ class RouterConfig(_Strict):
         description="Ray actor options of the router replicas (ray_actor_options).",
     )
     autoscaling: dict[str, Any] = Field(
-        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2},
-        description="Serve autoscaling_config of the router.",
+        default_factory=lambda: dict(ROUTER_AUTOSCALING_DEFAULTS),
+        description="Serve autoscaling_config of the router; replaces the defaults when given.",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once.")
     batching: Batching = Field(default_factory=lambda: Batching(max_batch_size=32))
@@ -101,13 +111,26 @@ class RouterConfig(_Strict):
     _scale = field_validator("autoscaling")(_check_autoscaling)
 
 
+#: Experts scale to zero: an expert holds replicas (and accelerators) only while prompts are
+#: routed to it. Measured cold starts and the reasoning are in the README (Autoscaling).
 EXPERT_AUTOSCALING_DEFAULTS: dict[str, Any] = {
     "min_replicas": 0,
     "initial_replicas": 0,
+    # A cap on the GPUs one expert can take; raise it per expert for a popular one.
     "max_replicas": 2,
+    # Ongoing requests per replica the autoscaler aims at; a replica takes up to
+    # max_ongoing_requests (8), batched, while another starts.
     "target_ongoing_requests": 2,
+    # From 0 to 1 Serve starts a replica at the first request whatever this is; from 1 up,
+    # requests are already queueing and a new replica costs a cold start, so react fast (the
+    # 30 s look-back average already smooths spikes).
     "upscale_delay_s": 1.0,
+    # A replica beyond the first stays a minute after load drops: bringing it back costs a cold
+    # start, so brief lulls do not release it.
     "downscale_delay_s": 60.0,
+    # The last replica stays 5 minutes after the last request: a user who comes back within
+    # that window never waits for a cold start (seconds to minutes with a node to launch), and
+    # an idle GPU costs at most 5 minutes of its time per burst.
     "downscale_to_zero_delay_s": 300.0,
 }
 
