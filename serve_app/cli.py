@@ -73,7 +73,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     print(f"profiling {len(library.experts)} experts on {len(prompts)} prompts", file=sys.stderr)
     with _ray():
-        table = profile(
+        run = profile(
             library,
             prompts,
             args.out,
@@ -82,9 +82,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             actors_per_expert=args.actors_per_expert,
         )
-    print(f"wrote {args.out}: {table.num_rows} rows")
+    print(
+        f"wrote {args.out}: {run.table.num_rows} rows "
+        f"({run.measured} measured now, {run.reused} reused)"
+    )
     if args.update_library and args.generate > 0:
-        for name, m in write_measures(args.library, table).items():
+        for name, m in write_measures(args.library, run.table).items():
             if m["verbosity"] is not None:
                 read = "-" if m["readability"] is None else f"{m['readability']:.1f}"
                 print(f"  {name}: verbosity {m['verbosity']:.1f} bytes, readability {read}")
@@ -147,7 +150,17 @@ def _truth(args: argparse.Namespace, library) -> tuple:
     out = args.profile or args.library.resolve().parent / "profiles" / f"eval-{key}.parquet"
     print(f"measuring every expert on {len(prompts)} prompts ({out})", file=sys.stderr)
     with _ray():
-        return profile(library, prompts, out, generate=0, progress=not args.quiet)
+        return profile(library, prompts, out, generate=0, progress=not args.quiet).table
+
+
+def _competing(library, task: str | None) -> list[str] | None:
+    """The experts of one task, or None for all."""
+    if task is None:
+        return None
+    names = [e.name for e in library.experts if e.task == task]
+    if not names:
+        raise LibraryError(f"the library has no {task} expert")
+    return names
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -159,7 +172,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     library = load_library(args.library)
     table = _truth(args, library)
-    result, _, _ = evaluate(library, table, k=args.k)
+    result, _, _ = evaluate(library, table, experts=_competing(library, args.task), k=args.k)
     print(json.dumps(result.as_json(), indent=2) if args.json else result.table())
     return 0
 
@@ -173,8 +186,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     if args.weight not in WEIGHT_NAMES:
         raise LibraryError(f"unknown weight {args.weight!r}; known: {', '.join(WEIGHT_NAMES)}")
     library = load_library(args.library)
+    # Verbosity and readability are measured on what experts write: text-generation only.
+    task = args.task or ("text-generation" if args.weight in ("verbosity", "readability") else None)
     table = _truth(args, library)
-    _, scores, truth = evaluate(library, table, k=args.k)
+    _, scores, truth = evaluate(library, table, experts=_competing(library, task), k=args.k)
     values = tuple(args.values) if args.values else SWEEP
     points = sweep(library, scores["router"], truth, args.weight, values)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +251,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--profile", type=Path, help="where the data's true losses are cached")
         s.add_argument("--k", type=int, default=10, help="neighbours of the knn baseline")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.add_argument(
+            "--task",
+            choices=("text-generation", "fill-mask"),
+            help="only experts of this task compete (default: all; text-generation for "
+            "verbosity and readability sweeps)",
+        )
 
     s = sub.add_parser("profile", help="measure every expert on every prompt (a Ray job)")
     data_args(s)

@@ -28,6 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,15 @@ def _done(out: Path, prints: dict[str, str]) -> pa.Table:
 # --- the job -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ProfileRun:
+    """A profile table and how much of it this run measured."""
+
+    table: pa.Table
+    measured: int  # (prompt, expert) rows measured by this run
+    reused: int  # rows kept from earlier runs
+
+
 def profile(
     library: LibraryConfig,
     prompts: list[Prompt],
@@ -228,8 +238,8 @@ def profile(
     actors_per_expert: int = 1,
     progress: bool = True,
     load: Callable[[str, str], Any] | None = None,
-) -> pa.Table:
-    """Measure every expert on every prompt; write and return the profile table.
+) -> ProfileRun:
+    """Measure every expert on every prompt; write the profile table and return it.
 
     `generate` prompts (a seeded sample, the same for every expert) also get a greedy
     continuation of `new_tokens` tokens from each text-generation expert, for verbosity and
@@ -310,7 +320,7 @@ def profile(
         for part in parts.glob("*.parquet"):
             part.unlink()
         parts.rmdir()
-    return table
+    return ProfileRun(table, measured=total, reused=done.num_rows)
 
 
 def _chunks(table: pa.Table, rows: int) -> list[pa.Table]:

@@ -31,7 +31,7 @@ from serve_app.data import in_split
 from serve_app.metrics import choose, expert_errors, summarize
 from serve_app.router import Encoder, HeadConfig, RouterHead, embed, save_head
 
-#: File in a router checkpoint holding the training prompts' embeddings and losses, for the
+#: File in a router checkpoint holding the profile's prompt embeddings and losses, for the
 #: knn and best_single baselines.
 REFERENCE = "reference.safetensors"
 
@@ -252,12 +252,12 @@ def train(
         )
         encoder_name = library.router.model
     save_head(head, out, encoder=encoder_name)
-    # The knn and best_single baselines read the training prompts from the checkpoint.
-    save_reference(
-        out, embeddings(encoder, train_m, None if cfg.mode == "finetune" else cache), train_m
-    )
+    # The knn and best_single baselines read the whole profile (training and validation
+    # prompts: neither learns anything that needs holding out) from the checkpoint.
+    cache = None if cfg.mode == "finetune" else cache  # a tuned encoder embeds anew
+    save_reference(out, embeddings(encoder, matrix, cache), matrix)
     with torch.no_grad():
-        pred = head.predict(embeddings(encoder, val_m, None if cfg.mode == "finetune" else cache))
+        pred = head.predict(embeddings(encoder, val_m, cache))
     pred = pred.numpy()
     best_single = int(np.argmin(train_m.losses.mean(0)))
     report = Report(
@@ -278,7 +278,7 @@ def train(
 
 
 def save_reference(folder: Path, emb: torch.Tensor, matrix: Matrix) -> None:
-    """Training prompts' embeddings (N, H) and losses (N, E) beside the head."""
+    """The profile's prompt embeddings (N, H) and losses (N, E) beside the head."""
     from safetensors.torch import save_file
 
     save_file(

@@ -83,8 +83,8 @@ def test_read_head_config_reads_the_shapes_without_the_weights(tmp_path):
 
 
 def test_make_router_refuses_an_unknown_name_listing_the_known_ones():
-    with pytest.raises(ValueError, match="'oracle'") as err:
-        make_router("oracle")
+    with pytest.raises(ValueError, match="'oracel'") as err:
+        make_router("oracel")
     for name in ROUTERS:
         assert name in str(err.value)
 

@@ -1,0 +1,152 @@
+"""The router-learning pipeline from the command line: profile, train, evaluate, pareto.
+
+A smoke library (random experts) and 30 real prompts over five domains; Ray is the session's
+local instance (the commands use it when it is up, as they would a cluster's).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from serve_app.cli import main
+from serve_app.config import load_library
+from serve_app.data import load_prompts
+from serve_app.profile import PROFILE_SCHEMA, read_profile
+
+GENERATE = 4
+
+
+@pytest.fixture(scope="module")
+def pipeline(serve_port, smoke_library, real_data, tmp_path_factory):
+    """Run profile then train on a copy of the smoke library; return its folder."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(smoke_library.parent, folder / "lib")
+    lib = folder / "lib" / "library.yaml"
+    common = ["--library", str(lib), "--data", str(real_data)]
+    profile_args = [
+        "profile",
+        *common,
+        "--out",
+        str(folder / "profile.parquet"),
+        "--generate",
+        str(GENERATE),
+        "--new-tokens",
+        "8",
+    ]
+    assert main(profile_args) == 0
+    assert main(["train", "--library", str(lib), "--profile", str(folder / "profile.parquet")]) == 0
+    return folder, lib, common, profile_args
+
+
+def test_the_profile_has_one_row_per_prompt_and_expert_in_the_documented_schema(
+    pipeline, real_data
+):
+    folder, lib, _, _ = pipeline
+    table = read_profile(folder / "profile.parquet")
+    prompts = load_prompts(real_data)
+    experts = load_library(lib).names
+    assert table.schema.remove_metadata() == PROFILE_SCHEMA
+    assert table.num_rows == len(prompts) * len(experts) == 30 * 4
+    rows = table.to_pylist()
+    assert {(r["prompt_id"], r["expert"]) for r in rows} == {
+        (p.id, e) for p in prompts for e in experts
+    }
+    assert {r["domain"] for r in rows} == {p.domain for p in prompts}
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert 0 < r["bytes"] <= len(r["text"].encode()) and r["tokens"] > 0
+        assert r["seconds"] > 0
+    outputs = [r for r in rows if r["output"] is not None]
+    # A sample of prompts, continued by every text-generation expert (not the fill-mask one).
+    assert len({r["prompt_id"] for r in outputs}) == GENERATE
+    assert {r["expert"] for r in outputs} == {"gen-xs", "gen-s", "gen-m"}
+
+
+def test_profiling_stores_verbosity_and_readability_in_the_library(pipeline):
+    _, lib, _, _ = pipeline
+    library = load_library(lib)
+    for expert in library.experts:
+        if expert.task == "text-generation":
+            assert expert.verbosity is not None and expert.verbosity >= 0
+        else:
+            assert expert.verbosity is None and expert.readability is None
+
+
+def test_a_rerun_reuses_every_measured_row(pipeline, capsys):
+    _, _, _, profile_args = pipeline
+    capsys.readouterr()
+    assert main(profile_args) == 0
+    assert "(0 measured now, 120 reused)" in capsys.readouterr().out
+
+
+def test_training_writes_the_checkpoint_the_library_points_at(pipeline):
+    folder, lib, _, _ = pipeline
+    report = json.loads((folder / "lib" / "router" / "report.json").read_text())
+    assert report["n_train"] + report["n_val"] == 30
+    assert report["val_error"] < report["untrained_val_error"]
+    assert set(report["val"]) == {"top1", "regret", "mean_loss"}
+    assert set(report["expert_mae"]) == set(load_library(lib).names)
+    raw = yaml.safe_load(lib.read_text())
+    assert (lib.parent / raw["router"]["checkpoint"] / "reference.safetensors").is_file()
+
+
+def test_evaluate_prints_the_contract_json(pipeline, capsys):
+    _, _, common, _ = pipeline
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 30
+    assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
+    assert set(out["router"]) == {"top1", "regret", "mean_loss"}
+    assert set(out["baselines"]) == {"oracle", "random", "best_single", "model_card", "knn"}
+    assert out["baselines"]["oracle"]["top1"] == 1.0
+    assert out["baselines"]["oracle"]["regret"] == 0.0
+    assert len(out["per_domain"]) == 5
+    for figures in out["per_domain"].values():
+        assert figures["n"] == 6
+        assert 0 <= figures["router_top1"] <= 1
+
+
+def test_pareto_writes_csv_and_plot_consistent_with_evaluate(pipeline, capsys):
+    folder, _, common, _ = pipeline
+    capsys.readouterr()
+    # A verbosity sweep compares the experts that write: the text-generation ones.
+    assert main(["evaluate", *common, "--json", "--quiet", "--task", "text-generation"]) == 0
+    router = json.loads(capsys.readouterr().out)["router"]
+    out = folder / "pareto"
+    assert main(["pareto", *common, "--weight", "verbosity", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "verbosity 0 keeps 100% of the quality" in printed
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    zero = next(r for r in rows if r["kind"] == "router" and float(r["weight"]) == 0)
+    assert float(zero["mean_loss"]) == pytest.approx(router["mean_loss"])
+    assert float(zero["top1"]) == pytest.approx(router["top1"])
+    assert {r["label"] for r in rows if r["kind"] == "expert"} == {"gen-xs", "gen-s", "gen-m"}
+    assert (out / "pareto.png").stat().st_size > 10_000
+
+
+def test_bad_arguments_fail_with_a_message(pipeline, tmp_path, capsys):
+    _, lib, _, _ = pipeline
+    assert main(["evaluate", "--library", str(lib), "--data", str(tmp_path / "none")]) == 2
+    assert "no data at" in capsys.readouterr().err
+    code = main(
+        [
+            "pareto",
+            "--library",
+            str(lib),
+            "--data",
+            str(tmp_path),
+            "--weight",
+            "sise",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "unknown weight 'sise'" in capsys.readouterr().err

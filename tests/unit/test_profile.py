@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from serve_app.profile import PROFILE_SCHEMA, fingerprint, measures, reading_ease
+
+
+def test_reading_ease_is_flesch_with_dictionary_syllables():
+    # 6 words, 1 sentence, 6 syllables: 206.835 - 1.015 * 6 - 84.6 * 1.
+    assert reading_ease("The cat sat on the mat.") == pytest.approx(116.145)
+    hard = "Institutional interoperability considerations necessitate comprehensive documentation."
+    assert reading_ease(hard) < 0 < reading_ease("I like it. It is fun. We go now.")
+    assert reading_ease("1234 + 5678 == {}") is None
+
+
+def _row(expert, output):
+    return {
+        "prompt_id": "p",
+        "text": "t",
+        "domain": "d",
+        "expert": expert,
+        "loss": 1.0,
+        "bytes": 1,
+        "tokens": 1,
+        "seconds": 0.1,
+        "output": output,
+    }
+
+
+def test_verbosity_and_readability_come_from_the_sampled_outputs_only():
+    table = pa.Table.from_pylist(
+        [
+            _row("a", "The cat sat on the mat."),
+            _row("a", "Hi."),
+            _row("a", None),  # not sampled: does not count
+            _row("b", "12345"),  # no words: counts for length, not for readability
+            _row("m", None),  # a fill-mask expert generates nothing
+        ],
+        schema=PROFILE_SCHEMA,
+    )
+    found = measures(table)
+    assert found["a"]["verbosity"] == pytest.approx((23 + 3) / 2)
+    assert found["a"]["readability"] == pytest.approx((116.145 + reading_ease("Hi.")) / 2)
+    assert found["b"] == {"verbosity": 5.0, "readability": None}
+    assert found["m"] == {"verbosity": None, "readability": None}
+
+
+def test_the_fingerprint_changes_when_the_weights_do(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"1234")
+    before = fingerprint(str(tmp_path))
+    assert fingerprint(str(tmp_path)) == before
+    (tmp_path / "model.safetensors").write_bytes(b"123456")
+    assert fingerprint(str(tmp_path)) != before
+    assert fingerprint("org/model") == "org/model"
