@@ -1,0 +1,79 @@
+"""Locust users and load shape for tryage: `locust -f loadtest/locustfile.py --headless`.
+
+Run from the repository root with it on PYTHONPATH (the runner, `python -m loadtest`, does):
+
+    PYTHONPATH=. locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000
+
+Settings come from the environment (the runner sets them): TRYAGE_LOADTEST_PROFILE (short or
+long), TRYAGE_LOADTEST_USERS (peak users, default the profile's), TRYAGE_LOADTEST_DATA (a
+data path; default ../shared/corpora or the standard-library corpus), TRYAGE_LOADTEST_SEED.
+The load logic lives in loadtest/shape.py and loadtest/prompts.py, which do not import Locust.
+"""
+
+import os
+import random
+import threading
+
+from locust import HttpUser, LoadTestShape, between, events, task
+
+from loadtest import prompts, shape
+
+_shared: dict = {}
+_lock = threading.Lock()
+
+
+def _stages() -> list[shape.Stage]:
+    stages = shape.PROFILES[os.environ.get("TRYAGE_LOADTEST_PROFILE", "short")]
+    peak = os.environ.get("TRYAGE_LOADTEST_USERS")
+    return shape.scaled(stages, int(peak)) if peak else stages
+
+
+@events.test_start.add_listener
+def _load_prompts(environment, **_):
+    """Read the prompts once per Locust process, before any user starts."""
+    data = os.environ.get("TRYAGE_LOADTEST_DATA") or prompts.default_data_path()
+    _shared["prompts"] = prompts.load_prompts(data)
+
+
+class TryageUser(HttpUser):
+    """A client that sends the request mix, one request at a time, with think time."""
+
+    wait_time = between(0.5, 1.5)
+
+    def on_start(self):
+        seed = int(os.environ.get("TRYAGE_LOADTEST_SEED", "0"))
+        with _lock:
+            _shared["users"] = _shared.get("users", 0) + 1
+            self.rng = random.Random(seed * 100_003 + _shared["users"])
+            if "experts" not in _shared:
+                answer = self.client.get("/v1/models", name="/v1/models", timeout=60)
+                answer.raise_for_status()
+                _shared["experts"] = prompts.experts_from_models(answer.json())
+        self.experts = _shared["experts"]
+
+    @task
+    def send(self):
+        spec = prompts.make_request(self.rng, self.rng.choice(_shared["prompts"]), self.experts)
+        with self.client.post(
+            spec.path, json=spec.body, name=spec.name, timeout=180, catch_response=True
+        ) as answer:
+            result = prompts.outcome(answer.status_code, answer.headers)
+            if result == "rejected":
+                # Backpressure by design: its own name, not a failure.
+                answer.request_meta["name"] = spec.name + prompts.REJECTED
+                answer.success()
+            elif result == "failure":
+                answer.failure(f"HTTP {answer.status_code}: {answer.text[:200]}")
+            else:
+                answer.success()
+
+
+class StagesShape(LoadTestShape):
+    """Ramp up, hold, ramp down, idle: the stages of loadtest/shape.py."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = _stages()
+
+    def tick(self):
+        return shape.tick(self.stages, self.get_run_time())

@@ -1,0 +1,297 @@
+"""Prompts and the request mix of the load test. Pure: no Locust, no Ray, no network.
+
+Prompts come from a data PATH (`.jsonl` or `.parquet` rows with `text` and optional `domain`,
+or a directory of them; a row without `domain` takes its file's parent folder's name). The
+default is `../shared/corpora` when it exists, else real text every Python has: docstrings
+and source of standard-library modules, grouped into a few domains. Nothing is copied into
+the repository.
+
+The mix sends each prompt as one of several request kinds (plain routing with objective
+weights, paper-style flags, expert allow-lists, fill-mask, /v1/route, the OpenAI endpoints),
+each reported under its own Locust name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Where the prompts come from when no data path is given (relative to the repository root).
+SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+
+#: Standard-library modules read for the fallback corpus, by domain.
+STDLIB_DOMAINS: dict[str, tuple[str, ...]] = {
+    "text": ("textwrap", "difflib", "string", "shlex", "html"),
+    "numbers": ("statistics", "fractions", "decimal", "random", "colorsys"),
+    "web": ("urllib.parse", "http.cookies", "email.message", "mimetypes", "ipaddress"),
+    "data": ("json.encoder", "csv", "configparser", "plistlib", "tomllib"),
+}
+
+#: Objective weights a request may carry; {} keeps the library's defaults.
+WEIGHT_PRESETS: tuple[dict[str, float], ...] = (
+    {},
+    {"size": 0.5},
+    {"size": 2.0},
+    {"recency": 1.0},
+    {"security": 1.0},
+    {"size": 0.3, "recency": 0.3},
+)
+#: Paper-style flags written into the prompt.
+FLAGS = ("[flag: smallest]", "[flag: newest]", "[flag: trusted]", "[flag: size=0.3]")
+#: Request kinds and their share of the mix.
+KINDS: dict[str, float] = {
+    "infer": 0.30,
+    "infer-flag": 0.15,
+    "infer-experts": 0.15,
+    "infer-mask": 0.05,
+    "route": 0.15,
+    "chat": 0.15,
+    "completion": 0.05,
+}
+#: Locust names of the kinds.
+NAMES: dict[str, str] = {
+    "infer": "/v1/infer",
+    "infer-flag": "/v1/infer [flag]",
+    "infer-experts": "/v1/infer [experts]",
+    "infer-mask": "/v1/infer [mask]",
+    "route": "/v1/route",
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+}
+#: Rejected requests are reported under their kind's name plus this suffix.
+REJECTED = " [rejected]"
+
+
+class DataError(ValueError):
+    """A data path that cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt text and its domain."""
+
+    text: str
+    domain: str
+
+
+@dataclass(frozen=True)
+class Expert:
+    """What the mix needs to know of an expert (from GET /v1/models)."""
+
+    name: str
+    task: str
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One HTTP request of the mix: POST `path` with `body`, reported as `name`."""
+
+    kind: str
+    path: str
+    body: dict[str, Any] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        """The name Locust reports it under: the path, and the kind where paths are shared."""
+        return NAMES[self.kind]
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+def default_data_path() -> Path | None:
+    """`../shared/corpora` when it exists, else None (use the standard-library corpus)."""
+    return SHARED_CORPORA if SHARED_CORPORA.is_dir() else None
+
+
+def load_prompts(
+    path: str | Path | None, per_file: int = 200, max_chars: int = 800, seed: int = 0
+) -> list[Prompt]:
+    """Up to `per_file` prompts of every data file under `path`, cut to `max_chars`.
+
+    `path` None reads the standard-library corpus. The order is shuffled with `seed`.
+    """
+    prompts = stdlib_prompts() if path is None else _read_path(Path(path), per_file)
+    prompts = [Prompt(_cut(p.text, max_chars), p.domain) for p in prompts if p.text.strip()]
+    if not prompts:
+        raise DataError(f"no prompts with text under {path}")
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def _read_path(path: Path, per_file: int) -> list[Prompt]:
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet"))
+    else:
+        raise DataError(f"no data at {path}")
+    if not files:
+        raise DataError(f"{path}: no .jsonl or .parquet files below it")
+    out: list[Prompt] = []
+    for file in files:
+        for row in _rows(file, per_file):
+            out.append(Prompt(row["text"], str(row.get("domain") or file.parent.name)))
+    return out
+
+
+def _rows(file: Path, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` rows of a data file; each must have a string `text`."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(file)
+        if "text" not in table.column_names:
+            raise DataError(f"{file}: no 'text' column")
+        keep = [c for c in ("text", "domain") if c in table.column_names]
+        return table.select(keep).slice(0, limit).to_pylist()
+    if file.suffix != ".jsonl":
+        raise DataError(f"{file}: not a data file; use .jsonl or .parquet")
+    rows: list[dict[str, Any]] = []
+    with file.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file}:{n}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{file}:{n}: a row needs a string 'text'")
+            rows.append(row)
+    return rows
+
+
+def stdlib_prompts(min_chars: int = 80, max_chars: int = 3000) -> list[Prompt]:
+    """Real text every Python has: docstrings and function source of standard modules."""
+    out: list[Prompt] = []
+    for domain, modules in STDLIB_DOMAINS.items():
+        for module_name in modules:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            for text in _module_texts(module):
+                if min_chars <= len(text) <= max_chars:
+                    out.append(Prompt(text, domain))
+    return out
+
+
+def _module_texts(module: Any) -> list[str]:
+    """The module's docstring, and each public function's docstring and source."""
+    texts = [inspect.getdoc(module) or ""]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            texts.append(inspect.getdoc(obj) or "")
+            with contextlib.suppress(OSError, TypeError):  # no source: a C extension
+                texts.append(inspect.getsource(obj))
+    return texts
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """At most `max_chars` characters, cut at a space where one is near the end."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return cut[:space] if space > max_chars // 2 else cut
+
+
+def domains(prompts: list[Prompt]) -> dict[str, int]:
+    """Prompt count per domain."""
+    counts: dict[str, int] = {}
+    for p in prompts:
+        counts[p.domain] = counts.get(p.domain, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# --- the request mix -------------------------------------------------------------------------
+
+
+def make_request(rng: random.Random, prompt: Prompt, experts: list[Expert]) -> RequestSpec:
+    """One request of the mix for `prompt`, its kind drawn with the shares of KINDS."""
+    kinds = list(KINDS)
+    if not any(e.task == "fill-mask" for e in experts):
+        kinds.remove("infer-mask")
+    kind = rng.choices(kinds, weights=[KINDS[k] for k in kinds])[0]
+    generators = [e.name for e in experts if e.task == "text-generation"]
+    text = prompt.text
+    tokens = rng.randint(4, 16)
+    weights = rng.choice(WEIGHT_PRESETS)
+    if kind == "infer":
+        return RequestSpec(kind, "/v1/infer", _infer(text, tokens, weights=weights))
+    if kind == "infer-flag":
+        return RequestSpec(kind, "/v1/infer", _infer(f"{rng.choice(FLAGS)} {text}", tokens))
+    if kind == "infer-experts":
+        allow = rng.sample(generators, k=min(len(generators), rng.randint(1, 2)))
+        return RequestSpec(kind, "/v1/infer", _infer(text, tokens, experts=allow))
+    if kind == "infer-mask":
+        allow = [e.name for e in experts if e.task == "fill-mask"]
+        body = _infer(mask_word(rng, text), tokens, experts=allow)
+        return RequestSpec(kind, "/v1/infer", {**body, "top_k": 3})
+    if kind == "route":
+        return RequestSpec(kind, "/v1/route", {"prompt": text, "weights": weights})
+    if kind == "chat":
+        body = {
+            "model": "tryage",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": text},
+            ],
+            "max_tokens": tokens,
+            "tryage": {"weights": weights},
+        }
+        return RequestSpec(kind, "/v1/chat/completions", body)
+    body = {"model": rng.choice(generators), "prompt": text, "max_tokens": tokens}
+    return RequestSpec(kind, "/v1/completions", body)
+
+
+def _infer(prompt: str, tokens: int, **options: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "max_new_tokens": tokens, **options}
+
+
+_WORD = re.compile(r"\b[A-Za-z]{3,}\b")
+
+
+def mask_word(rng: random.Random, text: str) -> str:
+    """`text` with one word replaced by [MASK] (appended where it has no word)."""
+    words = list(_WORD.finditer(text))
+    if not words:
+        return f"{text} [MASK]"
+    w = rng.choice(words)
+    return f"{text[: w.start()]}[MASK]{text[w.end() :]}"
+
+
+def experts_from_models(models: Mapping[str, Any]) -> list[Expert]:
+    """The experts of a GET /v1/models answer."""
+    return [Expert(m["id"], m.get("task", "text-generation")) for m in models["data"]]
+
+
+# --- outcomes --------------------------------------------------------------------------------
+
+
+def outcome(status: int, headers: Mapping[str, str]) -> str:
+    """'ok', 'rejected' (deliberate backpressure: 503/429 with Retry-After) or 'failure'.
+
+    Serve answers 503 (or 429) with a Retry-After header when a deployment's
+    max_queued_requests is full; that is the service shedding load as configured, counted
+    apart. A 503 without Retry-After (no expert could answer) is a failure.
+    """
+    if 200 <= status < 300:
+        return "ok"
+    retry_after = any(k.lower() == "retry-after" for k in headers)
+    if status in (429, 503) and retry_after:
+        return "rejected"
+    return "failure"

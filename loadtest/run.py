@@ -1,0 +1,330 @@
+"""`python -m loadtest`: serve a library, drive it with Locust, observe replicas, report.
+
+By default it serves a library itself on a local Ray instance (a free port), runs the short
+profile headless and writes `loadtest/results/latest/`: Locust's CSVs, `replicas.csv`,
+`report.json`, `report.md`, `report.png`. With `--host URL` it loads a service that is
+already running (a cluster) and reads replicas from Serve's REST API at `--dashboard`.
+
+For the short profile the experts' downscale delays are shortened (`--downscale-to-zero-s`,
+15 s by default) in a derived library written to the results folder, so scale-to-zero shows
+within the run; the long profile keeps the library's own delays unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from loadtest import shape
+from loadtest.observer import ReplicaObserver, local_source, rest_source
+from loadtest.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_LIBRARY = ROOT / "libraries" / "demo" / "library.yaml"
+SMOKE_DIR = ROOT / "libraries" / "smoke"
+RESULTS = ROOT / "loadtest" / "results" / "latest"
+APP = "tryage"
+#: The default of --downscale-to-zero-s by profile; None keeps the library's own delays.
+DOWNSCALE_S = {"short": 15.0, "long": None}
+#: The experts' look-back window in a derived library: longer than Serve's 10 s metrics push
+#: interval (a shorter window sees the gaps between pushes as idleness).
+LOOK_BACK_S = 15.0
+#: Serve samples each deployment's ongoing requests every look_back_period_s x this factor
+#: (Serve's default 0.2: every 3 s for a 15 s window) and scales to zero when every sample in
+#: the window is 0. A small expert answers in tens of milliseconds, so most samples miss its
+#: requests: under steady load it looked idle and flapped to zero within the short delays.
+#: Sampling every 0.15 s sees them.
+METRIC_RECORD_FACTOR = "0.01"
+#: Files a run writes; an earlier run's copies are removed first.
+OUTPUTS = (
+    "locust_stats.csv",
+    "locust_stats_history.csv",
+    "locust_failures.csv",
+    "locust_exceptions.csv",
+    "locust.log",
+    "locust.html",
+    "replicas.csv",
+    "served_library.yaml",
+    "run.json",
+    "report.json",
+    "report.md",
+    "report.png",
+)
+
+
+def default_library() -> Path:
+    """The demo library if it is built, else the smoke library (built here if missing)."""
+    if DEMO_LIBRARY.is_file():
+        return DEMO_LIBRARY
+    path = SMOKE_DIR / "library.yaml"
+    if not path.is_file():
+        from serve_app.smoke import build_smoke_library
+
+        print(f"loadtest: building the smoke library in {SMOKE_DIR}")
+        build_smoke_library(SMOKE_DIR)
+    return path
+
+
+def derive_library(library: Path, out: Path, downscale_s: float) -> Path:
+    """A copy of `library` at `out` whose experts scale down after `downscale_s` seconds.
+
+    Sets the experts' downscale_delay_s and downscale_to_zero_delay_s, shortens their
+    look-back window to LOOK_BACK_S (Serve's default is 30 s) so that idleness is noticed
+    sooner, and makes relative model paths absolute so the copy loads from anywhere. The
+    original file is not touched.
+    """
+    from serve_app.config import MINILM, library_to_yaml, load_library
+
+    raw = yaml.safe_load(library.read_text())
+    base = library.parent
+
+    def absolute(value: str) -> str:
+        path = base / Path(value).expanduser()
+        return str(path.resolve()) if value != MINILM and path.exists() else value
+
+    router = raw["router"]
+    router["checkpoint"] = str((base / router["checkpoint"]).resolve())
+    router["model"] = absolute(router.get("model", MINILM))
+    for expert in raw["experts"]:
+        expert["model"] = absolute(expert["model"])
+        scaling = dict(expert.get("autoscaling") or {})
+        look_back = min(float(scaling.get("look_back_period_s", LOOK_BACK_S)), LOOK_BACK_S)
+        scaling.update(
+            downscale_delay_s=downscale_s,
+            downscale_to_zero_delay_s=downscale_s,
+            look_back_period_s=look_back,
+        )
+        expert["autoscaling"] = scaling
+    out.write_text(
+        f"# Derived by loadtest from {library}: downscale delays set to {downscale_s} s.\n"
+        + library_to_yaml(raw)
+    )
+    load_library(out)  # fail here, naming the file, rather than inside Serve
+    return out
+
+
+def logical_cpus(library: Path) -> int:
+    """Logical CPUs for the local Ray: enough for every deployment at its max replicas.
+
+    A small machine may have fewer cores than the library's replicas ask for in total; the
+    load test is about Serve's autoscaling, so Ray's bookkeeping must not be the limit.
+    """
+    from serve_app.config import load_library
+
+    lib = load_library(library)
+
+    def need(resources: dict[str, Any], replicas: int) -> float:
+        return float(resources.get("num_cpus", 1)) * replicas
+
+    total = need(lib.router.resources, int(lib.router.autoscaling.get("max_replicas", 1)))
+    total += need(lib.ingress.resources, lib.ingress.num_replicas)
+    for e in lib.experts:
+        total += need(e.resources, int(e.autoscaling["max_replicas"]))
+    return max(os.cpu_count() or 1, math.ceil(total) + 1)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clear(out: Path) -> None:
+    """Remove an earlier run's outputs from `out` (and nothing else)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+
+def locust_command(host: str, out: Path) -> list[str]:
+    """Headless Locust with our locustfile, CSVs (full history) and an HTML report in `out`."""
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "loadtest" / "locustfile.py"),
+        "--headless",
+        "--host",
+        host,
+        "--csv",
+        str(out / "locust"),
+        "--csv-full-history",
+        "--html",
+        str(out / "locust.html"),
+        "--only-summary",
+        "--stop-timeout",
+        "60",
+    ]
+
+
+def run_locust(
+    host: str, out: Path, stages: list[shape.Stage], env: dict[str, str], observer: Any
+) -> int:
+    """Run Locust to the end of the shape, showing progress; returns its exit code."""
+    from tqdm import tqdm
+
+    total = shape.total_s(stages)
+    with (out / "locust.log").open("w") as log:
+        proc = subprocess.Popen(
+            locust_command(host, out), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            start = time.monotonic()
+            with tqdm(total=round(total), unit="s", desc="load test", leave=True) as bar:
+                while proc.poll() is None:
+                    elapsed = time.monotonic() - start
+                    if elapsed > total + 180:
+                        raise TimeoutError(f"Locust still running {elapsed:.0f} s after start")
+                    stage = shape.stage_at(stages, elapsed)
+                    replicas = " ".join(f"{s.deployment}={s.running}" for s in observer.latest)
+                    users = shape.users_at(stages, elapsed) or 0
+                    bar.set_postfix_str(
+                        f"{stage.name if stage else 'stopping'}, {users} users, {replicas}"
+                    )
+                    bar.n = min(round(elapsed), round(total))
+                    bar.refresh()
+                    time.sleep(1)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
+    return proc.returncode
+
+
+def serve_library(library: Path, port: int, num_cpus: int) -> str:
+    """Start a local Ray instance and serve `library` on `port`; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    app = build_app({"library": library})  # validate before starting Ray
+    # Ray workers do not get the driver's sys.path: they import deployments/ and serve_app/.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+    )
+    os.environ.setdefault(
+        "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR", METRIC_RECORD_FACTOR
+    )
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name=APP, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_serving() -> None:
+    """Shut down what serve_library started."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
+    p.add_argument("--library", type=Path, help="library.yaml to serve (default: demo or smoke)")
+    p.add_argument("--profile", choices=sorted(shape.PROFILES), default="short")
+    p.add_argument("--users", type=int, help="peak simulated users (default: the profile's)")
+    p.add_argument("--data", type=Path, help="prompts: a .jsonl/.parquet file or a folder")
+    p.add_argument("--host", help="load a running service at this URL instead of serving one")
+    p.add_argument(
+        "--dashboard", help="Ray dashboard URL for --host (default: the host's name, port 8265)"
+    )
+    p.add_argument("--port", type=int, help="port to serve on (default: a free one)")
+    p.add_argument(
+        "--downscale-to-zero-s",
+        type=float,
+        help="experts' downscale delays in the served copy of the library (default: 15 for "
+        "the short profile; the library's own for the long one)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a load test and write its report; exit 1 if any request failed."""
+    args = parser().parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    out = args.out.resolve()
+    clear(out)
+    stages = shape.PROFILES[args.profile]
+    stages = shape.scaled(stages, args.users) if args.users else stages
+    run: dict[str, Any] = {"profile": args.profile, "stages": [vars(s) for s in stages]}
+    served = args.host is None
+    try:
+        if served:
+            library = (args.library or default_library()).resolve()
+            run["library"] = str(library)
+            downscale = args.downscale_to_zero_s or DOWNSCALE_S[args.profile]
+            if downscale is not None:
+                library = derive_library(library, out / "served_library.yaml", downscale)
+                run["downscale_to_zero_s"] = downscale
+            cpus = logical_cpus(library)
+            print(f"loadtest: serving {library} on a local Ray ({cpus} logical CPUs)")
+            host = serve_library(library, args.port or free_port(), cpus)
+            source = local_source(APP)
+        else:
+            host = args.host.rstrip("/")
+            dashboard = args.dashboard or f"http://{urlsplit(host).hostname}:8265"
+            run["dashboard"] = dashboard
+            source = rest_source(dashboard, APP)
+        run["host"] = host
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+            ),
+            "TRYAGE_LOADTEST_PROFILE": args.profile,
+            "TRYAGE_LOADTEST_SEED": str(args.seed),
+        }
+        if args.users:
+            env["TRYAGE_LOADTEST_USERS"] = str(args.users)
+        if args.data:
+            env["TRYAGE_LOADTEST_DATA"] = str(args.data.resolve())
+            run["data"] = str(args.data)
+        observer = ReplicaObserver(source, out / "replicas.csv").start()
+        try:
+            time.sleep(3)  # a few samples before the load starts
+            started = time.time()
+            code = run_locust(host, out, stages, env, observer)
+            run["wall_s"] = round(time.time() - started, 1)
+            run["locust_exit_code"] = code
+        finally:
+            observer.stop()
+    except KeyboardInterrupt:
+        print("loadtest: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if served:
+            stop_serving()
+    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    report = write_report(out)
+    print(json.dumps(report))
+    print(f"loadtest: report in {out / 'report.md'}")
+    return 0 if report["failures"] == 0 else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
