@@ -1,0 +1,269 @@
+"""The load test's pure parts: the load shape, prompts and request mix, outcomes, the
+replica parser, and the report builder on a recorded run (tests/data/loadtest_run/)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from loadtest import prompts, shape
+from loadtest.observer import parse_serve_details
+from loadtest.report import build_report, write_report
+from serve_app.schemas import ChatRequest, CompletionRequest, InferRequest, RouteRequest
+
+RUN = Path(__file__).resolve().parents[1] / "data" / "loadtest_run"
+EXPERTS = [
+    prompts.Expert("gen-xs", "text-generation"),
+    prompts.Expert("gen-s", "text-generation"),
+    prompts.Expert("gen-m", "text-generation"),
+    prompts.Expert("mask-s", "fill-mask"),
+]
+
+
+def rows(name: str) -> list[dict[str, str]]:
+    with (RUN / name).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- the load shape -----------------------------------------------------------------------
+
+
+def test_short_profile_ramps_up_holds_ramps_down_and_idles():
+    stages = shape.PROFILES["short"]
+    assert [s.name for s in stages] == ["ramp-up", "hold", "ramp-down", "idle"]
+    peak = stages[0].users
+    assert shape.users_at(stages, 0) == 0
+    assert 0 < shape.users_at(stages, stages[0].duration_s / 2) < peak
+    hold_start = stages[0].duration_s
+    assert shape.users_at(stages, hold_start + 1) == peak
+    down_end = hold_start + stages[1].duration_s + stages[2].duration_s
+    assert shape.users_at(stages, down_end + 1) == 0
+    assert shape.stage_at(stages, down_end + 1).name == "idle"
+    assert shape.tick(stages, shape.total_s(stages)) is None
+    # make loadtest: the shape plus Ray start-up and shut-down within 5 minutes
+    assert shape.total_s(stages) <= 200
+
+
+def test_user_count_never_jumps_and_tick_spawns_fast_enough():
+    stages = shape.PROFILES["short"]
+    counts = [shape.users_at(stages, t / 2) for t in range(int(shape.total_s(stages)) * 2)]
+    assert max(abs(a - b) for a, b in itertools.pairwise(counts)) <= 1
+    users, rate = shape.tick(stages, 40)
+    assert users == 8 and rate >= 1
+
+
+def test_scaled_profile_sets_the_peak():
+    stages = shape.scaled(shape.PROFILES["long"], 64)
+    assert max(s.users for s in stages) == 64
+    assert stages[-1].users == 0
+    with pytest.raises(ValueError, match="peak"):
+        shape.scaled(stages, 0)
+
+
+# --- prompts --------------------------------------------------------------------------------
+
+
+def test_prompt_loader_finds_domains_from_folders_and_rows(tmp_path):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "law" / "deep").mkdir(parents=True)
+    (tmp_path / "code" / "a.jsonl").write_text(
+        json.dumps({"text": "def f(): pass"}) + "\n\n" + json.dumps({"text": "x = 1"}) + "\n"
+    )
+    (tmp_path / "law" / "deep" / "b.jsonl").write_text(
+        json.dumps({"text": "The lessee shall pay.", "domain": "legal"}) + "\n"
+    )
+    pq.write_table(pa.table({"text": ["Bonjour le monde"]}), tmp_path / "law" / "c.parquet")
+    found = prompts.load_prompts(tmp_path)
+    assert prompts.domains(found) == {"code": 2, "law": 1, "legal": 1}
+
+
+def test_prompt_loader_cuts_long_texts_and_names_bad_rows(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "word " * 1000}) + "\n")
+    assert len(prompts.load_prompts(data, max_chars=100)[0].text) <= 100
+    data.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(prompts.DataError, match=r"d\.jsonl:2"):
+        prompts.load_prompts(data)
+    with pytest.raises(prompts.DataError, match="no data"):
+        prompts.load_prompts(tmp_path / "missing")
+
+
+def test_stdlib_corpus_is_real_text_in_several_domains():
+    found = prompts.load_prompts(None)
+    counts = prompts.domains(found)
+    assert set(counts) == set(prompts.STDLIB_DOMAINS)
+    assert all(n >= 10 for n in counts.values())
+    assert any("def " in p.text for p in found)
+
+
+def test_request_mix_covers_every_kind_with_valid_bodies():
+    rng = random.Random(0)
+    prompt = prompts.Prompt("The tenant shall pay the rent on the first day.", "legal")
+    specs = [prompts.make_request(rng, prompt, EXPERTS) for _ in range(500)]
+    assert {s.kind for s in specs} == set(prompts.KINDS)
+    schema = {
+        "/v1/infer": InferRequest,
+        "/v1/route": RouteRequest,
+        "/v1/chat/completions": ChatRequest,
+        "/v1/completions": CompletionRequest,
+    }
+    for s in specs:
+        schema[s.path].model_validate(s.body)  # the service's own request models
+    flagged = [s for s in specs if s.kind == "infer-flag"]
+    assert all("[flag:" in s.body["prompt"] for s in flagged)
+    masked = [s for s in specs if s.kind == "infer-mask"]
+    assert all("[MASK]" in s.body["prompt"] and s.body["experts"] == ["mask-s"] for s in masked)
+    allowed = [s for s in specs if s.kind == "infer-experts"]
+    assert {len(s.body["experts"]) for s in allowed} == {1, 2}
+    assert len({json.dumps(s.body.get("weights")) for s in specs if s.kind == "route"}) > 3
+    assert len({s.name for s in specs}) == len(prompts.KINDS)
+
+
+def test_request_mix_leaves_out_fill_mask_without_a_masked_expert():
+    rng = random.Random(1)
+    generators = [e for e in EXPERTS if e.task == "text-generation"]
+    prompt = prompts.Prompt("hello there", "x")
+    kinds = {prompts.make_request(rng, prompt, generators).kind for _ in range(300)}
+    assert "infer-mask" not in kinds
+
+
+def test_experts_from_models_reads_the_models_list():
+    models = {"object": "list", "data": [{"id": "a", "task": "fill-mask"}, {"id": "b"}]}
+    assert prompts.experts_from_models(models) == [
+        prompts.Expert("a", "fill-mask"),
+        prompts.Expert("b", "text-generation"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (200, {}, "ok"),
+        (503, {"Retry-After": "1"}, "rejected"),
+        (429, {"retry-after": "2"}, "rejected"),
+        (503, {}, "failure"),  # no expert could answer: not deliberate backpressure
+        (500, {"Retry-After": "1"}, "failure"),
+        (400, {}, "failure"),
+        (0, {}, "failure"),  # Locust's status for a broken connection
+    ],
+)
+def test_outcome_counts_backpressure_apart(status, headers, expected):
+    assert prompts.outcome(status, headers) == expected
+
+
+# --- the replica observer's parser ------------------------------------------------------------
+
+
+def test_serve_details_give_running_replicas_target_and_minimum():
+    details = {
+        "applications": {
+            "tryage": {
+                "deployments": {
+                    "gen-s": {
+                        "target_num_replicas": 2,
+                        "deployment_config": {"autoscaling_config": {"min_replicas": 0}},
+                        "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}],
+                    },
+                    "Ingress": {
+                        "target_num_replicas": 1,
+                        "deployment_config": {"num_replicas": 1},
+                        "replicas": [{"state": "RUNNING"}],
+                    },
+                }
+            }
+        }
+    }
+    samples = parse_serve_details(details, "tryage")
+    assert [(s.deployment, s.running, s.target, s.min_replicas) for s in samples] == [
+        ("Ingress", 1, 1, 1),
+        ("gen-s", 1, 2, 0),
+    ]
+    assert parse_serve_details(details, "other") == []
+
+
+# --- the report on a recorded run -------------------------------------------------------------
+
+
+def test_report_of_the_recorded_run_matches_its_csvs():
+    report = build_report(RUN)
+    stats = rows("locust_stats.csv")
+    endpoints = [r for r in stats if r["Name"] != "Aggregated"]
+    assert report["requests"] == sum(int(r["Request Count"]) for r in endpoints)
+    assert report["failures"] == sum(int(r["Failure Count"]) for r in endpoints) == 0
+    assert report["rejected"] == 0
+    assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
+    assert report["rps"] > 0
+    experts = {"gen-xs", "gen-s", "gen-m", "mask-s"}
+    running: dict[str, int] = {}
+    for r in rows("replicas.csv"):
+        running[r["deployment"]] = max(running.get(r["deployment"], 0), int(r["running"]))
+    assert {k: v["max"] for k, v in report["replicas"].items()} == running
+    for name in experts:  # up under load, back to zero after it
+        assert report["replicas"][name]["max"] >= 1
+        assert report["replicas"][name]["final"] == 0
+        assert 0 < report["scale_up_s"][name] < report["load_s"]
+        assert report["scale_down_s"][name] is not None
+    assert set(report["scale_up_s"]) == experts  # router and ingress do not autoscale here
+
+
+def test_rejected_answers_are_counted_apart_from_failures(tmp_path):
+    """Backpressure rows (named '... [rejected]') count as rejected, not as failures."""
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    stats = rows("locust_stats.csv")
+    rejected = {**stats[0], "Name": "/v1/infer" + prompts.REJECTED, "Request Count": "7"}
+    rejected["Failure Count"] = "0"
+    total = stats[-1]
+    assert total["Name"] == "Aggregated"
+    total["Request Count"] = str(int(total["Request Count"]) + 7)
+    with (run / "locust_stats.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(stats[0]))
+        writer.writeheader()
+        writer.writerows([*stats[:-1], rejected, total])
+    report = build_report(run)
+    assert report["rejected"] == 7
+    assert report["failures"] == 0
+    assert report["requests"] == build_report(RUN)["requests"] + 7
+
+
+def test_write_report_writes_json_markdown_and_plot(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    report = write_report(run)
+    assert json.loads((run / "report.json").read_text()) == report
+    md = (run / "report.md").read_text()
+    assert "## Definitions" in md and "Retry-After" in md and "report.png" in md
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_refuses_a_folder_without_locust_csvs(tmp_path):
+    with pytest.raises(ValueError, match="Aggregated"):
+        build_report(tmp_path)
+
+
+# --- the served copy of a library --------------------------------------------------------------
+
+
+def test_derived_library_shortens_downscale_delays_and_loads(smoke, tmp_path):
+    from loadtest.run import derive_library, logical_cpus
+    from serve_app.config import load_library
+
+    out = derive_library(smoke, tmp_path / "library.yaml", 15.0)
+    library = load_library(out)
+    for expert in library.experts:
+        assert expert.autoscaling["downscale_to_zero_delay_s"] == 15.0
+        assert expert.autoscaling["downscale_delay_s"] == 15.0
+        assert expert.autoscaling["min_replicas"] == 0
+    raw = yaml.safe_load(out.read_text())
+    assert all(Path(e["model"]).is_absolute() for e in raw["experts"])
+    assert yaml.safe_load(smoke.read_text()) != raw  # the original is untouched
+    assert logical_cpus(out) >= 3  # router 0.5 + 4 experts x 2 replicas x 0.25 CPU
