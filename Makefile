@@ -6,7 +6,7 @@ LIBRARY ?= libraries/smoke/library.yaml
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-dev serve test lint format clean
+.PHONY: install install-dev install-loadtest serve test lint format clean loadtest
 
 # torch is installed first, pinned, so pip takes the CPU build and not several GB of CUDA wheels.
 $(BIN)/python:
@@ -22,8 +22,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-loadtest: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[loadtest]"
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-loadtest: $(VENV)/.installed-loadtest
 
 # Until the demo library exists, `make serve` builds and serves the smoke library (random experts).
 libraries/smoke/library.yaml: | $(VENV)/.installed
@@ -42,6 +48,11 @@ format: install-dev
 
 test: lint
 	$(BIN)/pytest
+
+# Short load test (at most 5 minutes) against a library it serves itself (the demo library,
+# else the smoke library): writes loadtest/results/latest/ (report.md, report.json, report.png).
+loadtest: install-loadtest
+	$(BIN)/python -m loadtest --profile short
 
 clean:
 	rm -rf $(VENV) libraries/smoke .pytest_cache .ruff_cache
