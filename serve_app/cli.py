@@ -143,9 +143,22 @@ def _truth(args: argparse.Namespace, library) -> tuple:
     """The data's prompts profiled on every expert (cached next to the library)."""
     import hashlib
 
+    from serve_app.evaluate import trained_ids
     from serve_app.profile import profile
 
     prompts = _prompts(args)
+    if not args.include_trained:
+        seen = trained_ids(library.router.checkpoint)
+        held_out = [p for p in prompts if p.id not in seen]
+        if len(held_out) < len(prompts):
+            print(
+                f"leaving out {len(prompts) - len(held_out)} prompt(s) the router was trained on "
+                "(--include-trained keeps them)",
+                file=sys.stderr,
+            )
+        if not held_out:
+            raise LibraryError(f"every prompt in {args.data} was used to train the router")
+        prompts = held_out
     key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
     out = args.profile or args.library.resolve().parent / "profiles" / f"eval-{key}.parquet"
     print(f"measuring every expert on {len(prompts)} prompts ({out})", file=sys.stderr)
@@ -251,6 +264,11 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--profile", type=Path, help="where the data's true losses are cached")
         s.add_argument("--k", type=int, default=10, help="neighbours of the knn baseline")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.add_argument(
+            "--include-trained",
+            action="store_true",
+            help="keep prompts the router was trained on (left out by default)",
+        )
         s.add_argument(
             "--task",
             choices=("text-generation", "fill-mask"),

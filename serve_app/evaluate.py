@@ -38,6 +38,17 @@ from serve_app.train import REFERENCE, Matrix, pivot
 BASELINES = ("oracle", "random", "best_single", "model_card", "knn")
 
 
+def trained_ids(checkpoint: Path) -> set[str]:
+    """Ids of the prompts the router was trained on (empty for an untrained router)."""
+    from safetensors import safe_open
+
+    file = Path(checkpoint) / REFERENCE
+    if not file.exists():
+        return set()
+    with safe_open(str(file), framework="pt") as f:
+        return set(json.loads(f.metadata().get("prompt_ids", "[]")))
+
+
 def load_reference(checkpoint: Path) -> tuple[list[str], Any, Any]:
     """Training prompts' embeddings (N, H) and losses (N, E) saved by `tryage train`."""
     from safetensors import safe_open

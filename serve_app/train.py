@@ -287,7 +287,7 @@ def save_reference(folder: Path, emb: torch.Tensor, matrix: Matrix) -> None:
             "losses": torch.tensor(matrix.losses, dtype=torch.float32),
         },
         str(folder / REFERENCE),
-        metadata={"experts": json.dumps(matrix.experts)},
+        metadata={"experts": json.dumps(matrix.experts), "prompt_ids": json.dumps(matrix.ids)},
     )
 
 

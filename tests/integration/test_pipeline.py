@@ -99,7 +99,10 @@ def test_training_writes_the_checkpoint_the_library_points_at(pipeline):
 def test_evaluate_prints_the_contract_json(pipeline, capsys):
     _, _, common, _ = pipeline
     capsys.readouterr()
-    assert main(["evaluate", *common, "--json", "--quiet"]) == 0
+    # The router was trained on these very prompts: evaluation leaves them out unless told.
+    assert main(["evaluate", *common, "--json", "--quiet"]) == 2
+    assert "every prompt in" in capsys.readouterr().err
+    assert main(["evaluate", *common, "--json", "--quiet", "--include-trained"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 30
     assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
@@ -117,10 +120,11 @@ def test_pareto_writes_csv_and_plot_consistent_with_evaluate(pipeline, capsys):
     folder, _, common, _ = pipeline
     capsys.readouterr()
     # A verbosity sweep compares the experts that write: the text-generation ones.
-    assert main(["evaluate", *common, "--json", "--quiet", "--task", "text-generation"]) == 0
+    tg = ["--quiet", "--include-trained", "--task", "text-generation"]
+    assert main(["evaluate", *common, "--json", *tg]) == 0
     router = json.loads(capsys.readouterr().out)["router"]
     out = folder / "pareto"
-    assert main(["pareto", *common, "--weight", "verbosity", "--out", str(out), "--quiet"]) == 0
+    assert main(["pareto", *common, "--weight", "verbosity", "--out", str(out), *tg[:2]]) == 0
     printed = capsys.readouterr().out
     assert "verbosity 0 keeps 100% of the quality" in printed
     rows = list(csv.DictReader((out / "pareto.csv").open()))
@@ -150,3 +154,28 @@ def test_bad_arguments_fail_with_a_message(pipeline, tmp_path, capsys):
     )
     assert code == 2
     assert "unknown weight 'sise'" in capsys.readouterr().err
+
+
+def test_the_served_library_uses_the_measured_verbosity_and_readability(pipeline, serve_port):
+    from ray import serve
+
+    from serve_app.app import build_app
+    from tests.integration.conftest import client
+
+    _, lib, _, _ = pipeline
+    writers = [e for e in load_library(lib).experts if e.task == "text-generation"]
+    tersest = min(writers, key=lambda e: e.verbosity).name
+    serve.run(build_app({"library": lib}), name="profiled", route_prefix="/profiled")
+    try:
+        with client(serve_port, "/profiled") as api:
+            r = api.post("/v1/route", json={"prompt": "[flag: concise] Once upon a time"})
+            assert r.status_code == 200, r.text
+            assert r.json()["expert"] == tersest
+            r = api.post(
+                "/v1/route", json={"prompt": "Once upon a time", "weights": {"readability": 100}}
+            )
+            assert r.status_code == 200, r.text
+            known = [e for e in writers if e.readability is not None]
+            assert r.json()["expert"] == max(known, key=lambda e: e.readability).name
+    finally:
+        serve.delete("profiled")
