@@ -134,6 +134,7 @@ def run(library_path: Path, names: list[str], repeats: int, deadline_s: float) -
     library = library.model_copy(update={"experts": fast + others})
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))
+    load_before = os.getloadavg()[0]  # a busy machine slows every cold start: report it too
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port, app = free_port(), "cold-start-bench"
     try:
@@ -168,6 +169,7 @@ def run(library_path: Path, names: list[str], repeats: int, deadline_s: float) -
             "torch": torch.__version__,
             "ray": ray.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         },
         "experts": results,
     }
@@ -218,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "cold_start.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"median of {args.repeats} cold starts per expert, seconds (every trial in {path}):")
+    cpus, load = report["machine"]["cpus"], report["machine"]["load_average_1min"]
+    print(
+        f"median of {args.repeats} cold starts per expert, seconds (every trial in {path}); "
+        f"{cpus} CPUs, load average {load['before']:.1f} -> {load['after']:.1f}:"
+    )
     print(table(report))
     return 0
 
