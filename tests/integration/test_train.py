@@ -1,0 +1,48 @@
+"""Training modes on the hand-made profile of test_evaluate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from serve_app.config import load_library
+from serve_app.router import LearnedRouter
+from serve_app.train import TrainConfig, pivot, train
+from tests.integration.test_evaluate import CODE, GERMAN, profile_table
+
+
+@pytest.fixture()
+def library(smoke_library, tmp_path):
+    shutil.copytree(smoke_library.parent, tmp_path / "lib")
+    return load_library(tmp_path / "lib" / "library.yaml")
+
+
+def test_pivot_keeps_prompts_measured_on_every_expert(library):
+    table = profile_table({"code": CODE[:3], "german": GERMAN[:2]})
+    # Drop one row: that prompt is no longer measured on every expert.
+    table = table.slice(1)
+    matrix = pivot(table, library.names)
+    assert len(matrix.ids) == 4
+    assert matrix.losses.shape == (4, 4)
+    with pytest.raises(ValueError, match="no rows for expert"):
+        pivot(table, [*library.names, "other"])
+
+
+def test_finetuning_tunes_and_saves_the_encoder_the_checkpoint_names(library, tmp_path):
+    table = profile_table({"code": CODE, "german": GERMAN})
+    out = tmp_path / "router"
+    cfg = TrainConfig(mode="finetune", max_epochs=2, val_fraction=0.3, batch_size=8)
+    report = train(library, table, out, cfg)
+    assert report.mode == "finetune" and 1 <= report.epochs <= 2
+    assert json.loads((out / "router.json").read_text())["encoder"] == "encoder"
+    assert (out / "encoder" / "model.safetensors").is_file()
+    router = LearnedRouter(str(out / "encoder"), out)
+    (pred,) = router.predict([CODE[0]])
+    assert set(pred) == set(library.names)
+
+
+def test_an_unknown_mode_is_refused(library):
+    with pytest.raises(ValueError, match="unknown training mode 'fast'"):
+        train(library, profile_table({"code": CODE}), "unused", TrainConfig(mode="fast"))
