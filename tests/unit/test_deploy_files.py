@@ -3,6 +3,7 @@ serve_config.yaml is a Serve config, and the RayService carries the same Serve c
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -63,6 +64,17 @@ def test_cluster_yaml_matches_rays_launcher_schema(cluster):
 
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     jsonschema.validate(cluster, schema)
+
+
+def test_cluster_yaml_passes_the_checks_ray_up_runs_first(cluster):
+    # What `ray up` does with the file before it reaches the cloud: fill in the provider's
+    # defaults, then check node types, worker counts and the Docker section (Ray's private API).
+    from ray.autoscaler._private.docker import validate_docker_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster))  # it fills in the dicts it is given
+    validate_config(prepared)
+    validate_docker_config(prepared)
 
 
 def test_cluster_has_a_cpu_head_and_gpu_workers(cluster):
