@@ -114,8 +114,18 @@ def calibration(points: list[Point], weight: str) -> list[str]:
     base = next((p for p in sweep_points if p.weight == 0), sweep_points[0])
     worst = max(p.mean_loss for p in points if p.kind == "expert")
     gain = worst - base.mean_loss
-    lines = []
+    # Consecutive values with the same outcome share a line: "size 0.1-10 keeps ...".
+    runs: list[list[Point]] = []
     for p in sweep_points:
+        last = runs[-1][-1] if runs else None
+        if last and (last.mean_loss, last.mean_penalty) == (p.mean_loss, p.mean_penalty):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    lines = []
+    for run in runs:
+        p = run[0]
+        values = f"{p.weight:g}" if len(run) == 1 else f"{p.weight:g}-{run[-1].weight:g}"
         kept = (worst - p.mean_loss) / gain if gain > 0 else 1.0
         if weight == "size" and base.mean_params:
             cost = f"{p.mean_params / base.mean_params:.0%} of the parameters"
@@ -124,7 +134,7 @@ def calibration(points: list[Point], weight: str) -> list[str]:
                 f"a mean {weight} penalty of {p.mean_penalty:.2f} (at 0: {base.mean_penalty:.2f})"
             )
         lines.append(
-            f"{weight} {p.weight:g} keeps {kept:.0%} of the quality "
+            f"{weight} {values} keeps {kept:.0%} of the quality "
             f"({p.mean_loss:.3f} bits/byte) at {cost}"
         )
     lines.append(

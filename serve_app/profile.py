@@ -274,6 +274,8 @@ def profile(
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar of our own, in rows
+        # Memory per actor is the library's to set (resources.memory); no periodic advice.
+        ctx.issue_detectors_config.detectors = []
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         datasets = []
         for expert in library.experts:

@@ -72,11 +72,11 @@ def profile_table(texts_by_domain: dict[str, list[str]]) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def trained(smoke, tmp_path_factory):
+def trained(smoke_library, tmp_path_factory):
     """The smoke library with domain model cards and a router trained on the hand-made
     profile of the first six texts of each domain."""
     folder = tmp_path_factory.mktemp("lib")
-    shutil.copytree(smoke.parent, folder, dirs_exist_ok=True)
+    shutil.copytree(smoke_library.parent, folder, dirs_exist_ok=True)
     raw = yaml.safe_load((folder / "library.yaml").read_text())
     for expert in raw["experts"]:
         expert["description"] = CARDS[expert["name"]]
@@ -155,8 +155,13 @@ def test_pareto_at_weight_zero_is_what_evaluate_reports(trained, evaluated, tmp_
     assert float(rows[0]["mean_loss"]) == pytest.approx(zero.mean_loss)
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = calibration(points, "size")
-    assert lines[0].startswith("size 0 keeps 100% of the quality")
-    assert "of the parameters" in lines[2]
+    # 0 and 0.5 choose the same experts: one line. 100 keeps less at fewer parameters.
+    assert lines[0].startswith("size 0-0.5 keeps 100% of the quality")
+    kept = points[2]
+    share = kept.mean_params / zero.mean_params
+    assert lines[1].startswith("size 100 keeps ")
+    assert lines[1].endswith(f"at {share:.0%} of the parameters")
+    assert lines[2].startswith("(quality: 100% = the router at size 0")
 
 
 def test_a_weight_without_measurements_is_refused(trained, evaluated):
