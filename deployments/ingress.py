@@ -11,11 +11,12 @@ from typing import Any
 from fastapi import Response
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import objective
 from serve_app.config import LibraryConfig
-from serve_app.errors import BadRequest, NoExpertAvailable, UnknownExpert
+from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.experts import has_mask
 from serve_app.http import create_api, openai_response
 from serve_app.schemas import (
@@ -77,6 +78,12 @@ class Ingress:
                 raise BadRequest("fill-mask experts need a [MASK] in the prompt", "prompt")
         try:
             predicted = await self.router.predict.remote(text)
+        except BackPressureError as err:
+            raise Overloaded(
+                "the router is at its queue limit; retry shortly",
+                status=err.status_code,
+                retry_after_s=err.retry_after_s,
+            ) from None
         except Exception as err:
             logger.exception("router failed", exc_info=err)
             raise NoExpertAvailable("the router is unavailable; retry shortly") from None
@@ -87,11 +94,16 @@ class Ingress:
     ) -> tuple[str, Any, list[str]]:
         """Run `call` on the best expert; on failure or timeout the next, up to max_attempts."""
         skipped: list[str] = []
+        busy: BackPressureError | None = None
         for ranked in ranking[: self.limits.max_attempts]:
             response = call(ranked.expert)
             try:
                 answer = await asyncio.wait_for(response, self.limits.expert_timeout_s)
                 return ranked.expert, answer, skipped
+            except BackPressureError as err:
+                # The expert's queue is full (its max_queued_requests): the next one answers.
+                logger.info("expert %s is at its queue limit; trying the next", ranked.expert)
+                busy = err
             except TimeoutError:
                 response.cancel()
                 logger.error(
@@ -102,6 +114,12 @@ class Ingress:
             except Exception as err:
                 logger.exception("expert %s failed; trying the next", ranked.expert, exc_info=err)
             skipped.append(ranked.expert)
+        if busy is not None:
+            raise Overloaded(
+                f"the experts that could answer are busy ({', '.join(skipped)}); retry shortly",
+                status=busy.status_code,
+                retry_after_s=busy.retry_after_s,
+            )
         raise NoExpertAvailable(f"every expert tried failed ({', '.join(skipped)}); retry shortly")
 
     def _new_tokens(self, asked: int | None) -> int:

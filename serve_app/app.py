@@ -54,12 +54,15 @@ def build_graph(
     use them to bind tiny or failing engines.
     """
     load_experts = load_experts or {}
+    i = library.ingress
     r = library.router
     router = RouterDeployment.options(
         name=ROUTER_DEPLOYMENT,
         ray_actor_options=r.resources,
         autoscaling_config=r.autoscaling,
         max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=r.max_queued_requests,
+        backpressure_config=i.backpressure,
         user_config=r.batching.model_dump(),
     ).bind(encoder=r.model, checkpoint=str(r.checkpoint), load=load_router)
     experts = {
@@ -68,14 +71,17 @@ def build_graph(
             ray_actor_options=e.resources,
             autoscaling_config=e.autoscaling,
             max_ongoing_requests=e.max_ongoing_requests,
+            max_queued_requests=e.max_queued_requests,
+            backpressure_config=i.backpressure,
             user_config=e.batching.model_dump(),
         ).bind(model=e.model, task=e.task, load=load_experts.get(e.name, load_expert))
         for e in library.experts
     }
-    i = library.ingress
     return Ingress.options(
         name=INGRESS_DEPLOYMENT,
         ray_actor_options=i.resources,
         num_replicas=i.num_replicas,
         max_ongoing_requests=i.max_ongoing_requests,
+        max_queued_requests=i.max_queued_requests,
+        backpressure_config=i.backpressure,
     ).bind(library, router, experts)

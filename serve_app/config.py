@@ -105,6 +105,11 @@ class RouterConfig(_Strict):
         description="Serve autoscaling_config of the router; replaces the defaults when given.",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once.")
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Requests queued for the router before it answers 503 (-1: no limit).",
+    )
     batching: Batching = Field(default_factory=lambda: Batching(max_batch_size=32))
 
     _actor = field_validator("resources")(_check_actor_options)
@@ -162,6 +167,12 @@ class ExpertConfig(_Strict):
         description="Serve autoscaling_config fields; merged over the scale-to-zero defaults.",
     )
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one replica takes at once.")
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Requests queued for this expert at each caller before it is skipped as "
+        "busy (-1: no limit; a cold start queues requests too).",
+    )
     batching: Batching = Field(default_factory=Batching)
 
     @field_validator("name")
@@ -176,7 +187,10 @@ class ExpertConfig(_Strict):
     @field_validator("autoscaling")
     @classmethod
     def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_autoscaling({**EXPERT_AUTOSCALING_DEFAULTS, **value})
+        merged = {**EXPERT_AUTOSCALING_DEFAULTS, **value}
+        if "initial_replicas" not in value:  # Serve wants min <= initial: start at the minimum
+            merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
+        return _check_autoscaling(merged)
 
 
 class IngressConfig(_Strict):
@@ -187,6 +201,14 @@ class IngressConfig(_Strict):
     )
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica takes at once.")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests queued at the HTTP proxy before it answers 503 (-1: none)."
+    )
+    backpressure: dict[str, Any] = Field(
+        default_factory=lambda: {"status_code": 503, "retry_after_s": 1},
+        description="Serve's backpressure_config for every deployment: the HTTP status (503 or "
+        "429) and Retry-After of requests refused at a queue limit.",
+    )
     max_prompt_chars: int = Field(32_000, ge=1, description="Longer prompts are refused (400).")
     max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask.")
     default_new_tokens: int = Field(32, ge=1, description="max_new_tokens when none is given.")
@@ -201,6 +223,14 @@ class IngressConfig(_Strict):
     )
 
     _actor = field_validator("resources")(_check_actor_options)
+
+    @field_validator("backpressure")
+    @classmethod
+    def _backpressure(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from ray.serve.config import BackpressureConfig
+
+        BackpressureConfig.model_validate(value)  # forbids unknown keys itself
+        return value
 
 
 class ObjectiveConfig(_Strict):

@@ -35,3 +35,15 @@ class NoExpertAvailable(TryageError):
 
     status = 503
     type = "service_unavailable_error"
+
+
+class Overloaded(TryageError):
+    """The deployments that could answer are at their queue limit: retry later (503 or 429,
+    with Retry-After)."""
+
+    type = "overloaded_error"
+
+    def __init__(self, message: str, status: int = 503, retry_after_s: float | None = 1.0):
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s

@@ -4,6 +4,7 @@ response body. Domain errors become HTTP answers here and nowhere else."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 
@@ -12,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from serve_app.errors import TryageError
+from serve_app.errors import Overloaded, TryageError
 
 logger = logging.getLogger("ray.serve")
 
@@ -29,7 +30,10 @@ def create_api() -> FastAPI:
 
     @api.exception_handler(TryageError)
     async def _tryage_error(_: Request, err: TryageError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        headers = {}
+        if isinstance(err, Overloaded) and err.retry_after_s is not None:
+            headers["Retry-After"] = str(max(0, math.ceil(err.retry_after_s)))
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -28,3 +28,17 @@ class SlowGenerator(HFExpert):
 
 def load_slow(model: str, task: str) -> SlowGenerator:
     return SlowGenerator(model, task)
+
+
+class PausingGenerator(HFExpert):
+    """A real model that takes PAUSE_S per generation, so a queue builds up in front of it."""
+
+    PAUSE_S = 3.0
+
+    def generate(self, *args, **kwargs):
+        time.sleep(self.PAUSE_S)
+        return super().generate(*args, **kwargs)
+
+
+def load_pausing(model: str, task: str) -> PausingGenerator:
+    return PausingGenerator(model, task)

@@ -1,0 +1,74 @@
+"""Backpressure: an expert at its queue limit is skipped for the next one in the ranking; when
+none can take the request the answer is 503 with Retry-After, and the service keeps serving."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from serve_app.app import build_graph
+from serve_app.config import load_library
+from tests.integration.conftest import client
+from tests.integration.engines import load_pausing
+
+
+@pytest.fixture(scope="module")
+def api(serve_port, smoke_library) -> httpx.Client:
+    # gen-xs: one replica that takes one request at a time (3 s each) and queues one more.
+    library = load_library(smoke_library)
+    experts = [
+        e.model_validate(
+            {
+                **e.model_dump(),
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                "batching": {"max_batch_size": 1},
+            }
+        )
+        if e.name == "gen-xs"
+        else e
+        for e in library.experts
+    ]
+    app = build_graph(
+        library.model_copy(update={"experts": experts}), load_experts={"gen-xs": load_pausing}
+    )
+    serve.run(app, name="backpressure", route_prefix="/backpressure")
+    with client(serve_port, "/backpressure") as c:
+        yield c
+    serve.delete("backpressure")
+
+
+def burst(
+    api: httpx.Client, experts: list[str], n: int, weights: dict | None = None
+) -> list[httpx.Response]:
+    body = {"prompt": "hello", "max_new_tokens": 2, "experts": experts, "weights": weights or {}}
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: api.post("/v1/infer", json=body), range(n)))
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_service_keeps_serving(api):
+    answers = burst(api, ["gen-xs"], 5)
+    codes = sorted(r.status_code for r in answers)
+    # One runs (one more may wait in the queue, depending on arrival order); the rest are
+    # refused at once instead of waiting.
+    assert set(codes) == {200, 503} and codes.count(200) <= 2, [r.text for r in answers]
+    refused = [r for r in answers if r.status_code == 503]
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "overloaded_error"
+    r = api.post("/v1/infer", json={"prompt": "hello", "max_new_tokens": 2, "experts": ["gen-xs"]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_busy_expert_is_skipped_for_the_next_in_the_ranking(api):
+    # A large size weight ranks gen-xs (the smallest) first and gen-s second for everyone.
+    answers = burst(api, ["gen-xs", "gen-s"], 5, weights={"size": 50})
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    bodies = [r.json() for r in answers]
+    assert all([x["expert"] for x in b["ranking"]] == ["gen-xs", "gen-s"] for b in bodies)
+    by = [(b["expert"], b["skipped"]) for b in bodies]
+    assert set(map(str, by)) == {str(("gen-xs", [])), str(("gen-s", ["gen-xs"]))}, by
