@@ -191,13 +191,11 @@ def read_profile(path: str | Path) -> pa.Table:
 def _done(out: Path, prints: dict[str, str]) -> pa.Table:
     """Rows already measured with the current weights: the last output plus unfinished parts."""
     tables = []
-    if out.exists():
-        old = pq.read_table(out)
-        meta = json.loads((old.schema.metadata or {}).get(FINGERPRINTS, b"{}"))
-        tables.append((read_profile(out), meta))
     parts = _parts_dir(out)
-    for part in sorted(parts.glob("*.parquet")) if parts.exists() else []:
-        table = pq.read_table(part)
+    files = [out] if out.exists() else []
+    files += sorted(parts.glob("*.parquet")) if parts.exists() else []
+    for file in files:  # oldest first: the last output, then this run's parts in order
+        table = pq.read_table(file)
         meta = json.loads((table.schema.metadata or {}).get(FINGERPRINTS, b"{}"))
         tables.append((table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA), meta))
     kept = []
@@ -207,12 +205,10 @@ def _done(out: Path, prints: dict[str, str]) -> pa.Table:
     if not kept:
         return PROFILE_SCHEMA.empty_table()
     done = pa.concat_tables(kept)
-    # One row per (prompt, expert): the first measured wins.
+    # One row per (prompt, expert): the latest wins (a rerun may add a sampled output).
     pairs = zip(done["prompt_id"].to_pylist(), done["expert"].to_pylist(), strict=True)
-    first: dict[tuple[str, str], int] = {}
-    for i, key in enumerate(pairs):
-        first.setdefault(key, i)
-    return done.take(sorted(first.values()))
+    latest = {key: i for i, key in enumerate(pairs)}
+    return done.take(sorted(latest.values()))
 
 
 # --- the job -----------------------------------------------------------------------------
@@ -253,7 +249,8 @@ def profile(
     prompt_ids = {p.id for p in prompts}
     done = _done(out, prints)
     done = done.filter(pc.is_in(done["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
-    have = set(zip(done["prompt_id"].to_pylist(), done["expert"].to_pylist(), strict=True))
+    cols = done.select(["prompt_id", "expert", "output"]).to_pydict()
+    have = {(p, e): o is not None for p, e, o in zip(*cols.values(), strict=True)}
     sample = {p.id for p in sorted(prompts, key=lambda p: p.id)[: max(0, generate)]}
     base = prompts_table(prompts).append_column(
         "generate", pa.array([p.id in sample for p in prompts], pa.bool_())
@@ -261,7 +258,13 @@ def profile(
 
     todo = {}
     for expert in library.experts:
-        missing = [(p.id, expert.name) not in have for p in prompts]
+        writes = expert.task == "text-generation" and new_tokens > 0
+        # Measure a row that is missing, or that now needs a sampled output it lacks.
+        missing = [
+            (p.id, expert.name) not in have
+            or (writes and p.id in sample and not have[(p.id, expert.name)])
+            for p in prompts
+        ]
         if any(missing):
             todo[expert.name] = base.filter(pa.array(missing, pa.bool_()))
     total = sum(t.num_rows for t in todo.values())
@@ -322,7 +325,7 @@ def profile(
         for part in parts.glob("*.parquet"):
             part.unlink()
         parts.rmdir()
-    return ProfileRun(table, measured=total, reused=done.num_rows)
+    return ProfileRun(table, measured=total, reused=table.num_rows - total)
 
 
 def _chunks(table: pa.Table, rows: int) -> list[pa.Table]:

@@ -79,10 +79,18 @@ def test_profiling_stores_verbosity_and_readability_in_the_library(pipeline):
 
 
 def test_a_rerun_reuses_every_measured_row(pipeline, capsys):
-    _, _, _, profile_args = pipeline
+    folder, _, _, profile_args = pipeline
     capsys.readouterr()
     assert main(profile_args) == 0
     assert "(0 measured now, 120 reused)" in capsys.readouterr().out
+    # Sampling two more prompts for generation re-measures those rows on the three writers.
+    more = [*profile_args[:-3], str(GENERATE + 2), *profile_args[-2:]]
+    assert main(more) == 0
+    assert "(6 measured now, 114 reused)" in capsys.readouterr().out
+    table = read_profile(folder / "profile.parquet")
+    assert table.num_rows == 120
+    written = {r["prompt_id"] for r in table.to_pylist() if r["output"] is not None}
+    assert len(written) == GENERATE + 2
 
 
 def test_training_writes_the_checkpoint_the_library_points_at(pipeline):
