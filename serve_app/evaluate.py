@@ -129,22 +129,15 @@ class Evaluation:
         for name, m in methods.items():
             lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {m['mean_loss']:>8.4f}")
         names = list(methods)
-        lines += [
-            "",
-            "top1 by domain",
-            f"{'domain':<14} {'n':>5} " + " ".join(f"{m:>11}" for m in names),
-        ]
-        for domain, d in self.per_domain.items():
-            cells = " ".join(f"{d[f'{m}_top1']:>11.3f}" for m in names)
-            lines.append(f"{domain:<14} {int(d['n']):>5} {cells}")
-        lines += [
-            "",
-            "regret by domain (bits/byte)",
-            f"{'domain':<14} {'n':>5} " + " ".join(f"{m:>11}" for m in names),
-        ]
-        for domain, d in self.per_domain.items():
-            cells = " ".join(f"{d[f'{m}_regret']:>11.4f}" for m in names)
-            lines.append(f"{domain:<14} {int(d['n']):>5} {cells}")
+        for metric, title, fmt in (
+            ("top1", "top1", ".3f"),
+            ("regret", "regret (bits/byte)", ".4f"),
+        ):
+            lines += ["", f"{title} by domain"]
+            lines.append(f"{'domain':<14} {'n':>5} " + " ".join(f"{m:>11}" for m in names))
+            for domain, d in self.per_domain.items():
+                cells = " ".join(f"{d[f'{m}_{metric}']:>11{fmt}}" for m in names)
+                lines.append(f"{domain:<14} {int(d['n']):>5} {cells}")
         return "\n".join(lines)
 
 
