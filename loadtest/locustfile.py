@@ -32,7 +32,8 @@ def _stages() -> list[shape.Stage]:
 def _load_prompts(environment, **_):
     """Read the prompts once per Locust process, before any user starts."""
     data = os.environ.get("TRYAGE_LOADTEST_DATA") or prompts.default_data_path()
-    _shared["prompts"] = prompts.load_prompts(data)
+    seed = int(os.environ.get("TRYAGE_LOADTEST_SEED", "0"))
+    _shared["prompts"] = prompts.load_prompts(data, seed=seed)
 
 
 class TryageUser(HttpUser):
@@ -65,7 +66,17 @@ class TryageUser(HttpUser):
             elif result == "failure":
                 answer.failure(f"HTTP {answer.status_code}: {answer.text[:200]}")
             else:
+                if spec.path == "/v1/infer" and prompts.rerouted(_json(answer)):
+                    # Answered, by a lower-ranked expert: the ones above were busy or failed.
+                    answer.request_meta["name"] = spec.name + prompts.REROUTED
                 answer.success()
+
+
+def _json(answer) -> object:
+    try:
+        return answer.json()
+    except ValueError:
+        return None
 
 
 class StagesShape(LoadTestShape):

@@ -1,10 +1,10 @@
 """Prompts and the request mix of the load test. Pure: no Locust, no Ray, no network.
 
 Prompts come from a data PATH (`.jsonl` or `.parquet` rows with `text` and optional `domain`,
-or a directory of them; a row without `domain` takes its file's parent folder's name). The
-default is `../shared/corpora` when it exists, else real text every Python has: docstrings
-and source of standard-library modules, grouped into a few domains. Nothing is copied into
-the repository.
+or a directory of them; a row without `domain` takes its file's parent folder's name), read
+by the project's data loader, `serve_app.data`. The default is `../shared/corpora` when it
+exists, else real text every Python has: docstrings and source of standard-library modules,
+grouped into a few domains. Nothing is copied into the repository.
 
 The mix sends each prompt as one of several request kinds (plain routing with objective
 weights, paper-style flags, expert allow-lists, fill-mask, /v1/route, the OpenAI endpoints),
@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import json
 import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serve_app import data
 
 #: Where the prompts come from when no data path is given (relative to the repository root).
 SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
@@ -68,10 +69,12 @@ NAMES: dict[str, str] = {
 }
 #: Rejected requests are reported under their kind's name plus this suffix.
 REJECTED = " [rejected]"
+#: /v1/infer answers given by an expert below the first of the ranking (the ones above it
+#: were busy or failed: the answer's `skipped`) are reported under the name plus this suffix.
+REROUTED = " [rerouted]"
 
-
-class DataError(ValueError):
-    """A data path that cannot be read; the message names the file."""
+#: A data path that cannot be read (the project's data loader's error; it names the file).
+DataError = data.DataError
 
 
 @dataclass(frozen=True)
@@ -113,63 +116,24 @@ def default_data_path() -> Path | None:
 
 
 def load_prompts(
-    path: str | Path | None, per_file: int = 200, max_chars: int = 800, seed: int = 0
+    path: str | Path | None, per_domain: int = 200, max_chars: int = 800, seed: int = 0
 ) -> list[Prompt]:
-    """Up to `per_file` prompts of every data file under `path`, cut to `max_chars`.
+    """A seeded sample of up to `per_domain` prompts per domain under `path`, cut to `max_chars`.
 
-    `path` None reads the standard-library corpus. The order is shuffled with `seed`.
+    Files are read by the project's data loader (`serve_app.data.load_prompts`: the same
+    rules, ids and seeded order as profiling and evaluation). `path` None reads the
+    standard-library corpus, shuffled with `seed`.
     """
-    prompts = stdlib_prompts() if path is None else _read_path(Path(path), per_file)
-    prompts = [Prompt(_cut(p.text, max_chars), p.domain) for p in prompts if p.text.strip()]
-    if not prompts:
-        raise DataError(f"no prompts with text under {path}")
-    random.Random(seed).shuffle(prompts)
-    return prompts
-
-
-def _read_path(path: Path, per_file: int) -> list[Prompt]:
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet"))
+    if path is None:
+        found = stdlib_prompts()
+        random.Random(seed).shuffle(found)
     else:
-        raise DataError(f"no data at {path}")
-    if not files:
-        raise DataError(f"{path}: no .jsonl or .parquet files below it")
-    out: list[Prompt] = []
-    for file in files:
-        for row in _rows(file, per_file):
-            out.append(Prompt(row["text"], str(row.get("domain") or file.parent.name)))
-    return out
-
-
-def _rows(file: Path, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` rows of a data file; each must have a string `text`."""
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(file)
-        if "text" not in table.column_names:
-            raise DataError(f"{file}: no 'text' column")
-        keep = [c for c in ("text", "domain") if c in table.column_names]
-        return table.select(keep).slice(0, limit).to_pylist()
-    if file.suffix != ".jsonl":
-        raise DataError(f"{file}: not a data file; use .jsonl or .parquet")
-    rows: list[dict[str, Any]] = []
-    with file.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{file}:{n}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{file}:{n}: a row needs a string 'text'")
-            rows.append(row)
-    return rows
+        rows = data.load_prompts(path, per_domain=per_domain, seed=seed)
+        found = [Prompt(p.text, p.domain) for p in rows]
+    found = [Prompt(_cut(p.text, max_chars), p.domain) for p in found if p.text.strip()]
+    if not found:
+        raise DataError(f"no prompts with text under {path}")
+    return found
 
 
 def stdlib_prompts(min_chars: int = 80, max_chars: int = 3000) -> list[Prompt]:
@@ -295,3 +259,8 @@ def outcome(status: int, headers: Mapping[str, str]) -> str:
     if status in (429, 503) and retry_after:
         return "rejected"
     return "failure"
+
+
+def rerouted(body: Any) -> bool:
+    """Whether a /v1/infer answer came from an expert below the first of its ranking."""
+    return isinstance(body, Mapping) and bool(body.get("skipped"))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.prompts import REJECTED
+from loadtest.prompts import REJECTED, REROUTED
 
 STATS = "locust_stats.csv"
 HISTORY = "locust_stats_history.csv"
@@ -133,10 +133,12 @@ def build_report(folder: str | Path) -> dict[str, Any]:
     window = load_window(read_csv(folder / HISTORY))
     replicas, up, down = scaling(read_csv(folder / REPLICAS), window)
     rejected = sum(int(r["Request Count"]) for r in stats if r["Name"].endswith(REJECTED))
+    rerouted = sum(int(r["Request Count"]) for r in stats if r["Name"].endswith(REROUTED))
     return {
         "requests": int(total["Request Count"]),
         "failures": int(total["Failure Count"]),
         "rejected": rejected,
+        "rerouted": rerouted,
         "rps": round(_num(total["Requests/s"]), 2),
         "p50_ms": _ms(total["50%"]),
         "p95_ms": _ms(total["95%"]),
@@ -164,10 +166,10 @@ def render_markdown(report: dict[str, Any], folder: Path) -> str:
     if run:
         lines += [f"- {k}: `{v}`" for k, v in run.items()] + [""]
     lines += [
-        "| requests | failures | rejected | req/s | p50 ms | p95 ms | p99 ms | load s |",
-        "|---|---|---|---|---|---|---|---|",
-        "| {requests} | {failures} | {rejected} | {rps} | {p50_ms} | {p95_ms} | {p99_ms} | "
-        "{load_s} |".format(**report),
+        "| requests | failures | rejected | rerouted | req/s | p50 ms | p95 ms | p99 ms | load s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| {requests} | {failures} | {rejected} | {rerouted} | {rps} | {p50_ms} | {p95_ms} | "
+        "{p99_ms} | {load_s} |".format(**report),
         "",
         "![report](report.png)",
         "",
@@ -203,11 +205,17 @@ DEFINITIONS = """## Definitions
   second over the load window; **p50/p95/p99**: response-time percentiles of all requests.
 - **failures**: every request that failed: an HTTP error other than backpressure (a 4xx, a
   500, a 503 without `Retry-After`), a timeout or a broken connection.
-- **rejected**: 503 or 429 answers that carry `Retry-After`: Ray Serve shedding load on
-  purpose because a deployment's queue (`max_queued_requests`) is full. They are counted
-  apart, under the endpoint's name with ` [rejected]`, and are not failures: the client is
-  told to retry later. A deployment without `max_queued_requests` (Serve's default, -1)
-  queues instead of rejecting, so its load shows up as latency, not as rejections.
+- **rejected**: 503 or 429 answers that carry `Retry-After`: load shed on purpose at a
+  queue limit (`max_queued_requests`). Either Serve's proxy refused the request because the
+  ingress's queue was full, or every expert the ingress tried (up to `max_attempts` down the
+  ranking) had its queue full, or the router's was (tryage's `overloaded_error`). They are
+  counted apart, under the endpoint's name with ` [rejected]`, and are not failures: the
+  client is told to retry later. A deployment without `max_queued_requests` (Serve's
+  default, -1) queues instead of rejecting, so its load shows up as latency.
+- **rerouted**: `/v1/infer` requests answered, but by an expert below the first of their
+  ranking because the ones above it were at their queue limit (or failed): the answer's
+  `skipped`. Reported under the endpoint's name with ` [rerouted]`; they are successes. The
+  OpenAI endpoints reroute the same way but do not say so, so they are not counted here.
 - **load window**: from the first second with a simulated user to the first second after it
   with none (the end of the ramp-down); `load_s` is its length.
 - **scale_up_s**: seconds from the load start until a deployment first ran more replicas than
@@ -238,12 +246,14 @@ def per_second(times: list[float], totals: list[float], smooth_s: int = 5) -> li
     return rates
 
 
-def _rejected_totals(history: list[dict[str, str]], agg: list[dict[str, str]]) -> list[float]:
-    """Cumulative rejected requests at each Aggregated row, from the per-endpoint rows."""
+def _suffix_totals(
+    history: list[dict[str, str]], agg: list[dict[str, str]], suffix: str
+) -> list[float]:
+    """Cumulative requests of the rows named with `suffix` at each Aggregated row."""
     latest: dict[str, float] = {}
     by_time: dict[str, float] = {}
     for r in history:  # rows come in time order; per-endpoint rows carry running totals
-        if r["Name"].endswith(REJECTED):
+        if r["Name"].endswith(suffix):
             latest[r["Name"]] = _num(r["Total Request Count"])
         by_time[r["Timestamp"]] = sum(latest.values())
     return [by_time.get(r["Timestamp"], 0.0) for r in agg]
@@ -267,9 +277,12 @@ def plot(folder: Path, out: Path) -> None:
     ax_rps.plot(t, per_second(times, totals), label="requests/s")
     failed = [_num(r["Total Failure Count"]) for r in agg]
     ax_rps.plot(t, per_second(times, failed), label="failures/s", color="tab:red")
-    rejected = _rejected_totals(history, agg)
+    rejected = _suffix_totals(history, agg, REJECTED)
     if any(rejected):
         ax_rps.plot(t, per_second(times, rejected), label="rejected/s", color="tab:orange")
+    rerouted = _suffix_totals(history, agg, REROUTED)
+    if any(rerouted):
+        ax_rps.plot(t, per_second(times, rerouted), label="rerouted/s", color="tab:green")
     ax_rps.set_ylabel("per second (5 s mean)")
     users = ax_rps.twinx()
     users.plot(t, [_num(r["User Count"]) for r in agg], "k:", label="users")

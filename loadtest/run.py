@@ -7,7 +7,11 @@ already running (a cluster) and reads replicas from Serve's REST API at `--dashb
 
 For the short profile the experts' downscale delays are shortened (`--downscale-to-zero-s`,
 15 s by default) in a derived library written to the results folder, so scale-to-zero shows
-within the run; the long profile keeps the library's own delays unless told otherwise.
+within the run, and each expert's queue at the ingress is limited (`--max-queued`, 2 by
+default), so backpressure can happen at the short profile's peak: a busy expert is skipped for
+the next in the ranking, and when none can take a request it is answered 503 with Retry-After
+(counted as rejected, not as a failure). The long profile keeps the library's own settings
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ RESULTS = ROOT / "loadtest" / "results" / "latest"
 APP = "tryage"
 #: The default of --downscale-to-zero-s by profile; None keeps the library's own delays.
 DOWNSCALE_S = {"short": 15.0, "long": None}
+#: The default of --max-queued by profile (each expert's max_queued_requests); None keeps the
+#: library's own. The short profile peaks at 8 users, one request each, and a replica takes 8
+#: at once, so an expert's queue only grows while it has no replica (a cold start) or when most
+#: users are routed to it at once; a limit of 2 sheds that load to the next expert in the
+#: ranking without refusing a steady stream.
+MAX_QUEUED = {"short": 2, "long": None}
 #: The experts' look-back window in a derived library: longer than Serve's 10 s metrics push
 #: interval (a shorter window sees the gaps between pushes as idleness).
 LOOK_BACK_S = 15.0
@@ -77,13 +87,21 @@ def default_library() -> Path:
     return path
 
 
-def derive_library(library: Path, out: Path, downscale_s: float) -> Path:
-    """A copy of `library` at `out` whose experts scale down after `downscale_s` seconds.
+def derive_library(
+    library: Path,
+    out: Path,
+    downscale_s: float | None = None,
+    max_queued: int | None = None,
+    ingress_max_queued: int | None = None,
+) -> Path:
+    """A copy of `library` at `out` with the load test's settings; the original is untouched.
 
-    Sets the experts' downscale_delay_s and downscale_to_zero_delay_s, shortens their
-    look-back window to LOOK_BACK_S (Serve's default is 30 s) so that idleness is noticed
-    sooner, and makes relative model paths absolute so the copy loads from anywhere. The
-    original file is not touched.
+    `downscale_s` sets the experts' downscale_delay_s and downscale_to_zero_delay_s and
+    shortens their look-back window to LOOK_BACK_S (Serve's default is 30 s) so idleness is
+    noticed sooner. `max_queued` sets every expert's max_queued_requests (requests waiting at
+    the ingress for a replica of that expert) and `ingress_max_queued` the ingress's (waiting
+    at the HTTP proxy). None keeps the library's value. Relative model paths are made absolute
+    so the copy loads from anywhere.
     """
     from serve_app.config import MINILM, library_to_yaml, load_library
 
@@ -97,8 +115,13 @@ def derive_library(library: Path, out: Path, downscale_s: float) -> Path:
     router = raw["router"]
     router["checkpoint"] = str((base / router["checkpoint"]).resolve())
     router["model"] = absolute(router.get("model", MINILM))
+    changes = []
     for expert in raw["experts"]:
         expert["model"] = absolute(expert["model"])
+        if max_queued is not None:
+            expert["max_queued_requests"] = max_queued
+        if downscale_s is None:
+            continue
         scaling = dict(expert.get("autoscaling") or {})
         look_back = min(float(scaling.get("look_back_period_s", LOOK_BACK_S)), LOOK_BACK_S)
         scaling.update(
@@ -107,12 +130,32 @@ def derive_library(library: Path, out: Path, downscale_s: float) -> Path:
             look_back_period_s=look_back,
         )
         expert["autoscaling"] = scaling
+    if downscale_s is not None:
+        changes.append(f"experts' downscale delays {downscale_s} s")
+    if max_queued is not None:
+        changes.append(f"experts' max_queued_requests {max_queued}")
+    if ingress_max_queued is not None:
+        raw.setdefault("ingress", {})["max_queued_requests"] = ingress_max_queued
+        changes.append(f"ingress max_queued_requests {ingress_max_queued}")
     out.write_text(
-        f"# Derived by loadtest from {library}: downscale delays set to {downscale_s} s.\n"
+        f"# Derived by loadtest from {library}: {'; '.join(changes) or 'paths made absolute'}.\n"
         + library_to_yaml(raw)
     )
     load_library(out)  # fail here, naming the file, rather than inside Serve
     return out
+
+
+def queue_limits(library: Path) -> dict[str, Any]:
+    """max_queued_requests of every deployment of a library, and its backpressure answer."""
+    from serve_app.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, load_library
+
+    lib = load_library(library)
+    limits: dict[str, Any] = {
+        INGRESS_DEPLOYMENT: lib.ingress.max_queued_requests,
+        ROUTER_DEPLOYMENT: lib.router.max_queued_requests,
+    }
+    limits.update({e.name: e.max_queued_requests for e in lib.experts})
+    return {"max_queued_requests": limits, "backpressure": lib.ingress.backpressure}
 
 
 def logical_cpus(library: Path) -> int:
@@ -253,6 +296,17 @@ def parser() -> argparse.ArgumentParser:
         help="experts' downscale delays in the served copy of the library (default: 15 for "
         "the short profile; the library's own for the long one)",
     )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        help="every expert's max_queued_requests in the served copy (-1: no limit; default: 2 "
+        "for the short profile, the library's own for the long one)",
+    )
+    p.add_argument(
+        "--ingress-max-queued",
+        type=int,
+        help="the ingress's max_queued_requests in the served copy (default: the library's)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -274,9 +328,18 @@ def main(argv: list[str] | None = None) -> int:
             library = (args.library or default_library()).resolve()
             run["library"] = str(library)
             downscale = args.downscale_to_zero_s or DOWNSCALE_S[args.profile]
+            max_queued = _given(args.max_queued, MAX_QUEUED[args.profile])
+            if (downscale, max_queued, args.ingress_max_queued) != (None, None, None):
+                library = derive_library(
+                    library,
+                    out / "served_library.yaml",
+                    downscale,
+                    max_queued,
+                    args.ingress_max_queued,
+                )
             if downscale is not None:
-                library = derive_library(library, out / "served_library.yaml", downscale)
                 run["downscale_to_zero_s"] = downscale
+            run.update(queue_limits(library))
             cpus = logical_cpus(library)
             print(f"loadtest: serving {library} on a local Ray ({cpus} logical CPUs)")
             host = serve_library(library, args.port or free_port(), cpus)
@@ -320,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report))
     print(f"loadtest: report in {out / 'report.md'}")
     return 0 if report["failures"] == 0 else 1
+
+
+def _given(value: int | None, default: int | None) -> int | None:
+    """An option's value where given (0 included), else the profile's default."""
+    return default if value is None else value
 
 
 def _interrupt(signum: int, frame: object) -> None:

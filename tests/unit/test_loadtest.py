@@ -97,6 +97,21 @@ def test_prompt_loader_cuts_long_texts_and_names_bad_rows(tmp_path):
         prompts.load_prompts(tmp_path / "missing")
 
 
+def test_prompt_loader_samples_per_domain_with_the_projects_loader(tmp_path):
+    """The same seeded sample as serve_app.data (profiling, evaluation), per domain."""
+    from serve_app import data
+
+    for domain in ("code", "law"):
+        (tmp_path / domain).mkdir()
+        rows = [json.dumps({"text": f"{domain} prompt {i}"}) for i in range(10)]
+        (tmp_path / domain / "a.jsonl").write_text("\n".join(rows) + "\n")
+    found = prompts.load_prompts(tmp_path, per_domain=3, seed=5)
+    assert prompts.domains(found) == {"code": 3, "law": 3}
+    expected = data.load_prompts(tmp_path, per_domain=3, seed=5)
+    assert [(p.text, p.domain) for p in found] == [(p.text, p.domain) for p in expected]
+    assert found != prompts.load_prompts(tmp_path, per_domain=3, seed=6)
+
+
 def test_stdlib_corpus_is_real_text_in_several_domains():
     found = prompts.load_prompts(None)
     counts = prompts.domains(found)
@@ -160,6 +175,13 @@ def test_outcome_counts_backpressure_apart(status, headers, expected):
     assert prompts.outcome(status, headers) == expected
 
 
+def test_rerouted_answers_are_those_with_skipped_experts():
+    assert prompts.rerouted({"expert": "gen-s", "skipped": ["gen-xs"]})
+    assert not prompts.rerouted({"expert": "gen-xs", "skipped": []})
+    assert not prompts.rerouted({"expert": "gen-xs"})  # /v1/route has no skipped
+    assert not prompts.rerouted(None)  # not JSON
+
+
 # --- the replica observer's parser ------------------------------------------------------------
 
 
@@ -200,6 +222,7 @@ def test_report_of_the_recorded_run_matches_its_csvs():
     assert report["requests"] == sum(int(r["Request Count"]) for r in endpoints)
     assert report["failures"] == sum(int(r["Failure Count"]) for r in endpoints) == 0
     assert report["rejected"] == 0
+    assert report["rerouted"] == 0
     assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
     assert report["rps"] > 0
     experts = {"gen-xs", "gen-s", "gen-m", "mask-s"}
@@ -216,23 +239,26 @@ def test_report_of_the_recorded_run_matches_its_csvs():
 
 
 def test_rejected_answers_are_counted_apart_from_failures(tmp_path):
-    """Backpressure rows (named '... [rejected]') count as rejected, not as failures."""
+    """Backpressure rows (named '... [rejected]') count as rejected, not as failures; rows of
+    answers from a lower-ranked expert ('... [rerouted]') as rerouted successes."""
     run = tmp_path / "run"
     shutil.copytree(RUN, run)
     stats = rows("locust_stats.csv")
     rejected = {**stats[0], "Name": "/v1/infer" + prompts.REJECTED, "Request Count": "7"}
     rejected["Failure Count"] = "0"
+    rerouted = {**rejected, "Name": "/v1/infer" + prompts.REROUTED, "Request Count": "5"}
     total = stats[-1]
     assert total["Name"] == "Aggregated"
-    total["Request Count"] = str(int(total["Request Count"]) + 7)
+    total["Request Count"] = str(int(total["Request Count"]) + 12)
     with (run / "locust_stats.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(stats[0]))
         writer.writeheader()
-        writer.writerows([*stats[:-1], rejected, total])
+        writer.writerows([*stats[:-1], rejected, rerouted, total])
     report = build_report(run)
     assert report["rejected"] == 7
+    assert report["rerouted"] == 5
     assert report["failures"] == 0
-    assert report["requests"] == build_report(RUN)["requests"] + 7
+    assert report["requests"] == build_report(RUN)["requests"] + 12
 
 
 def test_write_report_writes_json_markdown_and_plot(tmp_path):
@@ -267,3 +293,22 @@ def test_derived_library_shortens_downscale_delays_and_loads(smoke, tmp_path):
     assert all(Path(e["model"]).is_absolute() for e in raw["experts"])
     assert yaml.safe_load(smoke.read_text()) != raw  # the original is untouched
     assert logical_cpus(out) >= 3  # router 0.5 + 4 experts x 2 replicas x 0.25 CPU
+    assert all(e.max_queued_requests == -1 for e in library.experts)  # the library's own
+
+
+def test_derived_library_sets_queue_limits_and_the_run_records_them(smoke, tmp_path):
+    from loadtest.run import derive_library, queue_limits
+    from serve_app.config import load_library
+
+    out = derive_library(smoke, tmp_path / "library.yaml", None, 2, 16)
+    library = load_library(out)
+    assert [e.max_queued_requests for e in library.experts] == [2] * len(library.experts)
+    assert library.ingress.max_queued_requests == 16
+    assert library.experts[0].autoscaling["downscale_to_zero_delay_s"] == 300  # not asked
+    limits = queue_limits(out)
+    assert limits["max_queued_requests"] == {
+        "Ingress": 16,
+        "Router": -1,
+        **{e.name: 2 for e in library.experts},
+    }
+    assert limits["backpressure"] == {"status_code": 503, "retry_after_s": 1}
