@@ -12,6 +12,8 @@ This module starts its own cluster, so it runs before the session's shared Ray (
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -60,6 +62,11 @@ def cluster(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         # Raylets, and so every worker, inherit the driver's environment.
         env.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
+        # The Cluster helper records its address in <temp dir>/ray/ray_current_cluster, where
+        # any `ray.init()` or `serve run` without an address on this machine would find it and
+        # join this test's cluster: a temp dir of its own keeps it private.
+        tmp = tempfile.mkdtemp(prefix="tryage-gpus-", dir="/tmp")  # short: socket paths
+        env.setenv("RAY_TMPDIR", tmp)
         cluster = Cluster(
             initialize_head=True,
             head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
@@ -76,6 +83,7 @@ def cluster(tmp_path_factory):
             serve.shutdown()
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,17 @@ def test_serve_config_deploys_with_serve_run(tmp_path, smoke_library):
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    # Its own local Ray, never the session's: no RAY_ADDRESS inherited.
+    # Its own local Ray (`--address local`), never the session's or another one found on
+    # this machine.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "serve-run.log"  # a file, not a pipe nobody drains while the test runs
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [BIN / "serve", "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=out
+            [BIN / "serve", "run", "--address", "local", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:
