@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.conftest import ROOT
 
 
@@ -19,6 +21,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a Ray of its own and a cold start: about 30 s on 2 CPUs
 def test_cold_start_bench_writes_its_figures(tmp_path, smoke_library):
     done = bench(
         *("--library", str(smoke_library), "--experts", "gen-xs"),
