@@ -41,3 +41,24 @@ def test_cold_start_bench_refuses_an_unknown_expert(tmp_path, smoke_library):
     done = bench("--library", str(smoke_library), "--experts", "nope", "--out", str(tmp_path))
     assert done.returncode == 2
     assert "unknown expert 'nope'" in done.stderr
+
+
+@pytest.mark.slow  # a Ray of its own, profiling and evaluating: about a minute on 2 CPUs
+def test_pipeline_bench_times_every_stage(tmp_path, smoke_library, real_data):
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.pipeline", "--library", str(smoke_library)),
+            *("--data", str(real_data), "--per-domain", "2", "--out", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "pipeline.json").read_text())
+    assert report["prompts"] == 2 * 5
+    assert set(report["rows_per_s"]) == {"gen-xs", "gen-s", "gen-m", "mask-s"}
+    for stage in ("profile_s", "train_s", "evaluate_s"):
+        assert report[stage] > 0
+    assert "| profile |" in done.stdout
