@@ -24,8 +24,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, deadline_s: float = 240) -> N
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            pytest.fail(f"server exited with {proc.returncode}:\n{out[-4000:]}")
+            pytest.fail(f"server exited with {proc.returncode}:\n{output(proc)[-4000:]}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
@@ -46,10 +45,18 @@ def stop(proc: subprocess.Popen) -> int:
             proc.kill()
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """Run a server with its output in `log`: a pipe nobody reads while it runs fills up
+    (Serve logs a lot) and blocks the server, Ctrl-C handling included."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a server started by `start` has printed so far."""
+    return proc.log.read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +79,10 @@ def test_smoke_library_writes_a_valid_library(cli_library):
         assert list((cli_library.parent / e["model"]).glob("*.safetensors"))
 
 
-def test_tryage_serve_answers_and_stops_on_ctrl_c(cli_library):
+def test_tryage_serve_answers_and_stops_on_ctrl_c(cli_library, tmp_path):
     port = free_port()
-    proc = start([BIN / "tryage", "serve", "--library", str(cli_library), "--port", str(port)])
+    cmd = [BIN / "tryage", "serve", "--library", str(cli_library), "--port", str(port)]
+    proc = start(cmd, tmp_path / "serve.log")
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url)
     r = httpx.post(f"{url}/v1/route", json={"prompt": "hi [flag: smallest]"}, timeout=60)
@@ -98,11 +106,18 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_ray_serve_run_builds_the_app(cli_library):
+def test_ray_serve_run_builds_the_app(cli_library, tmp_path):
     if not _port_free(8000):
         pytest.skip("`serve run` always listens on port 8000, which is taken here")
     proc = start(
-        [BIN / "serve", "run", "serve_app.app:build_app", f"library={cli_library}", "--name=tryage"]
+        [
+            BIN / "serve",
+            "run",
+            "serve_app.app:build_app",
+            f"library={cli_library}",
+            "--name=tryage",
+        ],
+        tmp_path / "serve-run.log",
     )
     url = "http://127.0.0.1:8000"
     wait_healthy(proc, url)

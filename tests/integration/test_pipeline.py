@@ -1,6 +1,7 @@
 """The router-learning pipeline from the command line: profile, train, evaluate, pareto.
 
-A smoke library (random experts) and 30 real prompts over five domains; Ray is the session's
+A smoke library (random experts) and real prompts, 6 per domain (30 over five domains from
+../shared/corpora, or standard-library text where the corpora are absent); Ray is the session's
 local instance (the commands use it when it is up, as they would a cluster's).
 """
 
@@ -52,7 +53,8 @@ def test_the_profile_has_one_row_per_prompt_and_expert_in_the_documented_schema(
     prompts = load_prompts(real_data)
     experts = load_library(lib).names
     assert table.schema.remove_metadata() == PROFILE_SCHEMA
-    assert table.num_rows == len(prompts) * len(experts) == 30 * 4
+    assert table.num_rows == len(prompts) * len(experts)
+    assert len(prompts) == 6 * len({p.domain for p in prompts})
     rows = table.to_pylist()
     assert {(r["prompt_id"], r["expert"]) for r in rows} == {
         (p.id, e) for p in prompts for e in experts
@@ -78,25 +80,26 @@ def test_profiling_stores_verbosity_and_readability_in_the_library(pipeline):
             assert expert.verbosity is None and expert.readability is None
 
 
-def test_a_rerun_reuses_every_measured_row(pipeline, capsys):
+def test_a_rerun_reuses_every_measured_row(pipeline, real_data, capsys):
     folder, _, _, profile_args = pipeline
     capsys.readouterr()
     assert main(profile_args) == 0
-    assert "(0 measured now, 120 reused)" in capsys.readouterr().out
+    rows = len(load_prompts(real_data)) * 4
+    assert f"(0 measured now, {rows} reused)" in capsys.readouterr().out
     # Sampling two more prompts for generation re-measures those rows on the three writers.
     more = [*profile_args[:-3], str(GENERATE + 2), *profile_args[-2:]]
     assert main(more) == 0
-    assert "(6 measured now, 114 reused)" in capsys.readouterr().out
+    assert f"(6 measured now, {rows - 6} reused)" in capsys.readouterr().out
     table = read_profile(folder / "profile.parquet")
-    assert table.num_rows == 120
+    assert table.num_rows == rows
     written = {r["prompt_id"] for r in table.to_pylist() if r["output"] is not None}
     assert len(written) == GENERATE + 2
 
 
-def test_training_writes_the_checkpoint_the_library_points_at(pipeline):
+def test_training_writes_the_checkpoint_the_library_points_at(pipeline, real_data):
     folder, lib, _, _ = pipeline
     report = json.loads((folder / "lib" / "router" / "report.json").read_text())
-    assert report["n_train"] + report["n_val"] == 30
+    assert report["n_train"] + report["n_val"] == len(load_prompts(real_data))
     assert report["val_error"] < report["untrained_val_error"]
     assert set(report["val"]) == {"top1", "regret", "mean_loss"}
     assert set(report["expert_mae"]) == set(load_library(lib).names)
@@ -104,7 +107,7 @@ def test_training_writes_the_checkpoint_the_library_points_at(pipeline):
     assert (lib.parent / raw["router"]["checkpoint"] / "reference.safetensors").is_file()
 
 
-def test_evaluate_prints_the_contract_json(pipeline, capsys):
+def test_evaluate_prints_the_contract_json(pipeline, real_data, capsys):
     _, _, common, _ = pipeline
     capsys.readouterr()
     # The router was trained on these very prompts: evaluation leaves them out unless told.
@@ -112,13 +115,14 @@ def test_evaluate_prints_the_contract_json(pipeline, capsys):
     assert "every prompt in" in capsys.readouterr().err
     assert main(["evaluate", *common, "--json", "--quiet", "--include-trained"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["n"] == 30
+    prompts = load_prompts(real_data)
+    assert out["n"] == len(prompts)
     assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
     assert set(out["router"]) == {"top1", "regret", "mean_loss"}
     assert set(out["baselines"]) == {"oracle", "random", "best_single", "model_card", "knn"}
     assert out["baselines"]["oracle"]["top1"] == 1.0
     assert out["baselines"]["oracle"]["regret"] == 0.0
-    assert len(out["per_domain"]) == 5
+    assert set(out["per_domain"]) == {p.domain for p in prompts}
     for figures in out["per_domain"].values():
         assert figures["n"] == 6
         assert 0 <= figures["router_top1"] <= 1
