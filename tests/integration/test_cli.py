@@ -3,6 +3,7 @@ and Ray's own `serve run serve_app.app:build_app library=FILE`. Each starts its 
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, deadline_s: float = 240) -> N
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"{url} did not become healthy in {deadline_s} s")
 
 
@@ -42,14 +43,21 @@ def stop(proc: subprocess.Popen) -> int:
         return proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # with the Ray it started
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
     """Run a server with its output in `log`: a pipe nobody reads while it runs fills up
     (Serve logs a lot) and blocks the server, Ctrl-C handling included."""
     with log.open("w") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group, as a terminal gives a command
+        )
     proc.log = log  # type: ignore[attr-defined]
     return proc
 
@@ -121,6 +129,16 @@ def test_ray_serve_run_builds_the_app(cli_library, tmp_path):
     )
     url = "http://127.0.0.1:8000"
     wait_healthy(proc, url)
-    r = httpx.get(f"{url}/v1/models", timeout=30)
-    assert [m["id"] for m in r.json()["data"]] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
-    stop(proc)
+    try:
+        r = httpx.get(f"{url}/v1/models", timeout=30)
+        assert [m["id"] for m in r.json()["data"]] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
+    finally:
+        # Ctrl-C to the process group, as a terminal sends it, then kill the group: how Ray's
+        # own CLI winds down is Ray's (in the full suite it has taken over two minutes);
+        # tryage serve's clean stop is asserted above.
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
