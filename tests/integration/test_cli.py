@@ -46,6 +46,17 @@ def stop(proc: subprocess.Popen) -> int:
             os.killpg(proc.pid, signal.SIGKILL)  # with the Ray it started
 
 
+def interrupt_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """Ctrl-C to the process group, as a terminal sends it; then kill the group (with the
+    Ray it started) if it has not exited within `grace_s`."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def start(args: list[str], log: Path) -> subprocess.Popen:
     """Run a server with its output in `log`: a pipe nobody reads while it runs fills up
     (Serve logs a lot) and blocks the server, Ctrl-C handling included."""
@@ -133,12 +144,6 @@ def test_ray_serve_run_builds_the_app(cli_library, tmp_path):
         r = httpx.get(f"{url}/v1/models", timeout=30)
         assert [m["id"] for m in r.json()["data"]] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
     finally:
-        # Ctrl-C to the process group, as a terminal sends it, then kill the group: how Ray's
-        # own CLI winds down is Ray's (in the full suite it has taken over two minutes);
-        # tryage serve's clean stop is asserted above.
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # How Ray's own CLI winds down is Ray's (in the full suite it has taken over two
+        # minutes); tryage serve's clean stop is asserted above.
+        interrupt_group(proc)

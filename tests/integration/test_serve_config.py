@@ -9,14 +9,13 @@ the arguments' shape are the repo's own.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 
 import httpx
 import yaml
 
 from tests.integration.conftest import ROOT, free_port
-from tests.integration.test_cli import BIN, wait_healthy
+from tests.integration.test_cli import BIN, interrupt_group, wait_healthy
 
 
 def test_serve_config_deploys_with_serve_run(tmp_path, smoke_library):
@@ -54,11 +53,5 @@ def test_serve_config_deploys_with_serve_run(tmp_path, smoke_library):
         print(log.read_text()[-4000:])  # shown with the failure
         raise
     finally:
-        # Ctrl-C to the process group, as a terminal sends it; then kill the group (with the
-        # Ray it started): what is tested here is the deployment, Ctrl-C is test_cli's.
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # What is tested here is the deployment; Ctrl-C is test_cli's.
+        interrupt_group(proc)
