@@ -241,23 +241,23 @@ def train(
         )
     encoder = Encoder(library.router.model, max_length=cfg.max_length)
     out = Path(out)
+    is_val = torch.from_numpy(val_mask)  # (N,) bool, in the matrix's order
     if cfg.mode == "finetune":
         head, epochs, err, untrained = finetune(encoder, train_m, val_m, cfg, out / "encoder")
         encoder_name = "encoder"
+        emb = embeddings(encoder, matrix, None)  # the tuned encoder embeds anew
     else:
-        train_emb = embeddings(encoder, train_m, cache)
-        val_emb = embeddings(encoder, val_m, cache)
+        emb = embeddings(encoder, matrix, cache)  # (N, H), every prompt embedded once
         head, epochs, err, untrained = train_head(
-            train_emb, train_m.losses, val_emb, val_m.losses, matrix.experts, cfg
+            emb[~is_val], train_m.losses, emb[is_val], val_m.losses, matrix.experts, cfg
         )
         encoder_name = library.router.model
     save_head(head, out, encoder=encoder_name)
     # The knn and best_single baselines read the whole profile (training and validation
     # prompts: neither learns anything that needs holding out) from the checkpoint.
-    cache = None if cfg.mode == "finetune" else cache  # a tuned encoder embeds anew
-    save_reference(out, embeddings(encoder, matrix, cache), matrix)
+    save_reference(out, emb, matrix)
     with torch.no_grad():
-        pred = head.predict(embeddings(encoder, val_m, cache))
+        pred = head.predict(emb[is_val])
     pred = pred.numpy()
     best_single = int(np.argmin(train_m.losses.mean(0)))
     report = Report(
