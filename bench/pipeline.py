@@ -11,8 +11,9 @@ times each stage as the command line runs it, in one local Ray:
     evaluate  a held-out sample (seed 1, prompts trained on left out): truth profile, router
               and every baseline
 
-Data: `../shared/corpora` when it is beside the checkout, else the standard-library text the
-tests use. Prints a table and writes `OUT/pipeline.json` with the machine it ran on.
+Data: `../shared/corpora` when it is beside the checkout, else the standard-library corpus
+(`serve_app.data.stdlib_prompts`). Prints a table and writes `OUT/pipeline.json` with the
+machine it ran on.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPORA = ROOT.parent / "shared" / "corpora"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,18 +41,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _data(args: argparse.Namespace, tmp: Path) -> Path:
+    """The data path: --data, else ../shared/corpora, else the standard-library corpus."""
+    from serve_app.data import SHARED_CORPORA, stdlib_prompts
+
     if args.data:
         return args.data
-    if CORPORA.is_dir():
-        return CORPORA
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import _from_stdlib
-
+    if SHARED_CORPORA.is_dir():
+        return SHARED_CORPORA
     root = tmp / "data"
-    for domain, texts in _from_stdlib(args.per_domain * 3, 600).items():
-        (root / domain).mkdir(parents=True)
-        lines = [json.dumps({"text": t}) for t in texts]
-        (root / domain / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    for p in stdlib_prompts():
+        (root / p.domain).mkdir(parents=True, exist_ok=True)
+        with (root / p.domain / "prompts.jsonl").open("a") as f:
+            f.write(json.dumps({"text": p.text}) + "\n")
     return root
 
 

@@ -13,9 +13,6 @@ each reported under its own Locust name.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
 import random
 import re
 from collections.abc import Mapping
@@ -25,16 +22,9 @@ from typing import Any
 
 from serve_app import data
 
-#: Where the prompts come from when no data path is given (relative to the repository root).
-SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
-
-#: Standard-library modules read for the fallback corpus, by domain.
-STDLIB_DOMAINS: dict[str, tuple[str, ...]] = {
-    "text": ("textwrap", "difflib", "string", "shlex", "html"),
-    "numbers": ("statistics", "fractions", "decimal", "random", "colorsys"),
-    "web": ("urllib.parse", "http.cookies", "email.message", "mimetypes", "ipaddress"),
-    "data": ("json.encoder", "csv", "configparser", "plistlib", "tomllib"),
-}
+#: Where the prompts come from when no data path is given; else the standard-library corpus.
+SHARED_CORPORA = data.SHARED_CORPORA
+STDLIB_DOMAINS = data.STDLIB_DOMAINS
 
 #: Objective weights a request may carry; {} keeps the library's defaults.
 WEIGHT_PRESETS: tuple[dict[str, float], ...] = (
@@ -125,7 +115,7 @@ def load_prompts(
     standard-library corpus, shuffled with `seed`.
     """
     if path is None:
-        found = stdlib_prompts()
+        found = [Prompt(p.text, p.domain) for p in data.stdlib_prompts()]
         random.Random(seed).shuffle(found)
     else:
         rows = data.load_prompts(path, per_domain=per_domain, seed=seed)
@@ -134,34 +124,6 @@ def load_prompts(
     if not found:
         raise DataError(f"no prompts with text under {path}")
     return found
-
-
-def stdlib_prompts(min_chars: int = 80, max_chars: int = 3000) -> list[Prompt]:
-    """Real text every Python has: docstrings and function source of standard modules."""
-    out: list[Prompt] = []
-    for domain, modules in STDLIB_DOMAINS.items():
-        for module_name in modules:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            for text in _module_texts(module):
-                if min_chars <= len(text) <= max_chars:
-                    out.append(Prompt(text, domain))
-    return out
-
-
-def _module_texts(module: Any) -> list[str]:
-    """The module's docstring, and each public function's docstring and source."""
-    texts = [inspect.getdoc(module) or ""]
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if inspect.isfunction(obj) or inspect.isclass(obj):
-            texts.append(inspect.getdoc(obj) or "")
-            with contextlib.suppress(OSError, TypeError):  # no source: a C extension
-                texts.append(inspect.getsource(obj))
-    return texts
 
 
 def _cut(text: str, max_chars: int) -> str:

@@ -8,15 +8,29 @@ file and every run, which is what lets profiling resume and splits stay fixed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 SUFFIXES = (".jsonl", ".parquet")
+#: The shared domain corpora beside a checkout (tests, benchmarks and the load test use them
+#: when they are there; nothing from them is copied into the project).
+SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+#: Standard-library modules read for the corpus every Python has, by domain.
+STDLIB_DOMAINS: dict[str, tuple[str, ...]] = {
+    "text": ("textwrap", "difflib", "string", "shlex", "html"),
+    "numbers": ("statistics", "fractions", "decimal", "random", "colorsys"),
+    "web": ("urllib.parse", "http.cookies", "email.message", "mimetypes", "ipaddress"),
+    "data": ("json.encoder", "csv", "configparser", "plistlib", "tomllib"),
+}
 
 
 class DataError(ValueError):
@@ -126,3 +140,32 @@ def prompts_table(prompts: list[Prompt]) -> pa.Table:
             "domain": [p.domain for p in prompts],
         }
     )
+
+
+def stdlib_prompts(min_chars: int = 80, max_chars: int = 3000) -> list[Prompt]:
+    """Real text every Python has: docstrings and function source of standard modules, by
+    STDLIB_DOMAINS, in a fixed order."""
+    out: list[Prompt] = []
+    for domain, modules in STDLIB_DOMAINS.items():
+        for module_name in modules:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            for text in _module_texts(module):
+                if min_chars <= len(text) <= max_chars:
+                    out.append(Prompt(prompt_id(text), text, domain))
+    return out
+
+
+def _module_texts(module: Any) -> list[str]:
+    """The module's docstring, and each public function's docstring and source."""
+    texts = [inspect.getdoc(module) or ""]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            texts.append(inspect.getdoc(obj) or "")
+            with contextlib.suppress(OSError, TypeError):  # no source: a C extension
+                texts.append(inspect.getsource(obj))
+    return texts

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from serve_app.data import SHARED_CORPORA
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Real text in domain folders, beside the repository (see its MANIFEST.md).
-CORPORA = ROOT.parent / "shared" / "corpora"
+CORPORA = SHARED_CORPORA
 #: Domains the pipeline tests use, with prompts per domain and characters per prompt.
 DOMAINS = ("code", "german", "legal", "math", "clinical")
 
@@ -30,19 +31,16 @@ def _from_corpora(n: int, chars: int) -> dict[str, list[str]]:
 
 def _from_stdlib(n: int, chars: int) -> dict[str, list[str]]:
     """Real text any Python has, where the corpora are not beside the checkout."""
-    import inspect
-    import json as json_module
+    from serve_app.data import stdlib_prompts
 
-    out: dict[str, list[str]] = {"code": [], "docs": []}
-    for module in (json_module, textwrap, inspect):
-        source = Path(inspect.getfile(module)).read_text()
-        out["code"] += [source[i : i + chars] for i in range(0, chars * n, chars)]
-        out["docs"] += [
-            inspect.getdoc(obj)[:chars]
-            for _, obj in inspect.getmembers(module)
-            if inspect.isfunction(obj) and inspect.getdoc(obj) and len(inspect.getdoc(obj)) > 80
-        ]
-    return {domain: texts[:n] for domain, texts in out.items()}
+    out: dict[str, list[str]] = {}
+    seen: set[str] = set()  # texts that share their first `chars` characters count once
+    for p in stdlib_prompts():
+        texts = out.setdefault(p.domain, [])
+        if len(texts) < n and p.text[:chars] not in seen:
+            seen.add(p.text[:chars])
+            texts.append(p.text[:chars])
+    return out
 
 
 @pytest.fixture(scope="session")

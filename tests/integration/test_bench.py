@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from serve_app.data import load_prompts
 from tests.integration.conftest import ROOT
 
 
@@ -57,7 +58,8 @@ def test_pipeline_bench_times_every_stage(tmp_path, smoke_library, real_data):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "pipeline.json").read_text())
-    assert report["prompts"] == 2 * 5
+    domains = {p.domain for p in load_prompts(real_data)}
+    assert report["prompts"] == 2 * len(domains)
     assert set(report["rows_per_s"]) == {"gen-xs", "gen-s", "gen-m", "mask-s"}
     for stage in ("profile_s", "train_s", "evaluate_s"):
         assert report[stage] > 0
