@@ -126,17 +126,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _point_library_at(library_path: Path, checkpoint: Path, finetuned: bool) -> None:
     import os
 
-    import yaml
+    from serve_app.config import edit_library
 
-    from serve_app.config import library_to_yaml
+    rel = Path(os.path.relpath(checkpoint.resolve(), library_path.resolve().parent))
 
-    raw = yaml.safe_load(library_path.read_text())
-    base = library_path.resolve().parent
-    rel = Path(os.path.relpath(checkpoint.resolve(), base))
-    raw["router"]["checkpoint"] = str(rel)
-    if finetuned:
-        raw["router"]["model"] = str(rel / "encoder")
-    library_path.write_text(library_to_yaml(raw))
+    def point(raw: dict) -> None:
+        raw["router"]["checkpoint"] = str(rel)
+        if finetuned:
+            raw["router"]["model"] = str(rel / "encoder")
+
+    edit_library(library_path, point)
 
 
 def _truth(args: argparse.Namespace, library) -> tuple:

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -414,6 +415,14 @@ def load_library(path: str | Path) -> LibraryConfig:
     except yaml.YAMLError as err:
         raise LibraryError(f"{path}: not valid YAML: {err}") from None
     return parse_library(raw, path)
+
+
+def edit_library(path: str | Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite a library file with `edit` applied to its raw mapping (comments are not kept)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(library_to_yaml(raw))
 
 
 def library_to_yaml(library: dict[str, Any]) -> str:

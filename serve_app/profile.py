@@ -22,6 +22,7 @@ made, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,9 +36,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
-from serve_app.config import LibraryConfig, LibraryError, library_to_yaml
+from serve_app.config import LibraryConfig, LibraryError, edit_library
 from serve_app.data import Prompt, prompts_table
 
 PROFILE_SCHEMA = pa.schema(
@@ -72,24 +72,21 @@ def reading_ease(text: str) -> float | None:
     Syllables come from pyphen's English hyphenation dictionary (one more than the
     hyphenation points of a word). None for a text without words.
     """
-    import pyphen
-
     words = _WORD.findall(text)
     if not words:
         return None
-    dic = _pyphen(pyphen)
+    dic = _hyphenator()
     syllables = sum(len(dic.positions(w.lower())) + 1 for w in words)
     sentences = max(1, len(_SENTENCE.findall(text.strip() + " ")))
     return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
 
 
-_DICT: dict[str, Any] = {}
+@functools.cache
+def _hyphenator() -> Any:
+    """pyphen's English dictionary, loaded once."""
+    import pyphen
 
-
-def _pyphen(pyphen: Any) -> Any:
-    if "en" not in _DICT:
-        _DICT["en"] = pyphen.Pyphen(lang="en_US")
-    return _DICT["en"]
+    return pyphen.Pyphen(lang="en_US")
 
 
 def measures(table: pa.Table) -> dict[str, dict[str, float | None]]:
@@ -344,12 +341,13 @@ def _data_resources(resources: dict[str, Any]) -> dict[str, Any]:
 
 def write_measures(library_path: str | Path, table: pa.Table) -> dict[str, dict]:
     """Store measured verbosity and readability in library.yaml (comments are not kept)."""
-    path = Path(library_path)
-    raw = yaml.safe_load(path.read_text())
     found = measures(table)
-    for expert in raw["experts"]:
-        for key, value in found.get(expert["name"], {}).items():
-            if value is not None:
-                expert[key] = round(float(value), 2)
-    path.write_text(library_to_yaml(raw))
+
+    def store(raw: dict[str, Any]) -> None:
+        for expert in raw["experts"]:
+            for key, value in found.get(expert["name"], {}).items():
+                if value is not None:
+                    expert[key] = round(float(value), 2)
+
+    edit_library(library_path, store)
     return found
