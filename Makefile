@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-LIBRARY ?= libraries/smoke/library.yaml
+LIBRARY ?= libraries/demo/library.yaml
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-dev install-loadtest serve test lint format clean loadtest
+.PHONY: install install-dev install-loadtest serve demo test lint format clean loadtest
 
 # torch is installed first, pinned, so pip takes the CPU build and not several GB of CUDA wheels.
 $(BIN)/python:
@@ -31,7 +31,14 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 install-loadtest: $(VENV)/.installed-loadtest
 
-# Until the demo library exists, `make serve` builds and serves the smoke library (random experts).
+# The demo library: built offline the first time (a few minutes; resumable), cached after.
+libraries/demo/library.yaml: | $(VENV)/.installed
+	$(BIN)/tryage demo build --out libraries/demo
+
+demo: install
+	$(BIN)/tryage demo build --out libraries/demo
+
+# The smoke library (random experts): `make serve LIBRARY=libraries/smoke/library.yaml`.
 libraries/smoke/library.yaml: | $(VENV)/.installed
 	$(BIN)/tryage smoke-library libraries/smoke
 
@@ -55,4 +62,4 @@ loadtest: install-loadtest
 	$(BIN)/python -m loadtest --profile short
 
 clean:
-	rm -rf $(VENV) libraries/smoke .pytest_cache .ruff_cache
+	rm -rf $(VENV) libraries/smoke libraries/demo .pytest_cache .ruff_cache

@@ -20,6 +20,18 @@ def cmd_smoke_library(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_build(args: argparse.Namespace) -> int:
+    """Build the demo library (resumable: finished steps are skipped) and print its summary."""
+    import dataclasses
+
+    from serve_app.demo.build import PRESETS, build_demo
+
+    cfg = dataclasses.replace(PRESETS[args.preset], seed=args.seed)
+    result = build_demo(args.out, args.corpus, cfg, progress=not args.quiet)
+    print(result.table())
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a library on a local Ray instance (or RAY_ADDRESS's cluster) until Ctrl-C."""
     import ray
@@ -29,8 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.library.exists():
         raise LibraryError(
-            f"no library at {args.library}; build one (tryage smoke-library DIR) "
-            "and pass --library DIR/library.yaml"
+            f"no library at {args.library}; build the demo library (tryage demo build, or "
+            "make serve) or pass --library FILE"
         )
     app = build_app({"library": args.library})  # validate before starting Ray
     # Ctrl-C and SIGTERM stop cleanly, even where a shell started us with SIGINT ignored.
@@ -245,6 +257,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", action="store_true", help="router and experts ask for one GPU each")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_smoke_library)
+
+    s = sub.add_parser("demo", help="the offline demo library")
+    demo = s.add_subparsers(dest="demo_command", required=True)
+    s = demo.add_parser(
+        "build",
+        help="build the demo library offline: corpora, experts, profile, router (resumable)",
+    )
+    s.add_argument(
+        "--corpus",
+        type=Path,
+        help="a folder of DOMAIN/*.jsonl (like ../shared/corpora); default: a harvest of text "
+        "this machine already has (Python's source, docs and installed packages' licences and "
+        "READMEs)",
+    )
+    s.add_argument("--out", type=Path, default=DEFAULT_LIBRARY.parent)
+    s.add_argument(
+        "--preset", choices=("default", "tiny"), default="default", help="tiny: seconds, for tests"
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo_build)
 
     s = sub.add_parser("serve", help="serve a library with Ray Serve (blocks; Ctrl-C stops)")
     s.add_argument("--library", type=Path, default=DEFAULT_LIBRARY)

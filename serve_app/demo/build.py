@@ -1,0 +1,638 @@
+"""`tryage demo build`: a real expert library, built offline from domain corpora.
+
+The steps, each skipped on a rerun when its inputs have not changed (a key of its settings and
+of the steps it reads, stored in OUT/.build/STEP.json):
+
+1. corpus     the `--corpus` folder, or a harvest of text this machine already has
+              (serve_app.demo.harvest) into OUT/corpus/
+2. split      documents split by a hash of their text into lm (training the experts), router
+              (profiled to train the router) and heldout (never trained on), in OUT/data/
+3. tokenizer  byte-level BPE trained on the lm split (`tokenizers`), OUT/tokenizer/
+4. experts    two generalists (small, larger) on every domain, then one specialist per domain:
+              the small generalist trained further on its domain; saved with save_pretrained
+              (safetensors) in OUT/experts/NAME/ and loaded back with from_pretrained
+5. check      every expert's bits per byte on held-out documents of every domain; the build
+              fails unless each specialist beats both generalists on its domain and the larger
+              generalist beats the smaller on average
+6. profile    every expert on the router split (serve_app.profile, a Ray job)
+7. router     the router trained on that profile (serve_app.train)
+8. library    OUT/library.yaml, written last: its presence means the build finished
+
+Deterministic for a seed on one machine: seeded splits, initialisation and batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve_app.config import MINILM, LibraryError, library_to_yaml, load_library
+from serve_app.data import Prompt, _draw, load_prompts
+from serve_app.demo.lm import LMConfig, ModelSize
+
+GENERAL_S, GENERAL_L = "general-s", "general-l"
+#: What a domain of ../shared/corpora holds, for the experts' descriptions (model cards).
+KNOWN_DOMAINS = {
+    "code": "source code in many programming languages",
+    "biomedical": "biomedical research abstracts",
+    "clinical": "clinical notes and radiology reports",
+    "patent": "patent claims and descriptions",
+    "legal": "contracts, licences and other legal text",
+    "math": "grade-school math word problems",
+    "encyclopedic": "encyclopedia articles",
+    "news": "news headlines and wire stories",
+    "finance": "financial news about listed companies",
+    "dialogue": "task-oriented dialogues with a virtual assistant",
+    "german": "German-language news articles",
+}
+FIRST_RELEASE = dt.date(2024, 1, 15)  # release dates follow build order, a month apart
+
+
+class BuildError(LibraryError):
+    """A demo build that cannot go on; the message says what failed and what to change."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything a demo build depends on besides its corpus."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    seed: int = 0
+    max_docs: int = 2000  # documents read per domain (a seeded sample)
+    min_chars: int = 40
+    heldout_fraction: float = 0.15
+    router_fraction: float = 0.2
+    check_docs: int = 60  # held-out documents per domain in the check
+    router_docs: int = 150  # router-split documents per domain profiled for the router
+    tokenizer_chars: int = 400_000  # characters per domain the tokenizer learns from
+    generate: int = 16  # profiled prompts whose continuation measures verbosity, readability
+    new_tokens: int = 32
+    min_lm_docs: int = 20  # a domain with fewer training documents is refused
+
+
+#: Named settings for `--preset`: the default demo, and a tiny one for tests and trying it out.
+PRESETS: dict[str, DemoConfig] = {
+    "default": DemoConfig(),
+    "tiny": DemoConfig(
+        lm=LMConfig(
+            vocab_size=512,
+            block=64,
+            small=ModelSize(width=32, layers=1, heads=2),
+            large=ModelSize(width=64, layers=2, heads=2),
+            batch_size=16,
+            general_steps=60,
+            special_steps=30,
+        ),
+        max_docs=120,
+        check_docs=12,
+        router_docs=16,
+        tokenizer_chars=50_000,
+        generate=4,
+        new_tokens=8,
+        min_lm_docs=10,
+    ),
+}
+
+
+@dataclass
+class Expert:
+    """One built expert, as the library and the summary see it."""
+
+    name: str
+    domain: str | None  # None for a generalist
+    params: int
+    released: str
+    description: str
+
+
+@dataclass
+class BuildResult:
+    """What a build produced, for the summary."""
+
+    library: Path
+    domains: list[str]
+    experts: list[Expert]
+    losses: dict[str, dict[str, float]]  # expert -> domain -> held-out bits per byte
+    router: dict[str, Any]  # the router's training report
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, this run (0 = skipped)
+
+    def table(self) -> str:
+        """The summary printed at the end of a build."""
+        width = max(7, *(len(d) for d in self.domains))
+        head = f"{'expert':<14} {'params':>9} {'released':>10}  " + " ".join(
+            f"{d:>{width}}" for d in self.domains
+        )
+        lines = ["held-out loss, bits per byte (lower is better; * = best on the domain)", head]
+        best = {d: min(self.losses, key=lambda e: self.losses[e][d]) for d in self.domains}
+        for e in self.experts:
+            cells = " ".join(
+                f"{self.losses[e.name][d]:>{width - 1}.3f}{'*' if best[d] == e.name else ' '}"
+                for d in self.domains
+            )
+            lines.append(f"{e.name:<14} {e.params:>9,} {e.released:>10}  {cells}")
+        r = self.router
+        lines += [
+            "",
+            f"router validation ({r['n_val']} prompts): top1 {r['val']['top1']:.3f}, "
+            f"regret {r['val']['regret']:.4f} bits/byte "
+            f"(best single expert: top1 {r['val_best_single']['top1']:.3f}, "
+            f"regret {r['val_best_single']['regret']:.4f})",
+            "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()),
+            f"wrote {self.library}",
+        ]
+        return "\n".join(lines)
+
+
+# --- steps --------------------------------------------------------------------------------
+
+
+def _key(*parts: Any) -> str:
+    """A short hash of JSON-able parts: a step's settings and the keys of its inputs."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class Steps:
+    """Which steps are done: OUT/.build/STEP.json holds the key a finished step was run with."""
+
+    def __init__(self, out: Path, log: Callable[[str], None]):
+        self.dir = out / ".build"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, key: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The stored result of step `name` if it finished with `key`, else run `work`."""
+        file = self.dir / f"{name}.json"
+        if file.exists():
+            stored = json.loads(file.read_text())
+            if stored.get("key") == key:
+                self.log(f"{name}: done before, skipped")
+                self.seconds[name] = 0.0
+                return stored["result"]
+        self.log(f"{name} ...")
+        start = time.perf_counter()
+        result = work()
+        self.seconds[name] = time.perf_counter() - start
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "result": result}, indent=1, sort_keys=True))
+        tmp.replace(file)
+        self.log(f"{name}: {self.seconds[name]:.1f} s")
+        return result
+
+
+# --- corpus, split, tokenizer -------------------------------------------------------------
+
+
+def split_of(pid: str, cfg: DemoConfig) -> str:
+    """'heldout', 'router' or 'lm' for a document, fixed by its id and the seed."""
+    u = int(_draw(cfg.seed, f"demo-split:{pid}")[:8], 16) / 0xFFFFFFFF
+    if u < cfg.heldout_fraction:
+        return "heldout"
+    return "router" if u < cfg.heldout_fraction + cfg.router_fraction else "lm"
+
+
+def write_split(corpus: Path, out: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """Split the corpus's documents; write OUT/data/SPLIT/DOMAIN.jsonl; count them."""
+    docs = load_prompts(corpus, per_domain=cfg.max_docs, seed=cfg.seed, min_chars=cfg.min_chars)
+    by: dict[str, dict[str, list[Prompt]]] = {}
+    for p in docs:
+        by.setdefault(split_of(p.id, cfg), {}).setdefault(p.domain, []).append(p)
+    domains = sorted({p.domain for p in docs})
+    thin = [d for d in domains if len(by.get("lm", {}).get(d, [])) < cfg.min_lm_docs]
+    if thin:
+        raise BuildError(
+            f"{corpus}: too few documents to train an expert on domain(s) {', '.join(thin)} "
+            f"(at least {cfg.min_lm_docs} training documents each; a domain folder needs about "
+            f"{int(cfg.min_lm_docs / (1 - cfg.heldout_fraction - cfg.router_fraction)) + 1})"
+        )
+    for split, per in by.items():
+        for domain, prompts in per.items():
+            path = out / "data" / split / f"{domain}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = (json.dumps({"text": p.text, "domain": p.domain}) for p in prompts)
+            path.write_text("".join(r + "\n" for r in rows))
+    counts = {s: {d: len(per.get(d, [])) for d in domains} for s, per in by.items()}
+    return {"domains": domains, "counts": counts}
+
+
+def split_docs(out: Path, split: str) -> dict[str, list[Prompt]]:
+    """The documents of one split by domain, in their seeded order."""
+    by: dict[str, list[Prompt]] = {}
+    for p in load_prompts(out / "data" / split):
+        by.setdefault(p.domain, []).append(p)
+    return by
+
+
+def build_tokenizer(out: Path, lm_docs: dict[str, list[Prompt]], cfg: DemoConfig) -> None:
+    """A byte-level BPE tokenizer learnt from up to `tokenizer_chars` of each domain."""
+    from serve_app.smoke import train_tokenizer
+
+    texts = []
+    for domain in sorted(lm_docs):
+        budget = cfg.tokenizer_chars
+        for p in lm_docs[domain]:
+            if budget <= 0:
+                break
+            texts.append(p.text)
+            budget -= len(p.text)
+    tok = train_tokenizer(texts, vocab_size=cfg.lm.vocab_size)
+    tok.model_max_length = cfg.lm.block
+    tok.save_pretrained(out / "tokenizer")
+
+
+# --- experts ------------------------------------------------------------------------------
+
+
+def streams(tokenizer: Any, docs: dict[str, list[Prompt]]) -> dict[str, Any]:
+    """Each domain's training documents as a token stream."""
+    from serve_app.demo.lm import Stream
+
+    out = {}
+    for domain in sorted(docs):
+        ids = tokenizer([p.text for p in docs[domain]], add_special_tokens=False)["input_ids"]
+        out[domain] = Stream(ids, bos=tokenizer.bos_token_id)
+    return out
+
+
+def train_expert(
+    out: Path,
+    name: str,
+    tokenizer: Any,
+    data: list[Any],
+    cfg: DemoConfig,
+    *,
+    size: ModelSize | None = None,
+    base: str | None = None,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train one expert (from scratch at `size`, or on from the expert `base`) and save it."""
+    from transformers import GPT2LMHeadModel
+
+    from serve_app.demo.lm import new_model, train_lm
+
+    if base is None:
+        assert size is not None, "a new expert needs a size"
+        model = new_model(size, cfg.lm.vocab_size, cfg.lm.block, seed)
+        steps = cfg.lm.general_steps
+        lr = cfg.lm.lr if size == cfg.lm.small else cfg.lm.large_lr
+    else:
+        model = GPT2LMHeadModel.from_pretrained(out / "experts" / base)
+        steps, lr = cfg.lm.special_steps, cfg.lm.special_lr
+    losses = train_lm(
+        model, data, steps=steps, lr=lr, cfg=cfg.lm, seed=seed, desc=name, progress=progress
+    )
+    folder = out / "experts" / name
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    tail = losses[-10:]
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "final_train_loss": sum(tail) / len(tail),
+    }
+
+
+def heldout_losses(
+    out: Path, names: list[str], heldout: dict[str, list[Prompt]], cfg: DemoConfig, progress: bool
+) -> dict[str, dict[str, float]]:
+    """Mean bits per byte of each expert on up to `check_docs` held-out documents per domain,
+    scored exactly as the service scores (serve_app.experts)."""
+    from tqdm.auto import tqdm
+
+    from serve_app.experts import load_expert
+
+    losses: dict[str, dict[str, float]] = {}
+    for name in tqdm(names, desc="check", unit="expert", disable=not progress, leave=False):
+        expert = load_expert(str(out / "experts" / name), "text-generation")
+        losses[name] = {}
+        for domain in sorted(heldout):
+            scores = expert.score([p.text for p in heldout[domain][: cfg.check_docs]])
+            losses[name][domain] = sum(s.bpb for s in scores) / len(scores)
+    return losses
+
+
+def check_experts(losses: dict[str, dict[str, float]], specialists: dict[str, str]) -> list[str]:
+    """What makes the demo real, as a list of failures (empty when it holds): each specialist
+    beats both generalists on its own domain; the larger generalist beats the smaller on
+    average. `specialists` maps domain -> expert name."""
+    failures = []
+    for domain, name in specialists.items():
+        own = losses[name][domain]
+        for general in (GENERAL_S, GENERAL_L):
+            if own >= losses[general][domain]:
+                failures.append(
+                    f"{name} does not beat {general} on {domain} "
+                    f"({own:.3f} vs {losses[general][domain]:.3f} bits/byte)"
+                )
+    mean = {g: sum(losses[g].values()) / len(losses[g]) for g in (GENERAL_S, GENERAL_L)}
+    if mean[GENERAL_L] >= mean[GENERAL_S]:
+        failures.append(
+            f"{GENERAL_L} does not beat {GENERAL_S} on average "
+            f"({mean[GENERAL_L]:.3f} vs {mean[GENERAL_S]:.3f} bits/byte)"
+        )
+    return failures
+
+
+def expert_name(domain: str) -> str:
+    """The specialist's name for a domain: lower case, [a-z0-9-], then '-s'."""
+    slug = "".join(c if c.isalnum() else "-" for c in domain.lower()).strip("-") or "domain"
+    return f"{slug}-s"
+
+
+def blurb(domain: str, described: dict[str, str]) -> str:
+    """What a domain holds, in a few words."""
+    return described.get(domain) or KNOWN_DOMAINS.get(domain) or f"{domain} text"
+
+
+# --- the library --------------------------------------------------------------------------
+
+
+def library_dict(experts: list[Expert], measured: dict[str, dict] | None = None) -> dict:
+    """The demo's library.yaml as a dict: CPU fractions that fit a laptop, scale to zero."""
+    measured = measured or {}
+    entries = []
+    for e in experts:
+        entry = {
+            "name": e.name,
+            "model": f"experts/{e.name}",
+            "task": "text-generation",
+            "params": e.params,
+            "released": e.released,
+            "description": e.description,
+            "trusted": True,
+            "resources": {"num_cpus": 0.25},
+        }
+        for key in ("verbosity", "readability"):
+            if measured.get(e.name, {}).get(key) is not None:
+                entry[key] = round(measured[e.name][key], 3)
+        entries.append(entry)
+    return {
+        "router": {
+            "model": MINILM,
+            "checkpoint": "router",
+            "resources": {"num_cpus": 0.5},
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+        },
+        "experts": entries,
+        "objective": {"weights": {"size": 0.0, "recency": 0.0}},
+    }
+
+
+def write_library(path: Path, experts: list[Expert], measured: dict | None, header: str) -> Path:
+    """Write a library file atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + library_to_yaml(library_dict(experts, measured)))
+    tmp.replace(path)
+    return path
+
+
+def untrained_router(out: Path, names: list[str]) -> None:
+    """A head that predicts the same loss for every expert: the profile step's placeholder."""
+    from serve_app.router import HeadConfig, RouterHead, save_head
+
+    save_head(RouterHead(HeadConfig(experts=names, target_mean=[2.0] * len(names))), out)
+
+
+# --- the build ----------------------------------------------------------------------------
+
+
+def build_demo(
+    out: str | Path = "libraries/demo",
+    corpus: str | Path | None = None,
+    cfg: DemoConfig | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Build (or finish building) the demo library in `out`; returns what it holds."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no "loading weights" bars and length warnings per expert
+    hf_logging.disable_progress_bar()
+    cfg = cfg or DemoConfig()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda msg: print(f"demo: {msg}", file=sys.stderr, flush=True))
+    steps = Steps(out, log)
+    # Deterministic: the same seed gives the same weights on this machine.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # 1. corpus
+    described: dict[str, str] = {}
+    if corpus is None:
+        from serve_app.demo.harvest import DOMAINS, harvest
+
+        described = dict(DOMAINS)
+        corpus = out / "corpus"
+        settings = {"max_docs": cfg.max_docs, "seed": cfg.seed}
+        res = steps.run(
+            "corpus",
+            _key("harvest", settings),
+            lambda: {
+                "docs": harvest(corpus, max_docs=cfg.max_docs, seed=cfg.seed, progress=progress)
+            },
+        )
+        corpus_key = _key("harvest", settings, res)
+    else:
+        corpus = Path(corpus).resolve()
+        if not corpus.is_dir():
+            raise BuildError(f"no corpus folder at {corpus}; pass a folder of DOMAIN/*.jsonl")
+        corpus_key = _key("corpus", _corpus_stamp(corpus))
+
+    # 2. split
+    split_key = _key(
+        corpus_key,
+        cfg.seed,
+        cfg.max_docs,
+        cfg.min_chars,
+        cfg.heldout_fraction,
+        cfg.router_fraction,
+        cfg.min_lm_docs,
+    )
+    split = steps.run("split", split_key, lambda: write_split(corpus, out, cfg))
+    domains = split["domains"]
+    lm_docs = split_docs(out, "lm")
+
+    # 3. tokenizer
+    tok_key = _key(split_key, cfg.lm.vocab_size, cfg.lm.block, cfg.tokenizer_chars)
+    steps.run("tokenizer", tok_key, lambda: build_tokenizer(out, lm_docs, cfg) or {})
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+
+    # 4. experts: generalists on every domain, then specialists from the small one
+    data = streams(tokenizer, lm_docs)
+    lm = dataclasses.asdict(cfg.lm)
+    built: dict[str, dict] = {}
+    plan: list[tuple[str, str | None]] = [(GENERAL_S, None), (GENERAL_L, None)]
+    plan += [(expert_name(d), d) for d in domains]
+    names = [n for n, _ in plan]
+    if len(set(names)) != len(names):
+        raise BuildError(f"two domains give the same expert name: {', '.join(names)}")
+    keys = {}
+    for i, (name, domain) in enumerate(plan):
+        seed = cfg.seed * 1000 + i
+        if domain is None:
+            size = cfg.lm.small if name == GENERAL_S else cfg.lm.large
+            keys[name] = _key(tok_key, lm, name, seed)
+            work = lambda name=name, size=size, seed=seed: train_expert(  # noqa: E731
+                out,
+                name,
+                tokenizer,
+                list(data.values()),
+                cfg,
+                size=size,
+                seed=seed,
+                progress=progress,
+            )
+        else:
+            keys[name] = _key(keys[GENERAL_S], lm, name, domain, seed)
+            work = lambda name=name, domain=domain, seed=seed: train_expert(  # noqa: E731
+                out,
+                name,
+                tokenizer,
+                [data[domain]],
+                cfg,
+                base=GENERAL_S,
+                seed=seed,
+                progress=progress,
+            )
+        built[name] = steps.run(f"expert-{name}", keys[name], work)
+
+    experts = []
+    for i, (name, domain) in enumerate(plan):
+        released = FIRST_RELEASE + dt.timedelta(days=30 * i)
+        if domain is None:
+            kind = "Small" if name == GENERAL_S else "Larger"
+            desc = (
+                f"{kind} generalist causal LM trained on all {len(domains)} domains of the "
+                f"demo corpus ({', '.join(domains)})."
+            )
+        else:
+            desc = (
+                f"Small causal LM specialised in {blurb(domain, described)} ({domain}): "
+                f"{GENERAL_S} trained further on the {domain} corpus."
+            )
+        experts.append(Expert(name, domain, built[name]["params"], released.isoformat(), desc))
+
+    # 5. check
+    heldout = split_docs(out, "heldout")
+    check_key = _key([keys[n] for n in names], split_key, cfg.check_docs)
+    losses = steps.run(
+        "check", check_key, lambda: {"losses": heldout_losses(out, names, heldout, cfg, progress)}
+    )["losses"]
+    failures = check_experts(losses, {d: expert_name(d) for d in domains})
+    if failures:
+        raise BuildError(
+            "the experts are not a real demo: "
+            + "; ".join(failures)
+            + " (train longer: more general_steps / special_steps, or more documents)"
+        )
+
+    # 6. profile the router split, 7. train the router
+    partial = out / "library.partial.yaml"
+    header = "# The demo library written by `tryage demo build`.\n"
+    write_library(partial, experts, None, header)
+    if not (out / "router" / "router.json").exists():
+        untrained_router(out / "router", names)
+    router_prompts = [
+        p for d in domains for p in split_docs(out, "router").get(d, [])[: cfg.router_docs]
+    ]
+    profile_path = out / "profiles" / "router.parquet"
+    profile_key = _key(check_key, [p.id for p in router_prompts], cfg.generate, cfg.new_tokens)
+    steps.run(
+        "profile",
+        profile_key,
+        lambda: _profile(partial, router_prompts, profile_path, cfg, progress),
+    )
+    measured = _measures(profile_path)
+    write_library(partial, experts, measured, header)
+
+    router_key = _key(profile_key, cfg.seed)
+    report = steps.run("router", router_key, lambda: _train_router(partial, profile_path, out, cfg))
+
+    # 8. the library, last
+    library = write_library(out / "library.yaml", experts, measured, header)
+    partial.unlink()
+    load_library(library)  # it must load as any library does
+    result = BuildResult(library, domains, experts, losses, report, steps.seconds)
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "domains": domains,
+                "experts": [dataclasses.asdict(e) for e in experts],
+                "heldout_bpb": losses,
+                "router_validation": report,
+                "split": split["counts"],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    return result
+
+
+def _corpus_stamp(corpus: Path) -> list:
+    """What identifies a corpus folder: its data files' names, sizes and modification times."""
+    from serve_app.data import data_files
+
+    return [
+        (str(f.relative_to(corpus)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in data_files(corpus)
+    ]
+
+
+def _profile(
+    library_path: Path, prompts: list[Prompt], path: Path, cfg: DemoConfig, progress: bool
+) -> dict:
+    import ray
+
+    from serve_app.profile import profile
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(log_to_driver=False)
+    try:
+        run = profile(
+            load_library(library_path),
+            prompts,
+            path,
+            generate=cfg.generate,
+            new_tokens=cfg.new_tokens,
+            progress=progress,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    return {"rows": run.table.num_rows}
+
+
+def _measures(profile_path: Path) -> dict:
+    from serve_app.profile import measures, read_profile
+
+    return measures(read_profile(profile_path))
+
+
+def _train_router(library_path: Path, profile_path: Path, out: Path, cfg: DemoConfig) -> dict:
+    from serve_app.profile import read_profile
+    from serve_app.train import TrainConfig, train
+
+    report = train(
+        load_library(library_path),
+        read_profile(profile_path),
+        out / "router",
+        TrainConfig(seed=cfg.seed),
+        cache=profile_path.with_name(profile_path.name + ".embeddings"),
+    )
+    return dataclasses.asdict(report)
