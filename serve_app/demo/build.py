@@ -89,7 +89,7 @@ PRESETS: dict[str, DemoConfig] = {
             large=ModelSize(width=64, layers=2, heads=2),
             batch_size=16,
             general_steps=60,
-            special_steps=30,
+            special_steps=40,
         ),
         max_docs=120,
         check_docs=12,
@@ -297,7 +297,7 @@ def train_expert(
     tail = losses[-10:]
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "final_train_loss": sum(tail) / len(tail),
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
     }
 
 
@@ -473,7 +473,9 @@ def build_demo(
 
     # 4. experts: generalists on every domain, then specialists from the small one
     data = streams(tokenizer, lm_docs)
-    lm = dataclasses.asdict(cfg.lm)
+    # A generalist's key leaves out the specialists' settings, so tuning those retrains only them.
+    special = {k: v for k, v in dataclasses.asdict(cfg.lm).items() if k.startswith("special_")}
+    general = {k: v for k, v in dataclasses.asdict(cfg.lm).items() if k not in special}
     built: dict[str, dict] = {}
     plan: list[tuple[str, str | None]] = [(GENERAL_S, None), (GENERAL_L, None)]
     plan += [(expert_name(d), d) for d in domains]
@@ -485,7 +487,7 @@ def build_demo(
         seed = cfg.seed * 1000 + i
         if domain is None:
             size = cfg.lm.small if name == GENERAL_S else cfg.lm.large
-            keys[name] = _key(tok_key, lm, name, seed)
+            keys[name] = _key(tok_key, general, name, seed)
             work = lambda name=name, size=size, seed=seed: train_expert(  # noqa: E731
                 out,
                 name,
@@ -497,7 +499,7 @@ def build_demo(
                 progress=progress,
             )
         else:
-            keys[name] = _key(keys[GENERAL_S], lm, name, domain, seed)
+            keys[name] = _key(keys[GENERAL_S], general, special, name, domain, seed)
             work = lambda name=name, domain=domain, seed=seed: train_expert(  # noqa: E731
                 out,
                 name,

@@ -34,13 +34,13 @@ class LMConfig:
     vocab_size: int = 2048
     block: int = 128  # context length: n_positions and training window
     small: ModelSize = ModelSize(width=128, layers=2, heads=4)
-    large: ModelSize = ModelSize(width=192, layers=4, heads=4)
+    large: ModelSize = ModelSize(width=192, layers=3, heads=4)
     batch_size: int = 24  # windows a step
     general_steps: int = 200  # each generalist
-    special_steps: int = 60  # each specialist, from the small generalist
+    special_steps: int = 80  # each specialist, from the small generalist
     lr: float = 3e-3  # the small generalist
     large_lr: float = 2e-3  # the larger generalist: larger models want a smaller step
-    special_lr: float = 1e-3
+    special_lr: float = 3e-3
     warmup: float = 0.1  # share of the steps with a linear warm-up; then cosine to lr / 10
     weight_decay: float = 0.1
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from ray import serve
@@ -37,8 +38,8 @@ def test_the_build_writes_a_library_of_generalists_and_one_specialist_per_domain
     assert released == sorted(released) and len(set(released)) == len(released)
     assert "code" in experts["code-s"].description
     for e in library.experts:  # safetensors weights beside their tokenizer
-        assert (e.model / "model.safetensors").is_file()
-        assert (e.model / "tokenizer.json").is_file()
+        assert (Path(e.model) / "model.safetensors").is_file()
+        assert (Path(e.model) / "tokenizer.json").is_file()
         assert e.verbosity is not None  # measured by the profile
 
 
