@@ -561,7 +561,9 @@ def build_demo(
     measured = _measures(profile_path)
     write_library(partial, experts, measured, header)
 
-    router_key = _key(profile_key, cfg.seed)
+    from serve_app.train import TrainConfig
+
+    router_key = _key(profile_key, dataclasses.asdict(TrainConfig(seed=cfg.seed)))
     report = steps.run("router", router_key, lambda: _train_router(partial, profile_path, out, cfg))
 
     # 8. the library, last
