@@ -240,3 +240,11 @@ def test_select_is_seeded_distinct_and_keeps_the_first_source():
     assert len(select(docs, max_docs=2, seed=0)) == 2
     many = [(str(i), "s") for i in range(50)]
     assert select(many, 50, 0) != select(many, 50, 1)
+
+
+def test_this_project_s_own_distribution_is_left_out():
+    from serve_app.demo.harvest import _distributions
+
+    assert importlib.metadata.distribution("tryage")  # installed (editable) beside the others
+    names = {d.metadata["Name"].lower() for d in _distributions()}
+    assert "tryage" not in names and "torch" in names
