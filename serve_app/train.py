@@ -13,7 +13,7 @@ softmax(-true / T) over the experts, T = `rank_temperature` bits per byte. The f
 how hard a prompt is, the second how the experts compare on it, the third which one is best,
 which is what routing needs: the squared errors weigh every expert alike, so an MLP spends its
 capacity on how bad the worst experts are, while the argmin depends on the best few (on the
-11-domain routing benchmark the listwise term raised held-out top-1 from 0.835 to 0.905).
+11-domain routing benchmark the listwise term raised held-out top-1 from 0.835 to 0.902).
 The split is fixed by prompt id and seed (serve_app.data.in_split); training
 stops when the validation error has not improved for `patience` epochs and keeps the best head.
 """
