@@ -146,14 +146,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if same != (_shown(out / "library.yaml"), args.preset, _shown(corpus)):
             previous = None
 
-    import ray
-
     from serve_app.demo.build import PRESETS, build_demo
+    from serve_app.profile import ray_session
 
-    started = not ray.is_initialized()
-    if started:  # one Ray for the build's profile, evaluate and pareto
-        ray.init(log_to_driver=False, include_dashboard=False)
-    try:
+    # One Ray for the build's profile, evaluate and pareto.
+    with ray_session(include_dashboard=False):
         start = time.perf_counter()
         built = build_demo(out, corpus, PRESETS[args.preset], progress=not args.quiet)
         build_s = time.perf_counter() - start
@@ -171,9 +168,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         _cli(["pareto", *common, "--weight", "size", "--out", str(sweep_dir)])
         pareto_s = time.perf_counter() - start
-    finally:
-        if started:
-            ray.shutdown()
 
     args.docs.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sweep_dir / "pareto.png", args.docs / PNG)

@@ -79,12 +79,12 @@ def _prompts(args: argparse.Namespace) -> list:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Measure every expert on every prompt; store verbosity and readability in the library."""
     from serve_app.config import load_library
-    from serve_app.profile import profile, write_measures
+    from serve_app.profile import profile, ray_session, write_measures
 
     library = load_library(args.library)
     prompts = _prompts(args)
     print(f"profiling {len(library.experts)} experts on {len(prompts)} prompts", file=sys.stderr)
-    with _ray():
+    with ray_session():
         run = profile(
             library,
             prompts,
@@ -155,7 +155,7 @@ def _truth(args: argparse.Namespace, library) -> tuple:
     import hashlib
 
     from serve_app.evaluate import trained_ids
-    from serve_app.profile import profile
+    from serve_app.profile import profile, ray_session
 
     prompts = _prompts(args)
     if not args.include_trained:
@@ -173,7 +173,7 @@ def _truth(args: argparse.Namespace, library) -> tuple:
     key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
     out = args.profile or args.library.resolve().parent / "profiles" / f"eval-{key}.parquet"
     print(f"measuring every expert on {len(prompts)} prompts ({out})", file=sys.stderr)
-    with _ray():
+    with ray_session():
         return profile(library, prompts, out, generate=0, progress=not args.quiet).table
 
 
@@ -226,24 +226,6 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     print(f"non-dominated: {front}")
     print(f"wrote {args.out / 'pareto.csv'} and {args.out / 'pareto.png'}")
     return 0
-
-
-class _ray:
-    """Start Ray (or join RAY_ADDRESS's cluster) for an offline command; stop what we start."""
-
-    def __enter__(self):
-        import ray
-
-        self.started = not ray.is_initialized()
-        if self.started:
-            ray.init(log_to_driver=False)
-        return self
-
-    def __exit__(self, *exc):
-        import ray
-
-        if self.started:
-            ray.shutdown()
 
 
 def parser() -> argparse.ArgumentParser:

@@ -128,7 +128,13 @@ def in_split(pid: str, fraction: float, seed: int = 0) -> bool:
     Salted apart from the sampling order of `load_prompts`: a sample drawn there is not all
     on one side of a split.
     """
-    return int(_draw(seed, f"split:{pid}")[:8], 16) / 0xFFFFFFFF < fraction
+    return unit_draw(pid, seed, "split") < fraction
+
+
+def unit_draw(pid: str, seed: int, salt: str) -> float:
+    """A number in [0, 1] fixed by a prompt's id, the seed and `salt` (one salt per use, so
+    two splits drawn for the same prompts are independent)."""
+    return int(_draw(seed, f"{salt}:{pid}")[:8], 16) / 0xFFFFFFFF
 
 
 def prompts_table(prompts: list[Prompt]) -> pa.Table:

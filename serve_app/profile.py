@@ -22,13 +22,14 @@ made, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,22 @@ def _done(out: Path, prints: dict[str, str]) -> pa.Table:
 
 
 # --- the job -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_session(**init: Any) -> Iterator[None]:
+    """Use the Ray already running (or RAY_ADDRESS's cluster, or start a local one) for an
+    offline job; shut down only what this started. `init` goes to `ray.init`."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(log_to_driver=False, **init)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,14 @@ class RouterHead(nn.Module):
         return self.forward(emb) * self.std + self.mean
 
 
+def save_untrained_head(folder: str | Path, experts: list[str], loss: float) -> Path:
+    """A head that predicts about `loss` bits per byte for every expert, before any training:
+    a library's placeholder until `tryage train` writes a real one."""
+    return save_head(
+        RouterHead(HeadConfig(experts=experts, target_mean=[loss] * len(experts))), folder
+    )
+
+
 def save_head(head: RouterHead, folder: str | Path, encoder: str = "minilm") -> Path:
     """Write `router.json` and `head.safetensors` into `folder`."""
     from safetensors.torch import save_file

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from serve_app.config import MINILM, library_to_yaml
-from serve_app.router import HeadConfig, RouterHead, save_head
+from serve_app.router import save_untrained_head
 
 SPECIALS = ["<|endoftext|>", "<pad>", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
 
@@ -106,6 +106,22 @@ def build_expert(task: str, vocab: int, width: int, layers: int, seed: int):
     return BertForMaskedLM(cfg)
 
 
+def laptop_library(experts: list[dict], router_resources: dict) -> dict:
+    """A library mapping with one router replica on the packaged MiniLM, its head in
+    `router/`, short batching waits and no default weights (smoke and demo libraries)."""
+    return {
+        "router": {
+            "model": MINILM,
+            "checkpoint": "router",
+            "resources": router_resources,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+        },
+        "experts": experts,
+        "objective": {"weights": {"size": 0.0, "recency": 0.0}},
+    }
+
+
 def build_smoke_library(out: str | Path, *, gpus: bool = False, seed: int = 0) -> Path:
     """Write a tiny random library to `out/library.yaml`; returns that path."""
     out = Path(out)
@@ -134,23 +150,10 @@ def build_smoke_library(out: str | Path, *, gpus: bool = False, seed: int = 0) -
             }
         )
     torch.manual_seed(seed)
-    names = [e["name"] for e in experts]
     # Untrained: a random head around a plausible loss (log2 of the vocabulary per ~3 bytes).
     prior = float(torch.log2(torch.tensor(float(vocab))) / 3)
-    save_head(
-        RouterHead(HeadConfig(experts=names, target_mean=[prior] * len(names))), out / "router"
-    )
-    library = {
-        "router": {
-            "model": MINILM,
-            "checkpoint": "router",
-            "resources": {"num_gpus": 1} if gpus else {"num_cpus": 0.5},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
-        },
-        "experts": experts,
-        "objective": {"weights": {"size": 0.0, "recency": 0.0}},
-    }
+    save_untrained_head(out / "router", [e["name"] for e in experts], prior)
+    library = laptop_library(experts, {"num_gpus": 1} if gpus else {"num_cpus": 0.5})
     path = out / "library.yaml"
     header = (
         "# Smoke library written by `tryage smoke-library`: random weights, untrained router.\n"

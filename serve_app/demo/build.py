@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import sys
@@ -34,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_app.config import MINILM, LibraryError, library_to_yaml, load_library
-from serve_app.data import Prompt, _draw, load_prompts
+from serve_app.config import LibraryError, library_to_yaml, load_library
+from serve_app.data import Prompt, load_prompts, unit_draw
 from serve_app.demo.lm import LMConfig, ModelSize
 
 GENERAL_S, GENERAL_L = "general-s", "general-l"
@@ -194,7 +195,7 @@ class Steps:
 
 def split_of(pid: str, cfg: DemoConfig) -> str:
     """'heldout', 'router' or 'lm' for a document, fixed by its id and the seed."""
-    u = int(_draw(cfg.seed, f"demo-split:{pid}")[:8], 16) / 0xFFFFFFFF
+    u = unit_draw(pid, cfg.seed, "demo-split")
     if u < cfg.heldout_fraction:
         return "heldout"
     return "router" if u < cfg.heldout_fraction + cfg.router_fraction else "lm"
@@ -358,6 +359,8 @@ def blurb(domain: str, described: dict[str, str]) -> str:
 
 def library_dict(experts: list[Expert], measured: dict[str, dict] | None = None) -> dict:
     """The demo's library.yaml as a dict: CPU fractions that fit a laptop, scale to zero."""
+    from serve_app.smoke import laptop_library
+
     measured = measured or {}
     entries = []
     for e in experts:
@@ -375,17 +378,7 @@ def library_dict(experts: list[Expert], measured: dict[str, dict] | None = None)
             if measured.get(e.name, {}).get(key) is not None:
                 entry[key] = round(measured[e.name][key], 3)
         entries.append(entry)
-    return {
-        "router": {
-            "model": MINILM,
-            "checkpoint": "router",
-            "resources": {"num_cpus": 0.5},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
-        },
-        "experts": entries,
-        "objective": {"weights": {"size": 0.0, "recency": 0.0}},
-    }
+    return laptop_library(entries, {"num_cpus": 0.5})
 
 
 def write_library(path: Path, experts: list[Expert], measured: dict | None, header: str) -> Path:
@@ -394,13 +387,6 @@ def write_library(path: Path, experts: list[Expert], measured: dict | None, head
     tmp.write_text(header + library_to_yaml(library_dict(experts, measured)))
     tmp.replace(path)
     return path
-
-
-def untrained_router(out: Path, names: list[str]) -> None:
-    """A head that predicts the same loss for every expert: the profile step's placeholder."""
-    from serve_app.router import HeadConfig, RouterHead, save_head
-
-    save_head(RouterHead(HeadConfig(experts=names, target_mean=[2.0] * len(names))), out)
 
 
 # --- the build ----------------------------------------------------------------------------
@@ -417,6 +403,9 @@ def build_demo(
     """Build (or finish building) the demo library in `out`; returns what it holds."""
     import torch
     from transformers.utils import logging as hf_logging
+
+    from serve_app.profile import measures, read_profile
+    from serve_app.train import TrainConfig
 
     hf_logging.set_verbosity_error()  # no "loading weights" bars and length warnings per expert
     hf_logging.disable_progress_bar()
@@ -472,7 +461,8 @@ def build_demo(
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
 
     # 4. experts: generalists on every domain, then specialists from the small one
-    data = streams(tokenizer, lm_docs)
+    # Tokenised only if an expert is (re)trained: a finished build skips it.
+    data = functools.cache(lambda: streams(tokenizer, lm_docs))
     # A generalist's key leaves out the specialists' settings, so tuning those retrains only them.
     special = {k: v for k, v in dataclasses.asdict(cfg.lm).items() if k.startswith("special_")}
     general = {k: v for k, v in dataclasses.asdict(cfg.lm).items() if k not in special}
@@ -486,30 +476,18 @@ def build_demo(
     for i, (name, domain) in enumerate(plan):
         seed = cfg.seed * 1000 + i
         if domain is None:
-            size = cfg.lm.small if name == GENERAL_S else cfg.lm.large
             keys[name] = _key(tok_key, general, name, seed)
-            work = lambda name=name, size=size, seed=seed: train_expert(  # noqa: E731
-                out,
-                name,
-                tokenizer,
-                list(data.values()),
-                cfg,
-                size=size,
-                seed=seed,
-                progress=progress,
-            )
+            start = {"size": cfg.lm.small if name == GENERAL_S else cfg.lm.large}
         else:
             keys[name] = _key(keys[GENERAL_S], general, special, name, domain, seed)
-            work = lambda name=name, domain=domain, seed=seed: train_expert(  # noqa: E731
-                out,
-                name,
-                tokenizer,
-                [data[domain]],
-                cfg,
-                base=GENERAL_S,
-                seed=seed,
-                progress=progress,
+            start = {"base": GENERAL_S}
+
+        def work(name=name, domain=domain, seed=seed, start=start) -> dict[str, Any]:
+            on = list(data().values()) if domain is None else [data()[domain]]
+            return train_expert(
+                out, name, tokenizer, on, cfg, seed=seed, progress=progress, **start
             )
+
         built[name] = steps.run(f"expert-{name}", keys[name], work)
 
     experts = []
@@ -546,11 +524,12 @@ def build_demo(
     partial = out / "library.partial.yaml"
     header = "# The demo library written by `tryage demo build`.\n"
     write_library(partial, experts, None, header)
-    if not (out / "router" / "router.json").exists():
-        untrained_router(out / "router", names)
-    router_prompts = [
-        p for d in domains for p in split_docs(out, "router").get(d, [])[: cfg.router_docs]
-    ]
+    if not (out / "router" / "router.json").exists():  # the profile step's placeholder
+        from serve_app.router import save_untrained_head
+
+        save_untrained_head(out / "router", names, 2.0)
+    router_split = split_docs(out, "router")
+    router_prompts = [p for d in domains for p in router_split.get(d, [])[: cfg.router_docs]]
     profile_path = out / "profiles" / "router.parquet"
     profile_key = _key(check_key, [p.id for p in router_prompts], cfg.generate, cfg.new_tokens)
     steps.run(
@@ -558,13 +537,17 @@ def build_demo(
         profile_key,
         lambda: _profile(partial, router_prompts, profile_path, cfg, progress),
     )
-    measured = _measures(profile_path)
+    table = read_profile(profile_path)
+    measured = measures(table)
     write_library(partial, experts, measured, header)
 
-    from serve_app.train import TrainConfig
-
-    router_key = _key(profile_key, dataclasses.asdict(TrainConfig(seed=cfg.seed)))
-    report = steps.run("router", router_key, lambda: _train_router(partial, profile_path, out, cfg))
+    train_cfg = TrainConfig(seed=cfg.seed)
+    router_key = _key(profile_key, dataclasses.asdict(train_cfg))
+    report = steps.run(
+        "router",
+        router_key,
+        lambda: _train_router(partial, table, profile_path, out / "router", train_cfg),
+    )
 
     # 8. the library, last
     library = write_library(out / "library.yaml", experts, measured, header)
@@ -600,14 +583,9 @@ def _corpus_stamp(corpus: Path) -> list:
 def _profile(
     library_path: Path, prompts: list[Prompt], path: Path, cfg: DemoConfig, progress: bool
 ) -> dict:
-    import ray
+    from serve_app.profile import profile, ray_session
 
-    from serve_app.profile import profile
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(log_to_driver=False)
-    try:
+    with ray_session():
         run = profile(
             load_library(library_path),
             prompts,
@@ -616,27 +594,14 @@ def _profile(
             new_tokens=cfg.new_tokens,
             progress=progress,
         )
-    finally:
-        if started:
-            ray.shutdown()
     return {"rows": run.table.num_rows}
 
 
-def _measures(profile_path: Path) -> dict:
-    from serve_app.profile import measures, read_profile
+def _train_router(
+    library_path: Path, table: Any, profile_path: Path, checkpoint: Path, cfg: Any
+) -> dict:
+    from serve_app.train import train
 
-    return measures(read_profile(profile_path))
-
-
-def _train_router(library_path: Path, profile_path: Path, out: Path, cfg: DemoConfig) -> dict:
-    from serve_app.profile import read_profile
-    from serve_app.train import TrainConfig, train
-
-    report = train(
-        load_library(library_path),
-        read_profile(profile_path),
-        out / "router",
-        TrainConfig(seed=cfg.seed),
-        cache=profile_path.with_name(profile_path.name + ".embeddings"),
-    )
+    cache = profile_path.with_name(profile_path.name + ".embeddings")
+    report = train(load_library(library_path), table, checkpoint, cfg, cache=cache)
     return dataclasses.asdict(report)
