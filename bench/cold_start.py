@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,6 +27,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from serve_app.session import machine_info, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 # Scale to zero a second after the last request; metrics reported often enough to notice.
@@ -50,12 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="output folder")
     p.add_argument("--deadline-s", type=float, default=120, help="longest wait for a scale-down")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request_for(expert: Any) -> dict[str, Any]:
@@ -119,9 +113,6 @@ def run(library_path: Path, names: list[str], repeats: int, deadline_s: float) -
     """Serve the library on a fresh local Ray and time `repeats` cold starts of each expert
     named (all when `names` is empty)."""
     import httpx
-    import ray
-    import torch
-    from ray import serve
     from tqdm import tqdm
 
     from serve_app.app import build_graph
@@ -133,16 +124,13 @@ def run(library_path: Path, names: list[str], repeats: int, deadline_s: float) -
     others = [e for e in library.experts if e.name not in {x.name for x in fast}]
     library = library.model_copy(update={"experts": fast + others})
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))
     load_before = os.getloadavg()[0]  # a busy machine slows every cold start: report it too
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    port, app = free_port(), "cold-start-bench"
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_graph(library), name=app, route_prefix="/")
+    app = "cold-start-bench"
+    serve_it = serving(build_graph(library), name=app, address="local", include_dashboard=False)
+    with serve_it as url:
         results: dict[str, Any] = {}
         with (
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client,
+            httpx.Client(base_url=url, timeout=600) as client,
             tqdm(total=repeats * len(fast), desc="cold starts", unit="start") as bar,
         ):
             for expert in fast:
@@ -156,21 +144,10 @@ def run(library_path: Path, names: list[str], repeats: int, deadline_s: float) -
                     "median": summarise(trials),
                     "trials": trials,
                 }
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return {
         "library": str(library_path),
         "repeats": repeats,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        },
+        "machine": {**machine_info(), "load_average_1m_before": load_before},
         "experts": results,
     }
 
@@ -200,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         library = args.library
         if library is None:
-            from serve_app.smoke import build_smoke_library
+            from serve_app.demo.smoke import build_smoke_library
 
             print("building the smoke library ...", file=sys.stderr)
             library = build_smoke_library(Path(tmp) / "smoke")
@@ -220,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "cold_start.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    cpus, load = report["machine"]["cpus"], report["machine"]["load_average_1min"]
+    m = report["machine"]
     print(
         f"median of {args.repeats} cold starts per expert, seconds (every trial in {path}); "
-        f"{cpus} CPUs, load average {load['before']:.1f} -> {load['after']:.1f}:"
+        f"{m['cpus']} CPUs, load average {m['load_average_1m_before']:.1f} -> "
+        f"{m['load_average_1m']:.1f}:"
     )
     print(table(report))
     return 0

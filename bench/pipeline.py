@@ -12,7 +12,7 @@ times each stage as the command line runs it, in one local Ray:
               and every baseline
 
 Data: `../shared/corpora` when it is beside the checkout, else the standard-library corpus
-(`serve_app.data.stdlib_prompts`). Prints a table and writes `OUT/pipeline.json` with the
+(`serve_app.learn.data.stdlib_prompts`). Prints a table and writes `OUT/pipeline.json` with the
 machine it ran on.
 """
 
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from serve_app.session import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _data(args: argparse.Namespace, tmp: Path) -> Path:
     """The data path: --data, else ../shared/corpora, else the standard-library corpus."""
-    from serve_app.data import SHARED_CORPORA, stdlib_prompts
+    from serve_app.learn.data import SHARED_CORPORA, stdlib_prompts
 
     if args.data:
         return args.data
@@ -57,54 +57,57 @@ def _data(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import ray
-
-    from serve_app.config import load_library
-    from serve_app.data import load_prompts
-    from serve_app.evaluate import evaluate, trained_ids
-    from serve_app.profile import profile
-    from serve_app.smoke import build_smoke_library
-    from serve_app.train import TrainConfig, train
+    from serve_app.session import ray_session
 
     tmp = Path(tempfile.mkdtemp(prefix="tryage-bench-"))
     try:
-        if args.library:
-            shutil.copytree(args.library.parent, tmp / "lib")
-            lib = tmp / "lib" / args.library.name
-        else:
-            lib = build_smoke_library(tmp / "lib")
-        data = _data(args, tmp)
-        library = load_library(lib)
-        train_prompts = load_prompts(data, per_domain=args.per_domain, seed=0)
-        ray.init(address="local", log_to_driver=False, include_dashboard=False)
-        figures: dict = {"prompts": len(train_prompts), "experts": library.names}
-
-        start = time.perf_counter()
-        table = profile(library, train_prompts, tmp / "profile.parquet", generate=0).table
-        figures["profile_s"] = time.perf_counter() - start
-        seconds = {}
-        for row in table.select(["expert", "seconds"]).to_pylist():
-            seconds[row["expert"]] = seconds.get(row["expert"], 0.0) + row["seconds"]
-        figures["rows_per_s"] = {e: len(train_prompts) / s for e, s in seconds.items()}
-
-        start = time.perf_counter()
-        train(library, table, tmp / "lib" / "router", TrainConfig(mode="frozen"))
-        figures["train_s"] = time.perf_counter() - start
-
-        library = load_library(lib)
-        seen = trained_ids(library.router.checkpoint)
-        held_out = [
-            p for p in load_prompts(data, per_domain=args.per_domain, seed=1) if p.id not in seen
-        ]
-        start = time.perf_counter()
-        truth = profile(library, held_out, tmp / "eval.parquet", generate=0, progress=False)
-        result, _, _ = evaluate(library, truth.table)
-        figures["evaluate_s"] = time.perf_counter() - start
-        figures["evaluate_prompts"] = result.n
-        return figures
+        with ray_session(address="local", include_dashboard=False):
+            return _measure(args, tmp)
     finally:
-        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, tmp: Path) -> dict:
+    """Profile, train and evaluate in `tmp`; the figures."""
+    from serve_app.config import load_library
+    from serve_app.demo.smoke import build_smoke_library
+    from serve_app.learn.data import load_prompts
+    from serve_app.learn.evaluate import evaluate, held_out, measure_truth
+    from serve_app.learn.profile import ProfileConfig, profile
+    from serve_app.learn.train import TrainConfig, train
+
+    if args.library:
+        shutil.copytree(args.library.parent, tmp / "lib")
+        lib = tmp / "lib" / args.library.name
+    else:
+        lib = build_smoke_library(tmp / "lib")
+    data = _data(args, tmp)
+    library = load_library(lib)
+    train_prompts = load_prompts(data, per_domain=args.per_domain, seed=0)
+    figures: dict = {"prompts": len(train_prompts), "experts": library.names}
+
+    start = time.perf_counter()
+    table = profile(
+        library.experts, train_prompts, tmp / "profile.parquet", ProfileConfig(generate=0)
+    ).table
+    figures["profile_s"] = time.perf_counter() - start
+    seconds = {}
+    for row in table.select(["expert", "seconds"]).to_pylist():
+        seconds[row["expert"]] = seconds.get(row["expert"], 0.0) + row["seconds"]
+    figures["rows_per_s"] = {e: len(train_prompts) / s for e, s in seconds.items()}
+
+    start = time.perf_counter()
+    train(library, table, tmp / "lib" / "router", TrainConfig(mode="frozen"))
+    figures["train_s"] = time.perf_counter() - start
+
+    library = load_library(lib)
+    prompts = held_out(library, load_prompts(data, per_domain=args.per_domain, seed=1))
+    start = time.perf_counter()
+    truth = measure_truth(library, prompts, tmp / "eval.parquet", progress=False)
+    result, _, _ = evaluate(library, truth)
+    figures["evaluate_s"] = time.perf_counter() - start
+    figures["evaluate_prompts"] = result.n
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = run(args)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_1m": os.getloadavg()[0],
-        },
+        "machine": machine_info(),
         "per_domain": args.per_domain,
         **figures,
     }

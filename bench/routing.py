@@ -5,9 +5,10 @@
 
 1. build    the demo library from the corpus into OUT (`tryage demo build`'s code; resumable:
             a rerun skips finished steps), timed per step
-2. evaluate `tryage evaluate --json` on OUT/data/heldout, documents neither the experts nor the
-            router were trained on, N per domain (seed 0); the figures are the command's own
-3. pareto   `tryage pareto --weight size` on the same prompts (the truth profile is shared)
+2. evaluate what `tryage evaluate --json` reports (serve_app.learn.evaluate, the same code) on
+            OUT/data/heldout, documents neither the experts nor the router were trained on,
+            N per domain (seed 0)
+3. pareto   what `tryage pareto --weight size` draws, on the same prompts (one truth profile)
 
 Writes RESULTS (default bench/results/routing.json), DOCS/routing-benchmark.md, and the Pareto
 plot and table DOCS/routing-pareto-size.png and .csv; prints the overall table. `render` makes
@@ -17,19 +18,18 @@ the page from the results alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as dt
-import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from serve_app.session import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = "routing-benchmark.md"
@@ -38,7 +38,7 @@ PNG, CSV = "routing-pareto-size.png", "routing-pareto-size.csv"
 TOP1_MARGIN = 0.05
 #: The router's regret is at most this share of best_single's.
 REGRET_SHARE = 0.25
-#: What each method is, for the page (serve_app.evaluate's definitions).
+#: What each method is, for the page (serve_app.learn.evaluate's definitions).
 METHODS = {
     "router": "the trained router: the expert with the lowest predicted loss",
     "oracle": "the expert with the lowest true loss (the ceiling: top-1 1, regret 0)",
@@ -65,47 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine() -> dict[str, Any]:
-    """What the benchmark ran on."""
-    import ray
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "load_average_1m": os.getloadavg()[0],
-    }
-
-
 def _shown(path: Path) -> str:
     """A path relative to the checkout when it is inside it or beside it (../shared)."""
     path = path.resolve()
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT.parent) else str(path)
-
-
-def _cli(argv: list[str]) -> str:
-    """Run a `tryage` command in this process; its stdout, or BenchError if it failed."""
-    from serve_app.cli import main as tryage
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = tryage(argv)
-    if code != 0:
-        raise BenchError(f"tryage {' '.join(argv[:1])} failed (exit {code}); see its message above")
-    return out.getvalue()
-
-
-def _json_tail(text: str) -> dict:
-    """The JSON object `tryage evaluate --json` printed: from the last line that is "{"."""
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if line == "{"]
-    if not starts:
-        raise BenchError(f"tryage evaluate printed no JSON object: {text[-2000:]!r}")
-    return json.loads("\n".join(lines[starts[-1] :]))
 
 
 def _eval_profiles(out: Path) -> dict[str, int]:
@@ -128,7 +91,7 @@ def _build_seconds(seconds: dict[str, float], previous: dict | None) -> dict[str
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Build, evaluate and sweep; the results dict that `render` turns into the page."""
-    from serve_app.data import SHARED_CORPORA
+    from serve_app.learn.data import SHARED_CORPORA
 
     corpus = (args.corpus or SHARED_CORPORA).resolve()
     if not corpus.is_dir():
@@ -146,8 +109,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if same != (_shown(out / "library.yaml"), args.preset, _shown(corpus)):
             previous = None
 
+    from serve_app.config import load_library
     from serve_app.demo.build import PRESETS, build_demo
-    from serve_app.profile import ray_session
+    from serve_app.learn.data import load_prompts
+    from serve_app.learn.evaluate import evaluate, held_out, measure_truth, stderr
+    from serve_app.learn.pareto import run_pareto
+    from serve_app.session import ray_session
 
     # One Ray for the build's profile, evaluate and pareto.
     with ray_session(include_dashboard=False):
@@ -155,18 +122,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         built = build_demo(out, corpus, PRESETS[args.preset], progress=not args.quiet)
         build_s = time.perf_counter() - start
 
-        library, heldout = str(out / "library.yaml"), str(out / "data" / "heldout")
-        common = ["--library", library, "--data", heldout, "--per-domain", str(args.per_domain)]
-        common += ["--quiet"] if args.quiet else []
+        library = load_library(out / "library.yaml")
+        prompts = load_prompts(out / "data" / "heldout", per_domain=args.per_domain, seed=0)
+        prompts = held_out(library, prompts, log=stderr)
         before = _eval_profiles(out)
         start = time.perf_counter()
-        evaluation = _json_tail(_cli(["evaluate", *common, "--json"]))
+        table = measure_truth(library, prompts, folder=out, progress=not args.quiet, log=stderr)
+        evaluation = evaluate(library, table)[0].as_json()
         truth = "cached" if _eval_profiles(out).items() <= before.items() else "measured"
         evaluate_s = time.perf_counter() - start
 
         sweep_dir = out / "pareto-size"
         start = time.perf_counter()
-        _cli(["pareto", *common, "--weight", "size", "--out", str(sweep_dir)])
+        pareto = run_pareto(library, table, "size", sweep_dir)
         pareto_s = time.perf_counter() - start
 
     args.docs.mkdir(parents=True, exist_ok=True)
@@ -177,7 +145,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine_info(),
         "command": shlex.join(["python", "-m", "bench.routing", *argv]),
         "corpus": _shown(corpus),
         "preset": args.preset,
@@ -193,7 +161,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "goal": goal(evaluation),
         "pareto": {
             "weight": "size",
-            "calibration": (sweep_dir / "calibration.txt").read_text().splitlines(),
+            "calibration": pareto.lines,
             "non_dominated": front,
             "png": PNG,
             "csv": CSV,
@@ -411,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     from serve_app.config import LibraryError
-    from serve_app.data import DataError
+    from serve_app.learn.data import DataError
 
     try:
         results = run(args, argv)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from itertools import groupby
 from typing import Any
 
 import ray
 from ray import serve
 
-from serve_app.experts import HFExpert, load_expert
+from serve_app.config import EXPERT_BATCHING, Batching
+from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert
+from serve_app.protocol import ExpertRequest
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -27,38 +28,33 @@ class ExpertDeployment:
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait of every batched method."""
-        size = int(config.get("max_batch_size", 8))
-        wait = float(config.get("batch_wait_timeout_s", 0.01))
+        batching = Batching.model_validate(config)
         for method in (self.generate, self.fill_mask, self.score):
-            method.set_max_batch_size(size)
-            method.set_batch_wait_timeout_s(wait)
+            method.set_max_batch_size(batching.max_batch_size)
+            method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Continue prompts. Each request: prompt (or chat messages), max_new_tokens,
-        temperature, top_p, seed."""
+    @serve.batch(**EXPERT_BATCHING.model_dump())
+    async def generate(self, requests: list[ExpertRequest]) -> list[Generation]:
+        """Continue prompts (or chats); requests that share settings share a forward pass."""
 
-        def run(settings: tuple, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            gens = self.engine.generate([self._prompt(r) for r in group], *settings)
-            return [asdict(g) for g in gens]
+        def run(settings: tuple, group: list[ExpertRequest]) -> list[Generation]:
+            return self.engine.generate([self._prompt(r) for r in group], *settings)
 
         return await asyncio.to_thread(_by_settings, requests, _gen_settings, run)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def fill_mask(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Top predictions for each mask of each prompt. Each request: prompt, top_k."""
+    @serve.batch(**EXPERT_BATCHING.model_dump())
+    async def fill_mask(self, requests: list[ExpertRequest]) -> list[Filled]:
+        """Top predictions for each mask of each prompt."""
 
-        def run(settings: tuple, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return self.engine.fill_mask([r["prompt"] for r in group], *settings)
+        def run(settings: tuple, group: list[ExpertRequest]) -> list[Filled]:
+            return self.engine.fill_mask([r.prompt for r in group], *settings)
 
-        settings = lambda r: (int(r.get("top_k") or 5),)  # noqa: E731
-        return await asyncio.to_thread(_by_settings, requests, settings, run)
+        return await asyncio.to_thread(_by_settings, requests, lambda r: (r.top_k,), run)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def score(self, texts: list[str]) -> list[dict[str, float]]:
-        """Loss of each text in bits per UTF-8 byte, with the bits, bytes and tokens behind it."""
-        scores = await asyncio.to_thread(self.engine.score, texts)
-        return [{**asdict(s), "bpb": s.bpb} for s in scores]
+    @serve.batch(**EXPERT_BATCHING.model_dump())
+    async def score(self, texts: list[str]) -> list[Score]:
+        """Loss of each text (Score.bpb: bits per UTF-8 byte, with the bits, bytes, tokens)."""
+        return await asyncio.to_thread(self.engine.score, texts)
 
     async def info(self) -> dict[str, Any]:
         """What this replica runs on (the device torch picked, the GPU ids Ray assigned) and how
@@ -70,30 +66,25 @@ class ExpertDeployment:
             "load_s": self.load_s,
         }
 
-    def _prompt(self, request: dict[str, Any]) -> str:
+    def _prompt(self, request: ExpertRequest) -> str:
         """The request's prompt; a chat becomes the tokenizer's chat template or a transcript."""
-        if "messages" not in request:
-            return request["prompt"]
-        messages = request["messages"]
+        if request.messages is None:
+            return request.prompt or ""
+        messages = request.messages
         tok = getattr(self.engine, "tokenizer", None)
         if tok is not None and getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n".join([*(f"{m['role']}: {m['content']}" for m in messages), "assistant:"])
 
 
-def _gen_settings(request: dict[str, Any]) -> tuple:
-    return (
-        int(request["max_new_tokens"]),
-        float(request.get("temperature") or 0.0),
-        float(request.get("top_p") or 1.0),
-        int(request.get("seed") or 0),
-    )
+def _gen_settings(request: ExpertRequest) -> tuple:
+    return request.generation_settings()
 
 
 def _by_settings(
-    requests: list[dict[str, Any]],
-    settings: Callable[[dict[str, Any]], tuple],
-    run: Callable[[tuple, list[dict[str, Any]]], list[Any]],
+    requests: list[ExpertRequest],
+    settings: Callable[[ExpertRequest], tuple],
+    run: Callable[[tuple, list[ExpertRequest]], list[Any]],
 ) -> list[Any]:
     """Run a batch as sub-batches of requests that share settings; answers in request order."""
     out: list[Any] = [None] * len(requests)

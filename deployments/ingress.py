@@ -5,31 +5,56 @@ sends the prompt to the chosen expert only (falling back down the ranking if it 
 # runtime to know that a pydantic model is the request body.
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import Response
-from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import objective
+from serve_app.api import create_api
 from serve_app.config import LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
-from serve_app.experts import has_mask
-from serve_app.http import create_api, openai_response
-from serve_app.schemas import (
+from serve_app.experts import Generation, has_mask
+from serve_app.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
     ChatRequest,
+    Completion,
+    CompletionChoice,
     CompletionRequest,
+    ExpertRequest,
+    Health,
     InferRequest,
+    InferResponse,
     ModelCard,
     ModelList,
+    RankedOut,
     RouteRequest,
+    RouteResponse,
+    Usage,
 )
 
 logger = logging.getLogger("ray.serve")
 api = create_api()
+
+
+def _ranking(ranking: list[objective.Ranked]) -> list[RankedOut]:
+    return [RankedOut(**r.as_dict()) for r in ranking]
+
+
+def _usage(gen: Generation) -> Usage:
+    """OpenAI's usage: tokens of the expert that answered."""
+    total = gen.prompt_tokens + gen.completion_tokens
+    return Usage(
+        prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens, total_tokens=total
+    )
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -131,7 +156,7 @@ class Ingress:
             )
         return n
 
-    def _on_expert(self, payload: dict) -> Callable[[str], DeploymentResponse]:
+    def _on_expert(self, payload: ExpertRequest) -> Callable[[str], DeploymentResponse]:
         """A call that runs `payload` on a named expert, by the expert's task."""
 
         def call(name: str) -> DeploymentResponse:
@@ -145,8 +170,8 @@ class Ingress:
     # endpoints -------------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self) -> Health:
+        return Health()
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
@@ -165,36 +190,37 @@ class Ingress:
         )
 
     @api.post("/v1/route")
-    async def route(self, body: RouteRequest) -> dict:
+    async def route(self, body: RouteRequest) -> RouteResponse:
         text, flags = self._clean(body.prompt)
         ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
-        return {"expert": ranking[0].expert, "ranking": [r.as_dict() for r in ranking]}
+        return RouteResponse(expert=ranking[0].expert, ranking=_ranking(ranking))
 
     @api.post("/v1/infer")
-    async def infer(self, body: InferRequest, response: Response) -> dict:
+    async def infer(self, body: InferRequest, response: Response) -> InferResponse:
         text, flags = self._clean(body.prompt)
         ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
-        payload = {
-            "prompt": text,
-            "max_new_tokens": self._new_tokens(body.max_new_tokens),
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "seed": body.seed,
-            "top_k": body.top_k,
-        }
+        payload = ExpertRequest(
+            prompt=text,
+            max_new_tokens=self._new_tokens(body.max_new_tokens),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            top_k=body.top_k,
+        )
         expert, output, skipped = await self._dispatch(ranking, self._on_expert(payload))
         task = self.task_of[expert]
-        out = output["text"] if task == "text-generation" else output
         response.headers["x-tryage-expert"] = expert
-        return {
-            "expert": expert,
-            "task": task,
-            "output": out,
-            "ranking": [r.as_dict() for r in ranking],
-            "skipped": skipped,
-        }
+        return InferResponse(
+            expert=expert,
+            task=task,
+            output=output.text if task == "text-generation" else asdict(output),
+            ranking=_ranking(ranking),
+            skipped=skipped,
+        )
 
-    async def _openai(self, body: Any, raw: str, build: Callable[[str], dict]) -> tuple[str, dict]:
+    async def _openai(
+        self, body: Any, raw: str, build: Callable[[str], ExpertRequest], response: Response
+    ) -> tuple[str, Generation]:
         """Route (or pin) an OpenAI request among text-generation experts and run it.
 
         `raw` is the text routed on (the prompt, or the last user message); `build` makes the
@@ -213,31 +239,37 @@ class Ingress:
         weights = opts.weights if opts else None
         ranking = await self._rank(text, flags, weights, allow, "text-generation")
         expert, gen, _ = await self._dispatch(ranking, self._on_expert(build(text)))
+        response.headers["x-tryage-expert"] = expert
         return expert, gen
 
     def _settings(self, body: Any, max_tokens: int | None) -> dict:
-        """Generation settings of an OpenAI request (OpenAI's default: 16 tokens)."""
+        """Generation settings of an OpenAI request."""
         return {
-            "max_new_tokens": self._new_tokens(max_tokens or 16),
+            "max_new_tokens": self._new_tokens(max_tokens or self.limits.openai_default_max_tokens),
             "temperature": body.temperature or 0.0,
             "top_p": body.top_p or 1.0,
             "seed": body.seed or 0,
         }
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> JSONResponse:
+    async def completions(self, body: CompletionRequest, response: Response) -> Completion:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise BadRequest("send exactly one prompt per request", "prompt")
         settings = self._settings(body, body.max_tokens)
         expert, gen = await self._openai(
-            body, prompts[0], lambda text: {**settings, "prompt": text}
+            body, prompts[0], lambda text: ExpertRequest(prompt=text, **settings), response
         )
-        choice = {"index": 0, "text": gen["text"], "logprobs": None}
-        return openai_response("text_completion", "cmpl", expert, choice, gen)
+        return Completion(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=expert,
+            choices=[CompletionChoice(text=gen.text, finish_reason=gen.finish_reason)],
+            usage=_usage(gen),
+        )
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest) -> JSONResponse:
+    async def chat(self, body: ChatRequest, response: Response) -> ChatCompletion:
         users = [i for i, m in enumerate(body.messages) if m.role == "user"]
         if not users:
             raise BadRequest("messages need at least one user message", "messages")
@@ -249,12 +281,20 @@ class Ingress:
             )
         settings = self._settings(body, body.max_completion_tokens or body.max_tokens)
 
-        def build(text: str) -> dict:
+        def build(text: str) -> ExpertRequest:
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             messages[users[-1]]["content"] = text  # the routed message, flags stripped
-            return {**settings, "messages": messages}
+            return ExpertRequest(messages=messages, **settings)
 
-        expert, gen = await self._openai(body, body.messages[users[-1]].content, build)
-        message = {"role": "assistant", "content": gen["text"]}
-        choice = {"index": 0, "message": message, "logprobs": None}
-        return openai_response("chat.completion", "chatcmpl", expert, choice, gen)
+        expert, gen = await self._openai(body, body.messages[users[-1]].content, build, response)
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=expert,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=gen.text), finish_reason=gen.finish_reason
+                )
+            ],
+            usage=_usage(gen),
+        )

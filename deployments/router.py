@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ray import serve
 
+from serve_app.config import ROUTER_BATCHING, Batching
 from serve_app.router import LearnedRouter, Router
 
 
@@ -22,11 +23,12 @@ class RouterDeployment:
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait, changeable without a restart."""
-        self.batching = dict(config)
-        self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+        batching = Batching.model_validate(config)
+        self.batching = batching.model_dump()
+        self.predict.set_max_batch_size(batching.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(**ROUTER_BATCHING.model_dump())
     async def predict(self, prompts: list[str]) -> list[dict[str, float]]:
         """Predicted loss (bits per byte) of every expert, one mapping per prompt."""
         self.batches += 1

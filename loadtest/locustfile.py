@@ -33,7 +33,7 @@ def _load_prompts(environment, **_):
     """Read the prompts once per Locust process, before any user starts."""
     data = os.environ.get("TRYAGE_LOADTEST_DATA") or prompts.default_data_path()
     seed = int(os.environ.get("TRYAGE_LOADTEST_SEED", "0"))
-    _shared["prompts"] = prompts.load_prompts(data, seed=seed)
+    _shared["prompts"] = prompts.sample_prompts(data, seed=seed)
 
 
 class TryageUser(HttpUser):

@@ -2,7 +2,7 @@
 
 Prompts come from a data PATH (`.jsonl` or `.parquet` rows with `text` and optional `domain`,
 or a directory of them; a row without `domain` takes its file's parent folder's name), read
-by the project's data loader, `serve_app.data`. The default is `../shared/corpora` when it
+by the project's data loader, `serve_app.learn.data`. The default is `../shared/corpora` when it
 exists, else real text every Python has: docstrings and source of standard-library modules,
 grouped into a few domains. Nothing is copied into the repository.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_app import data
+from serve_app.learn import data
 
 #: Where the prompts come from when no data path is given; else the standard-library corpus.
 SHARED_CORPORA = data.SHARED_CORPORA
@@ -67,12 +67,8 @@ REROUTED = " [rerouted]"
 DataError = data.DataError
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt text and its domain."""
-
-    text: str
-    domain: str
+#: One prompt: the project's own (id, text, domain).
+Prompt = data.Prompt
 
 
 @dataclass(frozen=True)
@@ -105,22 +101,21 @@ def default_data_path() -> Path | None:
     return SHARED_CORPORA if SHARED_CORPORA.is_dir() else None
 
 
-def load_prompts(
+def sample_prompts(
     path: str | Path | None, per_domain: int = 200, max_chars: int = 800, seed: int = 0
 ) -> list[Prompt]:
     """A seeded sample of up to `per_domain` prompts per domain under `path`, cut to `max_chars`.
 
-    Files are read by the project's data loader (`serve_app.data.load_prompts`: the same
+    Files are read by the project's data loader (`serve_app.learn.data.load_prompts`: the same
     rules, ids and seeded order as profiling and evaluation). `path` None reads the
     standard-library corpus, shuffled with `seed`.
     """
     if path is None:
-        found = [Prompt(p.text, p.domain) for p in data.stdlib_prompts()]
+        found = data.stdlib_prompts()
         random.Random(seed).shuffle(found)
     else:
-        rows = data.load_prompts(path, per_domain=per_domain, seed=seed)
-        found = [Prompt(p.text, p.domain) for p in rows]
-    found = [Prompt(_cut(p.text, max_chars), p.domain) for p in found if p.text.strip()]
+        found = data.load_prompts(path, per_domain=per_domain, seed=seed)
+    found = [Prompt.of(_cut(p.text, max_chars), p.domain) for p in found if p.text.strip()]
     if not found:
         raise DataError(f"no prompts with text under {path}")
     return found

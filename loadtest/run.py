@@ -17,11 +17,11 @@ unless told otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +34,7 @@ import yaml
 from loadtest import shape
 from loadtest.observer import ReplicaObserver, local_source, rest_source
 from loadtest.report import write_report
+from serve_app.session import free_port, workers_import_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_LIBRARY = ROOT / "libraries" / "demo" / "library.yaml"
@@ -80,7 +81,7 @@ def default_library() -> Path:
         return DEMO_LIBRARY
     path = SMOKE_DIR / "library.yaml"
     if not path.is_file():
-        from serve_app.smoke import build_smoke_library
+        from serve_app.demo.smoke import build_smoke_library
 
         print(f"loadtest: building the smoke library in {SMOKE_DIR}")
         build_smoke_library(SMOKE_DIR)
@@ -103,7 +104,7 @@ def derive_library(
     at the HTTP proxy). None keeps the library's value. Relative model paths are made absolute
     so the copy loads from anywhere.
     """
-    from serve_app.config import MINILM, library_to_yaml, load_library
+    from serve_app.config import MINILM, load_library, write_library
 
     raw = yaml.safe_load(library.read_text())
     base = library.parent
@@ -137,10 +138,10 @@ def derive_library(
     if ingress_max_queued is not None:
         raw.setdefault("ingress", {})["max_queued_requests"] = ingress_max_queued
         changes.append(f"ingress max_queued_requests {ingress_max_queued}")
-    out.write_text(
+    header = (
         f"# Derived by loadtest from {library}: {'; '.join(changes) or 'paths made absolute'}.\n"
-        + library_to_yaml(raw)
     )
+    write_library(out, raw, header)
     load_library(out)  # fail here, naming the file, rather than inside Serve
     return out
 
@@ -176,13 +177,6 @@ def logical_cpus(library: Path) -> int:
     for e in lib.experts:
         total += need(e.resources, int(e.autoscaling["max_replicas"]))
     return max(os.cpu_count() or 1, math.ceil(total) + 1)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clear(out: Path) -> None:
@@ -248,35 +242,20 @@ def run_locust(
     return proc.returncode
 
 
-def serve_library(library: Path, port: int, num_cpus: int) -> str:
-    """Start a local Ray instance and serve `library` on `port`; returns the base URL."""
-    import ray
-    from ray import serve
-
+def serve_library(stack: contextlib.ExitStack, library: Path, port: int, num_cpus: int) -> str:
+    """Serve `library` on `port` on a new local Ray until `stack` closes; the base URL."""
     from serve_app.app import build_app
+    from serve_app.session import serving
 
     app = build_app({"library": library})  # validate before starting Ray
-    # Ray workers do not get the driver's sys.path: they import deployments/ and serve_app/.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-    )
     os.environ.setdefault(
         "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR", METRIC_RECORD_FACTOR
     )
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name=APP, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def stop_serving() -> None:
-    """Shut down what serve_library started."""
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    return stack.enter_context(
+        serving(
+            app, port=port, name=APP, address="local", num_cpus=num_cpus, include_dashboard=False
+        )
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -323,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = shape.scaled(stages, args.users) if args.users else stages
     run: dict[str, Any] = {"profile": args.profile, "stages": [vars(s) for s in stages]}
     served = args.host is None
+    serving = contextlib.ExitStack()
     try:
         if served:
             library = (args.library or default_library()).resolve()
@@ -342,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             run.update(queue_limits(library))
             cpus = logical_cpus(library)
             print(f"loadtest: serving {library} on a local Ray ({cpus} logical CPUs)")
-            host = serve_library(library, args.port or free_port(), cpus)
+            host = serve_library(serving, library, args.port or free_port(), cpus)
             source = local_source(APP)
         else:
             host = args.host.rstrip("/")
@@ -350,11 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             run["dashboard"] = dashboard
             source = rest_source(dashboard, APP)
         run["host"] = host
+        workers_import_checkout()  # Locust imports loadtest/ and serve_app/ from the checkout
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-            ),
             "TRYAGE_LOADTEST_PROFILE": args.profile,
             "TRYAGE_LOADTEST_SEED": str(args.seed),
         }
@@ -376,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print("loadtest: interrupted", file=sys.stderr)
         return 130
     finally:
-        if served:
-            stop_serving()
+        serving.close()
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     report = write_report(out)
     print(json.dumps(report))

@@ -15,12 +15,7 @@ from ray.serve import Application
 from deployments.expert import ExpertDeployment
 from deployments.ingress import Ingress
 from deployments.router import RouterDeployment
-from serve_app.config import (
-    INGRESS_DEPLOYMENT,
-    ROUTER_DEPLOYMENT,
-    LibraryConfig,
-    load_library,
-)
+from serve_app.config import LibraryConfig, load_library
 from serve_app.experts import load_expert
 from serve_app.router import LearnedRouter
 
@@ -54,34 +49,13 @@ def build_graph(
     use them to bind tiny or failing engines.
     """
     load_experts = load_experts or {}
-    i = library.ingress
-    r = library.router
-    router = RouterDeployment.options(
-        name=ROUTER_DEPLOYMENT,
-        ray_actor_options=r.resources,
-        autoscaling_config=r.autoscaling,
-        max_ongoing_requests=r.max_ongoing_requests,
-        max_queued_requests=r.max_queued_requests,
-        backpressure_config=i.backpressure,
-        user_config=r.batching.model_dump(),
-    ).bind(encoder=r.model, checkpoint=str(r.checkpoint), load=load_router)
+    router = RouterDeployment.options(**library.router.serve_options(library.ingress)).bind(
+        encoder=library.router.model, checkpoint=str(library.router.checkpoint), load=load_router
+    )
     experts = {
-        e.name: ExpertDeployment.options(
-            name=e.name,
-            ray_actor_options=e.resources,
-            autoscaling_config=e.autoscaling,
-            max_ongoing_requests=e.max_ongoing_requests,
-            max_queued_requests=e.max_queued_requests,
-            backpressure_config=i.backpressure,
-            user_config=e.batching.model_dump(),
-        ).bind(model=e.model, task=e.task, load=load_experts.get(e.name, load_expert))
+        e.name: ExpertDeployment.options(**e.serve_options(library.ingress)).bind(
+            model=e.model, task=e.task, load=load_experts.get(e.name, load_expert)
+        )
         for e in library.experts
     }
-    return Ingress.options(
-        name=INGRESS_DEPLOYMENT,
-        ray_actor_options=i.resources,
-        num_replicas=i.num_replicas,
-        max_ongoing_requests=i.max_ongoing_requests,
-        max_queued_requests=i.max_queued_requests,
-        backpressure_config=i.backpressure,
-    ).bind(library, router, experts)
+    return Ingress.options(**library.ingress.serve_options()).bind(library, router, experts)

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from serve_app.config import LibraryError
-from serve_app.data import DataError
+from serve_app.learn.data import DataError
 
 
 def cmd_smoke_library(args: argparse.Namespace) -> int:
-    from serve_app.smoke import build_smoke_library
+    from serve_app.demo.smoke import build_smoke_library
 
     path = build_smoke_library(args.out, gpus=args.gpus, seed=args.seed)
     print(f"wrote {path}")
@@ -34,10 +34,8 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a library on a local Ray instance (or RAY_ADDRESS's cluster) until Ctrl-C."""
-    import ray
-    from ray import serve
-
     from serve_app.app import build_app
+    from serve_app.session import serving
 
     if not args.library.exists():
         raise LibraryError(
@@ -48,18 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM stop cleanly, even where a shell started us with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    ray.init(ignore_reinit_error=True)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name="tryage", route_prefix="/")
-        print(f"tryage: serving {args.library} on http://{args.host}:{args.port} (Ctrl-C stops)")
-        while True:
-            time.sleep(3600)
+        with serving(app, host=args.host, port=args.port, log_to_driver=True) as url:
+            print(f"tryage: serving {args.library} on {url} (Ctrl-C stops)", flush=True)
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
         print("tryage: stopping")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return 0
 
 
@@ -68,7 +61,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _prompts(args: argparse.Namespace) -> list:
-    from serve_app.data import load_prompts
+    from serve_app.learn.data import load_prompts
 
     prompts = load_prompts(args.data, per_domain=args.per_domain, seed=args.seed)
     if not prompts:
@@ -77,45 +70,42 @@ def _prompts(args: argparse.Namespace) -> list:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Measure every expert on every prompt; store verbosity and readability in the library."""
+    """Measure every expert on every prompt; write the profile table (nothing else)."""
     from serve_app.config import load_library
-    from serve_app.profile import profile, ray_session, write_measures
+    from serve_app.learn.profile import ProfileConfig, measures, profile
+    from serve_app.session import ray_session
 
-    library = load_library(args.library)
+    library = load_library(args.library, router=False)
     prompts = _prompts(args)
+    cfg = ProfileConfig(
+        generate=args.generate,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        actors_per_expert=args.actors_per_expert,
+    )
     print(f"profiling {len(library.experts)} experts on {len(prompts)} prompts", file=sys.stderr)
     with ray_session():
-        run = profile(
-            library,
-            prompts,
-            args.out,
-            generate=args.generate,
-            new_tokens=args.new_tokens,
-            batch_size=args.batch_size,
-            actors_per_expert=args.actors_per_expert,
-        )
+        run = profile(library.experts, prompts, args.out, cfg)
     print(
         f"wrote {args.out}: {run.table.num_rows} rows "
         f"({run.measured} measured now, {run.reused} reused)"
     )
-    if args.update_library and args.generate > 0:
-        for name, m in write_measures(args.library, run.table).items():
-            if m["verbosity"] is not None:
-                read = "-" if m["readability"] is None else f"{m['readability']:.1f}"
-                print(f"  {name}: verbosity {m['verbosity']:.1f} bytes, readability {read}")
-        print(f"updated {args.library} with verbosity and readability")
+    for name, m in measures(run.table).items():
+        if m["verbosity"] is not None:
+            read = "-" if m["readability"] is None else f"{m['readability']:.1f}"
+            print(f"  {name}: verbosity {m['verbosity']:.1f} bytes, readability {read}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the router on a profile and point the library at the checkpoint."""
+    """Train the router on a profile; write the checkpoint folder the library points at."""
     import torch
 
     from serve_app.config import load_library
-    from serve_app.profile import read_profile
-    from serve_app.train import TrainConfig, train
+    from serve_app.learn.profile import read_profile
+    from serve_app.learn.train import TrainConfig, train
 
-    library = load_library(args.library)
+    library = load_library(args.library, router=False)
     mode = args.mode
     if mode == "auto":
         mode = "finetune" if torch.cuda.is_available() else "frozen"
@@ -130,61 +120,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache = args.profile.with_name(args.profile.name + ".embeddings")
     report = train(library, read_profile(args.profile), out, cfg, cache=cache)
     print(report.table())
-    _point_library_at(args.library, Path(out), finetuned=mode == "finetune")
-    print(f"wrote {out} (report.json beside the head); {args.library} points at it")
+    print(f"wrote {out} (head, reference, measures, report.json)")
     return 0
 
 
-def _point_library_at(library_path: Path, checkpoint: Path, finetuned: bool) -> None:
-    import os
-
-    from serve_app.config import edit_library
-
-    rel = Path(os.path.relpath(checkpoint.resolve(), library_path.resolve().parent))
-
-    def point(raw: dict) -> None:
-        raw["router"]["checkpoint"] = str(rel)
-        if finetuned:
-            raw["router"]["model"] = str(rel / "encoder")
-
-    edit_library(library_path, point)
-
-
-def _truth(args: argparse.Namespace, library) -> tuple:
-    """The data's prompts profiled on every expert (cached next to the library)."""
-    import hashlib
-
-    from serve_app.evaluate import trained_ids
-    from serve_app.profile import profile, ray_session
+def _truth(args: argparse.Namespace, library):
+    """The data's prompts (held out from the router's training unless asked) profiled on
+    every expert, cached next to the library."""
+    from serve_app.learn.evaluate import held_out, measure_truth, stderr
 
     prompts = _prompts(args)
     if not args.include_trained:
-        seen = trained_ids(library.router.checkpoint)
-        held_out = [p for p in prompts if p.id not in seen]
-        if len(held_out) < len(prompts):
-            print(
-                f"leaving out {len(prompts) - len(held_out)} prompt(s) the router was trained on "
-                "(--include-trained keeps them)",
-                file=sys.stderr,
-            )
-        if not held_out:
-            raise LibraryError(f"every prompt in {args.data} was used to train the router")
-        prompts = held_out
-    key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
-    out = args.profile or args.library.resolve().parent / "profiles" / f"eval-{key}.parquet"
-    print(f"measuring every expert on {len(prompts)} prompts ({out})", file=sys.stderr)
-    with ray_session():
-        return profile(library, prompts, out, generate=0, progress=not args.quiet).table
-
-
-def _competing(library, task: str | None) -> list[str] | None:
-    """The experts of one task, or None for all."""
-    if task is None:
-        return None
-    names = [e.name for e in library.experts if e.task == task]
-    if not names:
-        raise LibraryError(f"the library has no {task} expert")
-    return names
+        prompts = held_out(library, prompts, log=stderr, data=args.data)
+    return measure_truth(
+        library,
+        prompts,
+        args.profile,
+        folder=args.library.resolve().parent,
+        progress=not args.quiet,
+        log=stderr,
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -192,44 +147,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from serve_app.config import load_library
-    from serve_app.evaluate import evaluate
+    from serve_app.learn.evaluate import evaluate
 
     library = load_library(args.library)
     table = _truth(args, library)
-    result, _, _ = evaluate(library, table, experts=_competing(library, args.task), k=args.k)
+    result, _, _ = evaluate(library, table, task=args.task, k=args.k)
     print(json.dumps(result.as_json(), indent=2) if args.json else result.table())
     return 0
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     """Sweep one weight; write pareto.csv and pareto.png and print what each value trades."""
-    from serve_app.config import WEIGHT_NAMES, load_library
-    from serve_app.evaluate import evaluate
-    from serve_app.pareto import SWEEP, calibration, plot, sweep, write_csv
+    from serve_app.config import load_library
+    from serve_app.learn.pareto import check_weight, run_pareto
 
-    if args.weight not in WEIGHT_NAMES:
-        raise LibraryError(f"unknown weight {args.weight!r}; known: {', '.join(WEIGHT_NAMES)}")
+    check_weight(args.weight)
     library = load_library(args.library)
-    # Verbosity and readability are measured on what experts write: text-generation only.
-    task = args.task or ("text-generation" if args.weight in ("verbosity", "readability") else None)
     table = _truth(args, library)
-    _, scores, truth = evaluate(library, table, experts=_competing(library, task), k=args.k)
-    values = tuple(args.values) if args.values else SWEEP
-    points = sweep(library, scores["router"], truth, args.weight, values)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(points, args.out / "pareto.csv")
-    plot(points, args.weight, args.out / "pareto.png")
-    lines = calibration(points, args.weight)
-    (args.out / "calibration.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    front = ", ".join(p.label for p in points if p.pareto)
-    print(f"non-dominated: {front}")
+    result = run_pareto(library, table, args.weight, args.out, args.values, args.task, args.k)
+    print("\n".join(result.lines))
+    print(f"non-dominated: {', '.join(p.label for p in result.points if p.pareto)}")
     print(f"wrote {args.out / 'pareto.csv'} and {args.out / 'pareto.png'}")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     from serve_app.app import DEFAULT_LIBRARY
+    from serve_app.learn.profile import ProfileConfig
+    from serve_app.learn.train import TrainConfig
+
+    pcfg, tcfg = ProfileConfig(), TrainConfig()
 
     p = argparse.ArgumentParser(prog="tryage", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -293,19 +240,17 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("profile", help="measure every expert on every prompt (a Ray job)")
     data_args(s)
     s.add_argument("--out", type=Path, required=True, help="the profile table (.parquet)")
-    s.add_argument("--generate", type=int, default=32, help="prompts sampled for generation")
-    s.add_argument("--new-tokens", type=int, default=48, help="tokens generated per sample")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--actors-per-expert", type=int, default=1)
     s.add_argument(
-        "--no-update-library",
-        dest="update_library",
-        action="store_false",
-        help="do not write measured verbosity/readability into library.yaml",
+        "--generate", type=int, default=pcfg.generate, help="prompts sampled for generation"
     )
+    s.add_argument(
+        "--new-tokens", type=int, default=pcfg.new_tokens, help="tokens generated per sample"
+    )
+    s.add_argument("--batch-size", type=int, default=pcfg.batch_size)
+    s.add_argument("--actors-per-expert", type=int, default=pcfg.actors_per_expert)
     s.set_defaults(func=cmd_profile)
 
-    s = sub.add_parser("train", help="train the router on a profile")
+    s = sub.add_parser("train", help="train the router on a profile (writes its checkpoint)")
     s.add_argument("--library", type=Path, required=True)
     s.add_argument("--profile", type=Path, required=True)
     s.add_argument("--out", type=Path, help="checkpoint folder (default: the library's)")
@@ -316,10 +261,10 @@ def parser() -> argparse.ArgumentParser:
         help="frozen: head only on cached embeddings; finetune: encoder too (accelerate); "
         "auto: finetune where torch sees a GPU, else frozen",
     )
-    s.add_argument("--val-fraction", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-epochs", type=int, default=300)
-    s.add_argument("--patience", type=int, default=30)
+    s.add_argument("--val-fraction", type=float, default=tcfg.val_fraction)
+    s.add_argument("--seed", type=int, default=tcfg.seed)
+    s.add_argument("--max-epochs", type=int, default=tcfg.max_epochs)
+    s.add_argument("--patience", type=int, default=tcfg.patience)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="the router against the baselines on a data path")

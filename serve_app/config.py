@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +22,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 #: Objective weights a request may set; each names a penalty normalised to [0, 1].
@@ -35,6 +33,10 @@ MINILM = "minilm"
 #: Deployment names of the router and the ingress; capitalised, so no expert name can clash.
 ROUTER_DEPLOYMENT = "Router"
 INGRESS_DEPLOYMENT = "Ingress"
+#: Files of a router checkpoint (the folder `tryage train` writes and router.checkpoint names).
+HEAD_META = "router.json"  # shapes, expert order, target scaling, the encoder it was trained on
+HEAD_WEIGHTS = "head.safetensors"
+MEASURES = "measures.json"  # each expert's measured verbosity and readability (the profile's)
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -82,6 +84,12 @@ class Batching(_Strict):
     )
 
 
+#: Batching defaults: experts batch 8 prompts, the router 32 (one encoder pass is cheap per
+#: prompt, so larger batches pay). The deployments' `@serve.batch` starts from these.
+EXPERT_BATCHING = Batching()
+ROUTER_BATCHING = Batching(max_batch_size=32)
+
+
 #: Every prompt goes through the router, so it never scales to zero (no cold start on the
 #: routing path). It batches up to 32 prompts: a second replica (and GPU) only once it holds
 #: half a batch on average, not at Serve's default target of 2.
@@ -96,7 +104,10 @@ class RouterConfig(_Strict):
     """The perceptive router: an encoder and a head that predicts each expert's loss."""
 
     model: str = Field(MINILM, description="Encoder: a path, a Hugging Face id, or 'minilm'.")
-    checkpoint: Path = Field(description="Folder of the trained head (router.json + safetensors).")
+    checkpoint: Path = Field(
+        description="Folder written by `tryage train`: the head (router.json, "
+        "head.safetensors), the experts' measures, a fine-tuned encoder if any."
+    )
     resources: dict[str, Any] = Field(
         default_factory=lambda: {"num_gpus": 0},
         description="Ray actor options of the router replicas (ray_actor_options).",
@@ -111,14 +122,21 @@ class RouterConfig(_Strict):
         ge=-1,
         description="Requests queued for the router before it answers 503 (-1: no limit).",
     )
-    batching: Batching = Field(default_factory=lambda: Batching(max_batch_size=32))
+    batching: Batching = Field(
+        default_factory=lambda: ROUTER_BATCHING,
+        description="Batching of router predictions (live: `user_config`).",
+    )
 
     _actor = field_validator("resources")(_check_actor_options)
     _scale = field_validator("autoscaling")(_check_autoscaling)
 
+    def serve_options(self, ingress: IngressConfig) -> dict[str, Any]:
+        """The router deployment's `.options(...)`."""
+        return _serve_options(self, ingress, name=ROUTER_DEPLOYMENT)
+
 
 #: Experts scale to zero: an expert holds replicas (and accelerators) only while prompts are
-#: routed to it. Measured cold starts and the reasoning are in the README (Autoscaling).
+#: routed to it. Measured cold starts and the reasoning: docs/library.md (Autoscaling).
 EXPERT_AUTOSCALING_DEFAULTS: dict[str, Any] = {
     "min_replicas": 0,
     "initial_replicas": 0,
@@ -154,10 +172,15 @@ class ExpertConfig(_Strict):
     description: str = Field("", description="Model card summary, shown in /v1/models.")
     trusted: bool = Field(False, description="Security flag: untrusted experts get a penalty.")
     verbosity: float | None = Field(
-        None, ge=0, description="Measured mean output length in bytes (tryage profile)."
+        None,
+        ge=0,
+        description="Mean output length in bytes; taken from the router checkpoint's "
+        "measures (tryage profile, then tryage train) when left out.",
     )
     readability: float | None = Field(
-        None, description="Measured readability of its output (Flesch reading ease)."
+        None,
+        description="Measured readability of its output (Flesch reading ease); like "
+        "verbosity, taken from the router checkpoint's measures when left out.",
     )
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Ray actor options of this expert's replicas."
@@ -174,7 +197,14 @@ class ExpertConfig(_Strict):
         description="Requests queued for this expert at each caller before it is skipped as "
         "busy (-1: no limit; a cold start queues requests too).",
     )
-    batching: Batching = Field(default_factory=Batching)
+    batching: Batching = Field(
+        default_factory=lambda: EXPERT_BATCHING,
+        description="Batching of generation, fill-mask and scoring (live: `user_config`).",
+    )
+
+    def serve_options(self, ingress: IngressConfig) -> dict[str, Any]:
+        """This expert's deployment `.options(...)`, named after the expert."""
+        return _serve_options(self, ingress, name=self.name)
 
     @field_validator("name")
     @classmethod
@@ -212,7 +242,12 @@ class IngressConfig(_Strict):
     )
     max_prompt_chars: int = Field(32_000, ge=1, description="Longer prompts are refused (400).")
     max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask.")
-    default_new_tokens: int = Field(32, ge=1, description="max_new_tokens when none is given.")
+    default_new_tokens: int = Field(
+        32, ge=1, description="max_new_tokens of /v1/infer when none is given."
+    )
+    openai_default_max_tokens: int = Field(
+        16, ge=1, description="max_tokens of the OpenAI endpoints when none is given (OpenAI's)."
+    )
     max_attempts: int = Field(
         3, ge=1, description="Experts tried in ranking order before a request fails (503)."
     )
@@ -233,11 +268,41 @@ class IngressConfig(_Strict):
         BackpressureConfig.model_validate(value)  # forbids unknown keys itself
         return value
 
+    def serve_options(self) -> dict[str, Any]:
+        """The ingress deployment's `.options(...)`."""
+        return {
+            "name": INGRESS_DEPLOYMENT,
+            "ray_actor_options": self.resources,
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": self.backpressure,
+        }
+
+
+def _serve_options(
+    cfg: RouterConfig | ExpertConfig, ingress: IngressConfig, name: str
+) -> dict[str, Any]:
+    """Serve options of an autoscaled, batched deployment (router or expert)."""
+    return {
+        "name": name,
+        "ray_actor_options": cfg.resources,
+        "autoscaling_config": cfg.autoscaling,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": ingress.backpressure,
+        "user_config": cfg.batching.model_dump(),
+    }
+
 
 class ObjectiveConfig(_Strict):
     """Default objective weights; requests override them one by one."""
 
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Default weight per name (size, recency, security, verbosity, readability); "
+        "each multiplies a penalty in [0, 1] added to the predicted loss (bits per byte).",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -258,10 +323,16 @@ def check_weights(weights: dict[str, float]) -> dict[str, float]:
 class LibraryConfig(_Strict):
     """A whole library: router, experts, objective defaults and ingress settings."""
 
-    router: RouterConfig
-    experts: list[ExpertConfig] = Field(min_length=1)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    router: RouterConfig = Field(description="The perceptive router (see `router`).")
+    experts: list[ExpertConfig] = Field(
+        min_length=1, description="The expert models, one deployment each (see `experts[]`)."
+    )
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="Default objective weights."
+    )
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig, description="HTTP limits, fallback and backpressure."
+    )
 
     @field_validator("experts")
     @classmethod
@@ -272,15 +343,6 @@ class LibraryConfig(_Strict):
                 raise ValueError(f"expert name {expert.name!r} appears twice")
             seen.add(expert.name)
         return experts
-
-    @model_validator(mode="after")
-    def _measured(self) -> LibraryConfig:
-        for name in ("verbosity", "readability"):
-            if self.objective.weights.get(name) and any(
-                getattr(e, name) is None for e in self.experts
-            ):
-                raise ValueError(f"objective.weights.{name} needs '{name}' on every expert")
-        return self
 
     def expert(self, name: str) -> ExpertConfig:
         """The expert called `name`; KeyError if there is none."""
@@ -355,8 +417,12 @@ def _location(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     return out
 
 
-def parse_library(raw: Any, path: Path) -> LibraryConfig:
-    """Validate a library given as a dict, with relative paths resolved against `path`."""
+def parse_library(raw: Any, path: Path, *, router: bool = True) -> LibraryConfig:
+    """Validate a library given as a dict, with relative paths resolved against `path`.
+
+    With `router=False` the router checkpoint is not read (it may not be trained yet): what
+    profiling and training need.
+    """
     if not isinstance(raw, dict):
         raise LibraryError(f"{path}: expected a mapping with 'router' and 'experts'")
     try:
@@ -364,29 +430,18 @@ def parse_library(raw: Any, path: Path) -> LibraryConfig:
     except ValidationError as err:
         lines = [f"  {_location(e['loc'], raw) or '(top level)'}: {e['msg']}" for e in err.errors()]
         raise LibraryError(f"{path}: invalid library\n" + "\n".join(lines)) from None
-    return _resolve(library, raw, path)
+    library = _resolve(library, path)
+    return _with_checkpoint(library, path) if router else library
 
 
-def _resolve(library: LibraryConfig, raw: dict[str, Any], path: Path) -> LibraryConfig:
-    """Resolve paths, check the checkpoint folder and fill in parameter counts."""
+def _resolve(library: LibraryConfig, path: Path) -> LibraryConfig:
+    """Resolve the models' paths and the checkpoint's, and fill in parameter counts."""
     base = path.parent
     try:
         router_model = resolve_model(library.router.model, base)
     except ValueError as err:
         raise LibraryError(f"{path}: router.model: {err}") from None
     checkpoint = (base / library.router.checkpoint).resolve()
-    if not (checkpoint / "router.json").is_file():
-        raise LibraryError(f"{path}: router.checkpoint: no router.json in {checkpoint}")
-    try:
-        trained = json.loads((checkpoint / "router.json").read_text())["experts"]
-    except (ValueError, KeyError) as err:
-        raise LibraryError(f"{path}: router.checkpoint: unreadable router.json: {err}") from None
-    untrained = [name for name in library.names if name not in trained]
-    if untrained:
-        raise LibraryError(
-            f"{path}: router.checkpoint: the router in {checkpoint} has no prediction for "
-            f"expert(s) {', '.join(untrained)}; retrain it (tryage train) or remove them"
-        )
     router = library.router.model_copy(update={"model": router_model, "checkpoint": checkpoint})
     experts = []
     for i, expert in enumerate(library.experts):
@@ -405,8 +460,54 @@ def _resolve(library: LibraryConfig, raw: dict[str, Any], path: Path) -> Library
     return library.model_copy(update={"router": router, "experts": experts})
 
 
-def load_library(path: str | Path) -> LibraryConfig:
-    """Read and validate `library.yaml`; raises LibraryError naming the key and the file."""
+def _with_checkpoint(library: LibraryConfig, path: Path) -> LibraryConfig:
+    """Check the trained router covers every expert, and take from its checkpoint what the
+    library leaves out: measured verbosity and readability, a fine-tuned encoder."""
+    checkpoint = library.router.checkpoint
+    if not (checkpoint / HEAD_META).is_file():
+        raise LibraryError(
+            f"{path}: router.checkpoint: no {HEAD_META} in {checkpoint}; train the router "
+            "(tryage train --library FILE --profile PROFILE)"
+        )
+    try:
+        meta = json.loads((checkpoint / HEAD_META).read_text())
+        trained = meta["experts"]
+        measured = (
+            json.loads((checkpoint / MEASURES).read_text())
+            if (checkpoint / MEASURES).is_file()
+            else {}
+        )
+    except (ValueError, KeyError) as err:
+        raise LibraryError(f"{path}: router.checkpoint: unreadable {err}") from None
+    untrained = [name for name in library.names if name not in trained]
+    if untrained:
+        raise LibraryError(
+            f"{path}: router.checkpoint: the router in {checkpoint} has no prediction for "
+            f"expert(s) {', '.join(untrained)}; retrain it (tryage train) or remove them"
+        )
+    router = library.router
+    tuned = meta.get("encoder")
+    if isinstance(tuned, str) and not Path(tuned).is_absolute() and (checkpoint / tuned).is_dir():
+        router = router.model_copy(update={"model": str((checkpoint / tuned).resolve())})
+    experts = []
+    for expert in library.experts:
+        found = measured.get(expert.name) or {}
+        fill = {k: found.get(k) for k in ("verbosity", "readability") if getattr(expert, k) is None}
+        experts.append(expert.model_copy(update=fill))
+    for name in ("verbosity", "readability"):
+        if library.objective.weights.get(name) and any(getattr(e, name) is None for e in experts):
+            raise LibraryError(
+                f"{path}: objective.weights.{name} needs '{name}' on every expert (measured by "
+                "tryage profile, stored by tryage train, or set in the library)"
+            )
+    return library.model_copy(update={"router": router, "experts": experts})
+
+
+def load_library(path: str | Path, *, router: bool = True) -> LibraryConfig:
+    """Read and validate `library.yaml`; raises LibraryError naming the key and the file.
+
+    `router=False` skips the router checkpoint (for profiling and training a new router).
+    """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise LibraryError(f"library file {path} does not exist")
@@ -414,17 +515,13 @@ def load_library(path: str | Path) -> LibraryConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise LibraryError(f"{path}: not valid YAML: {err}") from None
-    return parse_library(raw, path)
+    return parse_library(raw, path, router=router)
 
 
-def edit_library(path: str | Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    """Rewrite a library file with `edit` applied to its raw mapping (comments are not kept)."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text())
-    edit(raw)
-    path.write_text(library_to_yaml(raw))
+def write_library(path: str | Path, library: dict[str, Any], header: str = "") -> Path:
+    """Write a library mapping as YAML (dates and paths as strings), atomically; for the
+    commands whose job is to write a library (smoke-library, demo build)."""
+    from serve_app.files import write_text
 
-
-def library_to_yaml(library: dict[str, Any]) -> str:
-    """YAML text of a library written as a plain dict (dates and paths as strings)."""
-    return yaml.safe_dump(json.loads(json.dumps(library, default=str)), sort_keys=False)
+    text = yaml.safe_dump(json.loads(json.dumps(library, default=str)), sort_keys=False)
+    return write_text(path, header + text)

@@ -1,6 +1,9 @@
-"""Domain errors. Each carries its HTTP status; the ingress maps them in one place."""
+"""Domain errors. Each carries its HTTP status and error type; serve_app.api maps them to HTTP
+answers in one place, in the one error shape (serve_app.protocol.ErrorResponse)."""
 
 from __future__ import annotations
+
+from serve_app.protocol import ErrorDetail, ErrorResponse
 
 
 class TryageError(Exception):
@@ -8,15 +11,23 @@ class TryageError(Exception):
 
     status = 400
     type = "invalid_request_error"
+    code: str | None = "invalid_request"
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
 
-    def body(self) -> dict:
+    def body(self) -> ErrorResponse:
         """The one error shape of the HTTP API."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> ErrorResponse:
+    """`{"error": {"message", "type", "param", "code"}}`."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
 
 
 class BadRequest(TryageError):
@@ -28,6 +39,7 @@ class UnknownExpert(TryageError):
 
     status = 404
     type = "not_found_error"
+    code = "model_not_found"
 
 
 class NoExpertAvailable(TryageError):
@@ -35,6 +47,7 @@ class NoExpertAvailable(TryageError):
 
     status = 503
     type = "service_unavailable_error"
+    code = "no_expert_available"
 
 
 class Overloaded(TryageError):
@@ -42,6 +55,7 @@ class Overloaded(TryageError):
     with Retry-After)."""
 
     type = "overloaded_error"
+    code = "overloaded"
 
     def __init__(self, message: str, status: int = 503, retry_after_s: float | None = 1.0):
         super().__init__(message)

@@ -56,6 +56,15 @@ class Generation:
     finish_reason: str  # "stop" (EOS) or "length"
 
 
+@dataclass(frozen=True)
+class Filled:
+    """A fill-mask answer: the top predictions of every mask, and the text filled with the
+    best of each."""
+
+    text: str
+    masks: list[list[dict[str, Any]]]  # per mask: [{"token", "score"}, ...], best first
+
+
 def pick_device() -> torch.device:
     """The device torch sees, whatever Ray was asked for."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +212,7 @@ class HFExpert:
         return results
 
     @torch.no_grad()
-    def fill_mask(self, prompts: list[str], top_k: int = 5) -> list[dict]:
+    def fill_mask(self, prompts: list[str], top_k: int = 5) -> list[Filled]:
         """Top predictions for every mask in each prompt, and the prompt filled with the best."""
         tok = self.tokenizer
         texts = [MASK_MARKERS.sub(tok.mask_token, p) for p in prompts]
@@ -231,7 +240,7 @@ class HFExpert:
             best = [choices[0]["token"] for choices in masks]
             best += [tok.mask_token] * (len(parts) - 1 - len(best))
             filled = parts[0] + "".join(b + p for b, p in zip(best, parts[1:], strict=True))
-            results.append({"text": filled, "masks": masks})
+            results.append(Filled(text=filled, masks=masks))
         return results
 
 

@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from serve_app.config import HEAD_META, HEAD_WEIGHTS, MEASURES
 from serve_app.experts import pick_device
+
+__all__ = ["HEAD_META", "HEAD_WEIGHTS", "MEASURES", "Encoder", "LearnedRouter", "Router"]
 
 
 @dataclass
@@ -65,30 +68,24 @@ class RouterHead(nn.Module):
         return self.forward(emb) * self.std + self.mean
 
 
-def save_untrained_head(folder: str | Path, experts: list[str], loss: float) -> Path:
-    """A head that predicts about `loss` bits per byte for every expert, before any training:
-    a library's placeholder until `tryage train` writes a real one."""
-    return save_head(
-        RouterHead(HeadConfig(experts=experts, target_mean=[loss] * len(experts))), folder
-    )
-
-
 def save_head(head: RouterHead, folder: str | Path, encoder: str = "minilm") -> Path:
-    """Write `router.json` and `head.safetensors` into `folder`."""
+    """Write `router.json` and `head.safetensors` into `folder`. `encoder` names the encoder
+    the head was trained on; a relative path is a folder inside the checkpoint (a fine-tuned
+    encoder), which serves in place of the library's router.model."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": "tryage-router/1", "encoder": encoder, **asdict(head.cfg)}
-    (folder / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(folder / "head.safetensors"))
+    save_file(state, str(folder / HEAD_WEIGHTS))
     return folder
 
 
 def read_head_config(folder: str | Path) -> HeadConfig:
     """The head's config from `router.json`, without loading weights."""
-    meta = json.loads((Path(folder) / "router.json").read_text())
+    meta = json.loads((Path(folder) / HEAD_META).read_text())
     meta.pop("format", None)
     meta.pop("encoder", None)
     return HeadConfig(**meta)
@@ -99,7 +96,7 @@ def load_head(folder: str | Path) -> RouterHead:
     from safetensors.torch import load_file
 
     head = RouterHead(read_head_config(folder))
-    head.load_state_dict(load_file(str(Path(folder) / "head.safetensors")))
+    head.load_state_dict(load_file(str(Path(folder) / HEAD_WEIGHTS)))
     return head.eval()
 
 
@@ -194,85 +191,3 @@ class LearnedRouter:
         emb = self.encoder.encode(prompts).to(self.encoder.device)  # (B, H)
         losses = self.head.predict(emb).cpu().tolist()  # (B, E)
         return [dict(zip(self.experts, row, strict=True)) for row in losses]
-
-
-# --- baselines: the routers a user would try instead -----------------------------------
-# Each predicts a score per expert, lowest best, like the learned router's predicted losses.
-
-
-class OracleRouter:
-    """Knows every expert's true loss on the prompts it is asked about (the upper bound)."""
-
-    def __init__(self, truth: dict[str, dict[str, float]]):
-        self.truth = truth  # prompt text -> expert -> true loss
-        self.experts = list(next(iter(truth.values()))) if truth else []
-
-    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
-        return [dict(self.truth[p]) for p in prompts]
-
-
-class BestSingleRouter:
-    """Always the expert with the lowest mean loss on the training prompts."""
-
-    def __init__(self, experts: list[str], mean_loss: list[float]):
-        self.experts = list(experts)
-        self.scores = dict(zip(self.experts, map(float, mean_loss), strict=True))
-
-    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
-        return [dict(self.scores) for _ in prompts]
-
-
-class ModelCardRouter:
-    """Model selection by reading model cards: the expert whose description is most similar
-    to the prompt (cosine of sentence embeddings; score = 1 - similarity)."""
-
-    def __init__(self, encoder: Encoder, cards: dict[str, str]):
-        self.encoder = encoder
-        self.experts = list(cards)
-        self.cards = encoder.encode([cards[e] or e for e in self.experts])  # (E, H)
-
-    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
-        sim = self.encoder.encode(prompts) @ self.cards.T  # (B, E)
-        return [dict(zip(self.experts, (1 - row).tolist(), strict=True)) for row in sim]
-
-
-class KnnRouter:
-    """The mean loss of each expert over the k training prompts nearest the prompt."""
-
-    def __init__(
-        self,
-        encoder: Encoder,
-        experts: list[str],
-        embeddings: torch.Tensor,
-        losses: torch.Tensor,
-        k: int = 10,
-    ):
-        assert embeddings.shape[0] == losses.shape[0], "one loss row per training embedding"
-        self.encoder = encoder
-        self.experts = list(experts)
-        self.embeddings = embeddings.float()  # (N, H)
-        self.losses = losses.float()  # (N, E)
-        self.k = min(k, len(self.embeddings))
-
-    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
-        sim = self.encoder.encode(prompts) @ self.embeddings.T  # (B, N)
-        near = sim.topk(self.k, dim=1).indices  # (B, k)
-        mean = self.losses[near].mean(1)  # (B, E)
-        return [dict(zip(self.experts, row.tolist(), strict=True)) for row in mean]
-
-
-#: Routers by name; evaluation and serving build them through `make_router`.
-ROUTERS = {
-    "learned": LearnedRouter,
-    "oracle": OracleRouter,
-    "best_single": BestSingleRouter,
-    "model_card": ModelCardRouter,
-    "knn": KnnRouter,
-}
-
-
-def make_router(name: str, **kwargs) -> Router:
-    """Build the router registered as `name`."""
-    if name not in ROUTERS:
-        raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}")
-    return ROUTERS[name](**kwargs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.data import SHARED_CORPORA
+from serve_app.learn.data import SHARED_CORPORA
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Real text in domain folders, beside the repository (see its MANIFEST.md).
@@ -31,7 +31,7 @@ def _from_corpora(n: int, chars: int) -> dict[str, list[str]]:
 
 def _from_stdlib(n: int, chars: int) -> dict[str, list[str]]:
     """Real text any Python has, where the corpora are not beside the checkout."""
-    from serve_app.data import stdlib_prompts
+    from serve_app.learn.data import stdlib_prompts
 
     out: dict[str, list[str]] = {}
     seen: set[str] = set()  # texts that share their first `chars` characters count once

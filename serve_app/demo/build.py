@@ -14,8 +14,8 @@ of the steps it reads, stored in OUT/.build/STEP.json):
 5. check      every expert's bits per byte on held-out documents of every domain; the build
               fails unless each specialist beats both generalists on its domain and the larger
               generalist beats the smaller on average
-6. profile    every expert on the router split (serve_app.profile, a Ray job)
-7. router     the router trained on that profile (serve_app.train)
+6. profile    every expert on the router split (serve_app.learn.profile, a Ray job)
+7. router     the router trained on that profile (serve_app.learn.train)
 8. library    OUT/library.yaml, written last: its presence means the build finished
 
 Deterministic for a seed on one machine: seeded splits, initialisation and batches.
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_app.config import LibraryError, library_to_yaml, load_library
-from serve_app.data import Prompt, load_prompts, unit_draw
+from serve_app.config import LibraryConfig, LibraryError, load_library, parse_library, write_library
 from serve_app.demo.lm import LMConfig, ModelSize
+from serve_app.learn.data import Prompt, load_prompts, unit_draw
 
 GENERAL_S, GENERAL_L = "general-s", "general-l"
 #: What a domain of ../shared/corpora holds, for the experts' descriptions (model cards).
@@ -235,7 +235,7 @@ def split_docs(out: Path, split: str) -> dict[str, list[Prompt]]:
 
 def build_tokenizer(out: Path, lm_docs: dict[str, list[Prompt]], cfg: DemoConfig) -> None:
     """A byte-level BPE tokenizer learnt from up to `tokenizer_chars` of each domain."""
-    from serve_app.smoke import train_tokenizer
+    from serve_app.demo.lm import train_tokenizer
 
     texts = []
     for domain in sorted(lm_docs):
@@ -357,11 +357,11 @@ def blurb(domain: str, described: dict[str, str]) -> str:
 # --- the library --------------------------------------------------------------------------
 
 
-def library_dict(experts: list[Expert], measured: dict[str, dict] | None = None) -> dict:
-    """The demo's library.yaml as a dict: CPU fractions that fit a laptop, scale to zero."""
-    from serve_app.smoke import laptop_library
+def library_dict(experts: list[Expert]) -> dict:
+    """The demo's library.yaml as a dict: CPU fractions that fit a laptop, scale to zero.
+    Verbosity and readability come from the router checkpoint's measures."""
+    from serve_app.demo.smoke import laptop_library
 
-    measured = measured or {}
     entries = []
     for e in experts:
         entry = {
@@ -374,19 +374,8 @@ def library_dict(experts: list[Expert], measured: dict[str, dict] | None = None)
             "trusted": True,
             "resources": {"num_cpus": 0.25},
         }
-        for key in ("verbosity", "readability"):
-            if measured.get(e.name, {}).get(key) is not None:
-                entry[key] = round(measured[e.name][key], 3)
         entries.append(entry)
     return laptop_library(entries, {"num_cpus": 0.5})
-
-
-def write_library(path: Path, experts: list[Expert], measured: dict | None, header: str) -> Path:
-    """Write a library file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + library_to_yaml(library_dict(experts, measured)))
-    tmp.replace(path)
-    return path
 
 
 # --- the build ----------------------------------------------------------------------------
@@ -404,8 +393,8 @@ def build_demo(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from serve_app.profile import measures, read_profile
-    from serve_app.train import TrainConfig
+    from serve_app.learn.profile import read_profile
+    from serve_app.learn.train import TrainConfig
 
     hf_logging.set_verbosity_error()  # no "loading weights" bars and length warnings per expert
     hf_logging.disable_progress_bar()
@@ -520,14 +509,11 @@ def build_demo(
             + " (train longer: more general_steps / special_steps, or more documents)"
         )
 
-    # 6. profile the router split, 7. train the router
-    partial = out / "library.partial.yaml"
-    header = "# The demo library written by `tryage demo build`.\n"
-    write_library(partial, experts, None, header)
-    if not (out / "router" / "router.json").exists():  # the profile step's placeholder
-        from serve_app.router import save_untrained_head
-
-        save_untrained_head(out / "router", names, 2.0)
+    # 6. profile the router split, 7. train the router: both read the library's experts
+    # before it is written (no router checkpoint exists yet).
+    library_path = out / "library.yaml"
+    raw = library_dict(experts)
+    draft = parse_library(raw, library_path, router=False)
     router_split = split_docs(out, "router")
     router_prompts = [p for d in domains for p in router_split.get(d, [])[: cfg.router_docs]]
     profile_path = out / "profiles" / "router.parquet"
@@ -535,23 +521,21 @@ def build_demo(
     steps.run(
         "profile",
         profile_key,
-        lambda: _profile(partial, router_prompts, profile_path, cfg, progress),
+        lambda: _profile(draft, router_prompts, profile_path, cfg, progress),
     )
     table = read_profile(profile_path)
-    measured = measures(table)
-    write_library(partial, experts, measured, header)
 
     train_cfg = TrainConfig(seed=cfg.seed)
     router_key = _key(profile_key, dataclasses.asdict(train_cfg))
     report = steps.run(
         "router",
         router_key,
-        lambda: _train_router(partial, table, profile_path, out / "router", train_cfg),
+        lambda: _train_router(draft, table, profile_path, out / "router", train_cfg),
     )
 
     # 8. the library, last
-    library = write_library(out / "library.yaml", experts, measured, header)
-    partial.unlink()
+    header = "# The demo library written by `tryage demo build`.\n"
+    library = write_library(library_path, raw, header)
     load_library(library)  # it must load as any library does
     result = BuildResult(library, domains, experts, losses, report, steps.seconds)
     (out / "summary.json").write_text(
@@ -572,7 +556,7 @@ def build_demo(
 
 def _corpus_stamp(corpus: Path) -> list:
     """What identifies a corpus folder: its data files' names, sizes and modification times."""
-    from serve_app.data import data_files
+    from serve_app.learn.data import data_files
 
     return [
         (str(f.relative_to(corpus)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -581,27 +565,26 @@ def _corpus_stamp(corpus: Path) -> list:
 
 
 def _profile(
-    library_path: Path, prompts: list[Prompt], path: Path, cfg: DemoConfig, progress: bool
+    library: LibraryConfig, prompts: list[Prompt], path: Path, cfg: DemoConfig, progress: bool
 ) -> dict:
-    from serve_app.profile import profile, ray_session
+    from serve_app.learn.profile import ProfileConfig, profile
+    from serve_app.session import ray_session
 
     with ray_session():
         run = profile(
-            load_library(library_path),
+            library.experts,
             prompts,
             path,
-            generate=cfg.generate,
-            new_tokens=cfg.new_tokens,
+            ProfileConfig(generate=cfg.generate, new_tokens=cfg.new_tokens),
             progress=progress,
         )
     return {"rows": run.table.num_rows}
 
 
 def _train_router(
-    library_path: Path, table: Any, profile_path: Path, checkpoint: Path, cfg: Any
+    library: LibraryConfig, table: Any, profile_path: Path, checkpoint: Path, cfg: Any
 ) -> dict:
-    from serve_app.train import train
+    from serve_app.learn.train import train
 
     cache = profile_path.with_name(profile_path.name + ".embeddings")
-    report = train(load_library(library_path), table, checkpoint, cfg, cache=cache)
-    return dataclasses.asdict(report)
+    return dataclasses.asdict(train(library, table, checkpoint, cfg, cache=cache))

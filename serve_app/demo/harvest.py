@@ -4,7 +4,7 @@ With no user corpus, the demo trains its experts on four domains harvested from 
 the standard library's source (`code`), license texts of installed packages (`legal`), the
 language reference's prose (`docs`) and package READMEs (`readme`). The output has the shape of
 `../shared/corpora`: `OUT/<domain>/<source-name>.jsonl`, one `{"text", "source", "domain"}`
-object a line, so `serve_app.data.load_prompts(OUT)` reads it.
+object a line, so `serve_app.learn.data.load_prompts(OUT)` reads it.
 
 Documents are built by merging consecutive paragraphs (prose) or top-level statements (code)
 until one more would pass `max_chars`; a piece too long on its own is split at blank lines,

@@ -153,3 +153,49 @@ def train_lm(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
+
+
+# --- tokenizers ---------------------------------------------------------------------------
+
+#: Special tokens of the project's tokenizers: GPT-2's end of text, padding, BERT's specials.
+SPECIALS = ["<|endoftext|>", "<pad>", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="[UNK]",
+        model_max_length=256,
+    )
+
+
+def masked_tokenizer(base):
+    """The same vocabulary with BERT-style special tokens for a masked LM."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        pad_token="<pad>",
+        unk_token="[UNK]",
+        model_max_length=256,
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from serve_app.session import free_port, workers_import_checkout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,16 +28,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def smoke_library(tmp_path_factory) -> Path:
     """A smoke library built once for the session."""
-    from serve_app.smoke import build_smoke_library
+    from serve_app.demo.smoke import build_smoke_library
 
     return build_smoke_library(tmp_path_factory.mktemp("smoke"))
 
@@ -49,9 +43,7 @@ def serve_port() -> int:
     from ray import serve
 
     # Ray workers import test helpers (tests.integration.engines) from the repo root.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-    )
+    workers_import_checkout()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -24,7 +24,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from serve_app.app import build_app
-from serve_app.smoke import build_smoke_library
+from serve_app.demo.smoke import build_smoke_library
 from tests.integration.conftest import ROOT, free_port, wait_for, with_autoscaling
 
 pytestmark = pytest.mark.own_ray

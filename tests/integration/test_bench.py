@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serve_app.data import load_prompts
+from serve_app.learn.data import load_prompts
 from tests.integration.conftest import ROOT
 
 

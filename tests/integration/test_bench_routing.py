@@ -13,7 +13,7 @@ import pytest
 
 from bench import routing
 from serve_app.demo.harvest import DOMAINS, harvest
-from serve_app.evaluate import BASELINES
+from serve_app.learn.evaluate import BASELINES
 
 PER_DOMAIN = 8  # held-out prompts per domain: enough for every table, quick to profile
 

@@ -15,9 +15,9 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.cli import main
 from serve_app.config import load_library
-from serve_app.data import load_prompts
 from serve_app.demo.build import PRESETS, BuildError, build_demo
 from serve_app.demo.harvest import DOMAINS
+from serve_app.learn.data import load_prompts
 
 from .conftest import client
 

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from serve_app.config import load_library
-from serve_app.data import prompt_id
-from serve_app.evaluate import evaluate
-from serve_app.pareto import calibration, plot, sweep, write_csv
-from serve_app.profile import PROFILE_SCHEMA
-from serve_app.train import TrainConfig, train
+from serve_app.learn.data import prompt_id
+from serve_app.learn.evaluate import evaluate
+from serve_app.learn.pareto import calibration, plot, sweep, write_csv
+from serve_app.learn.profile import PROFILE_SCHEMA
+from serve_app.learn.train import TrainConfig, train
 
 CODE = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)",

@@ -17,8 +17,8 @@ import yaml
 
 from serve_app.cli import main
 from serve_app.config import load_library
-from serve_app.data import load_prompts
-from serve_app.profile import PROFILE_SCHEMA, read_profile
+from serve_app.learn.data import load_prompts
+from serve_app.learn.profile import PROFILE_SCHEMA, read_profile
 
 GENERATE = 4
 
@@ -29,6 +29,7 @@ def pipeline(serve_port, smoke_library, real_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipeline")
     shutil.copytree(smoke_library.parent, folder / "lib")
     lib = folder / "lib" / "library.yaml"
+    (folder / "library.before").write_bytes(lib.read_bytes())
     common = ["--library", str(lib), "--data", str(real_data)]
     profile_args = [
         "profile",
@@ -70,7 +71,13 @@ def test_the_profile_has_one_row_per_prompt_and_expert_in_the_documented_schema(
     assert {r["expert"] for r in outputs} == {"gen-xs", "gen-s", "gen-m"}
 
 
-def test_profiling_stores_verbosity_and_readability_in_the_library(pipeline):
+def test_profile_then_train_leave_the_library_file_byte_identical(pipeline):
+    folder, lib, _, _ = pipeline
+    assert lib.read_bytes() == (folder / "library.before").read_bytes()
+    assert not list(lib.parent.glob(".*tmp*")), "no temporary checkpoint left beside it"
+
+
+def test_the_measured_verbosity_and_readability_come_with_the_checkpoint(pipeline):
     _, lib, _, _ = pipeline
     library = load_library(lib)
     for expert in library.experts:

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from serve_app.config import load_library
+from serve_app.learn.train import TrainConfig, pivot, train
 from serve_app.router import LearnedRouter
-from serve_app.train import TrainConfig, pivot, train
 from tests.integration.test_evaluate import CODE, GERMAN, profile_table
 
 

@@ -182,12 +182,6 @@ def test_non_dominated_sweep_values_with_one_outcome_are_one_range():
     assert routing.non_dominated(rows) == ["size=0", "size=0.1-0.5", "size=2", "general-s"]
 
 
-def test_the_printed_json_is_read_past_anything_printed_before_it():
-    assert routing._json_tail('noise {"a": 1}\n{\n  "n": 2\n}\n') == {"n": 2}
-    with pytest.raises(routing.BenchError, match="no JSON"):
-        routing._json_tail("nothing here\n")
-
-
 def test_a_missing_corpus_fails_with_a_message(tmp_path, capsys):
     argv = ["--corpus", str(tmp_path / "nope"), "--results", str(tmp_path / "r.json")]
     assert routing.main(argv) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from serve_app.config import (
     minilm_path,
     resolve_model,
 )
-from serve_app.smoke import SMOKE_EXPERTS
+from serve_app.demo.smoke import SMOKE_EXPERTS
 
 _variants = itertools.count()
 
@@ -111,6 +112,64 @@ def test_expert_resources_are_passed_through(variant):
     library = load_library(path)
     assert library.expert("gen-m").resources == resources
     assert library.expert("gen-xs").resources == {"num_cpus": 0.25}
+
+
+def _checkpoint_copy(smoke: Path, tmp_path: Path, measures: dict | None) -> Path:
+    """The smoke library in `tmp_path` with its own copy of the router checkpoint."""
+    import shutil
+
+    shutil.copytree(smoke.parent, tmp_path / "lib")
+    if measures is not None:
+        (tmp_path / "lib" / "router" / "measures.json").write_text(json.dumps(measures))
+    return tmp_path / "lib" / "library.yaml"
+
+
+def test_measures_in_the_checkpoint_fill_what_the_library_leaves_out(smoke, tmp_path):
+    path = _checkpoint_copy(
+        smoke, tmp_path, {"gen-xs": {"verbosity": 12.5, "readability": 40.0}, "gen-s": {}}
+    )
+    raw = yaml.safe_load(path.read_text())
+    _expert(raw, "gen-s")["verbosity"] = 3.0  # set in the file: the file wins
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    library = load_library(path)
+    assert (library.expert("gen-xs").verbosity, library.expert("gen-xs").readability) == (
+        12.5,
+        40.0,
+    )
+    assert library.expert("gen-s").verbosity == 3.0
+    assert library.expert("gen-m").verbosity is None
+
+
+def test_a_verbosity_weight_needs_measures_from_the_checkpoint_or_the_file(smoke, tmp_path):
+    path = _checkpoint_copy(smoke, tmp_path, None)
+    raw = yaml.safe_load(path.read_text())
+    raw["objective"]["weights"]["verbosity"] = 1.0
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(LibraryError, match=r"objective\.weights\.verbosity needs 'verbosity'"):
+        load_library(path)
+    measured = {e["name"]: {"verbosity": 10.0 + i} for i, e in enumerate(raw["experts"])}
+    (path.parent / "router" / "measures.json").write_text(json.dumps(measured))
+    assert load_library(path).expert("gen-m").verbosity == 12.0
+
+
+def test_a_fine_tuned_encoder_inside_the_checkpoint_replaces_router_model(smoke, tmp_path):
+    path = _checkpoint_copy(smoke, tmp_path, None)
+    ckpt = path.parent / "router"
+    meta = json.loads((ckpt / "router.json").read_text())
+    (ckpt / "encoder").mkdir()
+    (ckpt / "router.json").write_text(json.dumps({**meta, "encoder": "encoder"}))
+    assert load_library(path).router.model == str((ckpt / "encoder").resolve())
+    assert load_library(path, router=False).router.model == str(minilm_path())
+
+
+def test_without_the_router_a_library_loads_before_any_training(smoke, tmp_path):
+    import shutil
+
+    path = _checkpoint_copy(smoke, tmp_path, None)
+    shutil.rmtree(path.parent / "router")
+    with pytest.raises(LibraryError, match=r"no router\.json"):
+        load_library(path)
+    assert load_library(path, router=False).names == [e[0] for e in SMOKE_EXPERTS]
 
 
 # --- every kind of mistake ---------------------------------------------------------------

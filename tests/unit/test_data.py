@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve_app.data import DataError, in_split, load_prompts, prompt_id
+from serve_app.learn.data import DataError, in_split, load_prompts, prompt_id
 
 
 def write_jsonl(path, rows):

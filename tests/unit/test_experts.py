@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
+from serve_app.demo.lm import masked_tokenizer, train_tokenizer
 from serve_app.experts import Generation, HFExpert, Score, has_mask, special_ids
-from serve_app.smoke import masked_tokenizer, train_tokenizer
 
 CORPUS = [
     "hello world, héllo wörld! the cat sat on the mat. " * 20,
@@ -237,23 +237,23 @@ def test_fill_mask_gives_top_k_predictions_per_mask_and_the_filled_text(masked):
     results = masked.fill_mask(prompts, top_k=3)
     assert len(results) == 2
     first, second = results
-    assert [len(m) for m in first["masks"]] == [3, 3]
-    assert [len(m) for m in second["masks"]] == [3]
-    for choices in first["masks"] + second["masks"]:
+    assert [len(m) for m in first.masks] == [3, 3]
+    assert [len(m) for m in second.masks] == [3]
+    for choices in first.masks + second.masks:
         scores = [c["score"] for c in choices]
         assert scores == sorted(scores, reverse=True)
         assert all(0 < s <= 1 for s in scores)
-    a, b = (m[0]["token"] for m in first["masks"])
-    assert first["text"] == f"The {a} sat on the {b}."
-    assert second["text"] == f"one {second['masks'][0][0]['token']} only"
+    a, b = (m[0]["token"] for m in first.masks)
+    assert first.text == f"The {a} sat on the {b}."
+    assert second.text == f"one {second.masks[0][0]['token']} only"
 
 
 def test_fill_mask_answers_do_not_depend_on_the_batch(masked):
     alone = masked.fill_mask(["one [MASK] only"], top_k=3)[0]
     batched = masked.fill_mask(["a much longer prompt with a [MASK] in it", "one [MASK] only"], 3)
     together = batched[1]
-    assert [c["token"] for c in together["masks"][0]] == [c["token"] for c in alone["masks"][0]]
-    for x, y in zip(together["masks"][0], alone["masks"][0], strict=True):
+    assert [c["token"] for c in together.masks[0]] == [c["token"] for c in alone.masks[0]]
+    for x, y in zip(together.masks[0], alone.masks[0], strict=True):
         assert x["score"] == pytest.approx(y["score"], abs=1e-5)
 
 
@@ -262,7 +262,7 @@ def test_fill_mask_scores_are_probabilities(masked_zero):
     (result,) = masked_zero.fill_mask(["The [MASK] sat."], top_k=4)
     # Uniform over the tokens that can fill a mask: the vocabulary less its special tokens.
     text_tokens = vocab - len(special_ids(masked_zero.tokenizer))
-    assert [c["score"] for c in result["masks"][0]] == [round(1 / text_tokens, 6)] * 4
+    assert [c["score"] for c in result.masks[0]] == [round(1 / text_tokens, 6)] * 4
 
 
 def test_fill_mask_never_answers_with_a_special_token(masked_path):
@@ -276,9 +276,9 @@ def test_fill_mask_never_answers_with_a_special_token(masked_path):
     (result,) = expert.fill_mask(["a [MASK] b [MASK] c"], top_k=3)
     specials = {tok.decode([i]).strip() for i in special_ids(tok)}
     assert {"[MASK]", "[SEP]", "<|endoftext|>"} <= specials
-    assert all(c["token"] not in specials for m in result["masks"] for c in m)
-    first, second = (m[0]["token"] for m in result["masks"])
-    assert result["text"] == f"a {first} b {second} c"
+    assert all(c["token"] not in specials for m in result.masks for c in m)
+    first, second = (m[0]["token"] for m in result.masks)
+    assert result.text == f"a {first} b {second} c"
 
 
 def test_a_fill_mask_expert_needs_a_mask_token(causal_tok, folders):

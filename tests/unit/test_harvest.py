@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.data import load_prompts
 from serve_app.demo.harvest import (
     DOMAINS,
     code_blocks,
@@ -23,6 +22,7 @@ from serve_app.demo.harvest import (
     prose_docs,
     select,
 )
+from serve_app.learn.data import load_prompts
 
 MAX_DOCS = 300
 LEGAL_WORDS = re.compile(r"licen[cs]e|warrant|permission|copyright|liabil", re.IGNORECASE)

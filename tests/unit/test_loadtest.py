@@ -18,7 +18,7 @@ import yaml
 from loadtest import prompts, shape
 from loadtest.observer import parse_serve_details
 from loadtest.report import build_report, write_report
-from serve_app.schemas import ChatRequest, CompletionRequest, InferRequest, RouteRequest
+from serve_app.protocol import ChatRequest, CompletionRequest, InferRequest, RouteRequest
 
 RUN = Path(__file__).resolve().parents[1] / "data" / "loadtest_run"
 EXPERTS = [
@@ -82,38 +82,38 @@ def test_prompt_loader_finds_domains_from_folders_and_rows(tmp_path):
         json.dumps({"text": "The lessee shall pay.", "domain": "legal"}) + "\n"
     )
     pq.write_table(pa.table({"text": ["Bonjour le monde"]}), tmp_path / "law" / "c.parquet")
-    found = prompts.load_prompts(tmp_path)
+    found = prompts.sample_prompts(tmp_path)
     assert prompts.domains(found) == {"code": 2, "law": 1, "legal": 1}
 
 
 def test_prompt_loader_cuts_long_texts_and_names_bad_rows(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "word " * 1000}) + "\n")
-    assert len(prompts.load_prompts(data, max_chars=100)[0].text) <= 100
+    assert len(prompts.sample_prompts(data, max_chars=100)[0].text) <= 100
     data.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(prompts.DataError, match=r"d\.jsonl:2"):
-        prompts.load_prompts(data)
+        prompts.sample_prompts(data)
     with pytest.raises(prompts.DataError, match="no data"):
-        prompts.load_prompts(tmp_path / "missing")
+        prompts.sample_prompts(tmp_path / "missing")
 
 
 def test_prompt_loader_samples_per_domain_with_the_projects_loader(tmp_path):
-    """The same seeded sample as serve_app.data (profiling, evaluation), per domain."""
-    from serve_app import data
+    """The same seeded sample as serve_app.learn.data (profiling, evaluation), per domain."""
+    from serve_app.learn import data
 
     for domain in ("code", "law"):
         (tmp_path / domain).mkdir()
         rows = [json.dumps({"text": f"{domain} prompt {i}"}) for i in range(10)]
         (tmp_path / domain / "a.jsonl").write_text("\n".join(rows) + "\n")
-    found = prompts.load_prompts(tmp_path, per_domain=3, seed=5)
+    found = prompts.sample_prompts(tmp_path, per_domain=3, seed=5)
     assert prompts.domains(found) == {"code": 3, "law": 3}
     expected = data.load_prompts(tmp_path, per_domain=3, seed=5)
     assert [(p.text, p.domain) for p in found] == [(p.text, p.domain) for p in expected]
-    assert found != prompts.load_prompts(tmp_path, per_domain=3, seed=6)
+    assert found != prompts.sample_prompts(tmp_path, per_domain=3, seed=6)
 
 
 def test_stdlib_corpus_is_real_text_in_several_domains():
-    found = prompts.load_prompts(None)
+    found = prompts.sample_prompts(None)
     counts = prompts.domains(found)
     assert set(counts) == set(prompts.STDLIB_DOMAINS)
     assert all(n >= 10 for n in counts.values())
@@ -122,7 +122,7 @@ def test_stdlib_corpus_is_real_text_in_several_domains():
 
 def test_request_mix_covers_every_kind_with_valid_bodies():
     rng = random.Random(0)
-    prompt = prompts.Prompt("The tenant shall pay the rent on the first day.", "legal")
+    prompt = prompts.Prompt.of("The tenant shall pay the rent on the first day.", "legal")
     specs = [prompts.make_request(rng, prompt, EXPERTS) for _ in range(500)]
     assert {s.kind for s in specs} == set(prompts.KINDS)
     schema = {
@@ -146,7 +146,7 @@ def test_request_mix_covers_every_kind_with_valid_bodies():
 def test_request_mix_leaves_out_fill_mask_without_a_masked_expert():
     rng = random.Random(1)
     generators = [e for e in EXPERTS if e.task == "text-generation"]
-    prompt = prompts.Prompt("hello there", "x")
+    prompt = prompts.Prompt.of("hello there", "x")
     kinds = {prompts.make_request(rng, prompt, generators).kind for _ in range(300)}
     assert "infer-mask" not in kinds
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app.metrics import choose, expected_random, expert_errors, summarize
+from serve_app.learn.metrics import choose, expected_random, expert_errors, summarize
 
 TRUTH = np.array(
     [

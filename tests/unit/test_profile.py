@@ -3,7 +3,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from serve_app.profile import PROFILE_SCHEMA, fingerprint, measures, reading_ease
+from serve_app.learn.profile import PROFILE_SCHEMA, fingerprint, measures, reading_ease
 
 
 def test_reading_ease_is_flesch_with_dictionary_syllables():

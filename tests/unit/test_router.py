@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from serve_app.config import minilm_path
+from serve_app.learn.baselines import ROUTERS, make_router
 from serve_app.router import (
-    ROUTERS,
     Encoder,
     HeadConfig,
     RouterHead,
     load_head,
-    make_router,
     read_head_config,
     save_head,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serve_app.schemas import ChatRequest, CompletionRequest, InferRequest, RouteRequest
+from serve_app.protocol import ChatRequest, CompletionRequest, InferRequest, RouteRequest
 
 
 def test_route_request_takes_prompt_weights_experts_and_task():

@@ -1,74 +1,36 @@
 """Evaluation: the learned router against the baselines, on the true losses of a data path.
 
-Every router predicts a score per expert for every prompt (see serve_app.router); the expert
-with the lowest score is chosen and judged on its true loss from a profile of the same
-prompts (serve_app.metrics: top1, regret, mean_loss). Baselines:
-
-    oracle       the true best expert (top1 = 1, regret = 0: the ceiling)
-    random       a uniformly random expert, in expectation (exact, no sampling noise)
-    best_single  the one expert with the lowest mean loss on the training profile
-    model_card   the expert whose description is most similar to the prompt
-    knn          the lowest mean loss over the k training prompts nearest the prompt
+Every router predicts a score per expert for every prompt (serve_app.router.Router); the
+expert with the lowest score is chosen and judged on its true loss from a profile of the same
+prompts (serve_app.learn.metrics: top1, regret, mean_loss). The baselines are those of
+serve_app.learn.baselines, plus `random`: a uniformly random expert, in expectation (exact).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from serve_app.config import LibraryConfig, LibraryError
-from serve_app.metrics import choose, expected_random, summarize
-from serve_app.router import (
-    BestSingleRouter,
-    Encoder,
-    KnnRouter,
-    LearnedRouter,
-    ModelCardRouter,
-    OracleRouter,
-    Router,
-    read_head_config,
-)
-from serve_app.train import REFERENCE, Matrix, pivot
+from serve_app.learn.baselines import make_router
+from serve_app.learn.data import Prompt
+from serve_app.learn.matrix import Matrix, load_reference, pivot, trained_ids
+from serve_app.learn.metrics import choose, expected_random, summarize
+from serve_app.router import Encoder, Router, read_head_config
 
 BASELINES = ("oracle", "random", "best_single", "model_card", "knn")
 
 
-def trained_ids(checkpoint: Path) -> set[str]:
-    """Ids of the prompts the router was trained on (empty for an untrained router)."""
-    from safetensors import safe_open
-
-    file = Path(checkpoint) / REFERENCE
-    if not file.exists():
-        return set()
-    with safe_open(str(file), framework="pt") as f:
-        return set(json.loads(f.metadata().get("prompt_ids", "[]")))
-
-
-def load_reference(checkpoint: Path) -> tuple[list[str], Any, Any]:
-    """Training prompts' embeddings (N, H) and losses (N, E) saved by `tryage train`."""
-    from safetensors import safe_open
-
-    file = Path(checkpoint) / REFERENCE
-    if not file.exists():
-        raise LibraryError(
-            f"{checkpoint}: no {REFERENCE}; the knn and best_single baselines need a router "
-            "trained with tryage train"
-        )
-    with safe_open(str(file), framework="pt") as f:
-        experts = json.loads(f.metadata()["experts"])
-        return experts, f.get_tensor("embeddings"), f.get_tensor("losses")
-
-
 def routers(library: LibraryConfig, truth: Matrix, *, k: int = 10) -> dict[str, Router]:
-    """The learned router and every baseline, sharing one memoising encoder."""
+    """The learned router and every baseline (by name), sharing one memoising encoder."""
     ckpt = library.router.checkpoint
     encoder = Encoder(library.router.model, read_head_config(ckpt).max_length, memo=True)
-    learned = LearnedRouter(encoder, ckpt)
     ref_experts, emb, losses = load_reference(ckpt)
     missing = [e for e in truth.experts if e not in ref_experts]
     if missing:
@@ -79,15 +41,67 @@ def routers(library: LibraryConfig, truth: Matrix, *, k: int = 10) -> dict[str, 
         t: dict(zip(truth.experts, row.tolist(), strict=True))
         for t, row in zip(truth.texts, truth.losses, strict=True)
     }
+    cards = {e: library.expert(e).description for e in truth.experts}
     return {
-        "router": learned,
-        "oracle": OracleRouter(by_text),
-        "best_single": BestSingleRouter(truth.experts, losses.mean(0).tolist()),
-        "model_card": ModelCardRouter(
-            encoder, {e: library.expert(e).description for e in truth.experts}
+        "router": make_router("learned", encoder=encoder, checkpoint=ckpt),
+        "oracle": make_router("oracle", truth=by_text),
+        "best_single": make_router(
+            "best_single", experts=truth.experts, mean_loss=losses.mean(0).tolist()
         ),
-        "knn": KnnRouter(encoder, truth.experts, emb, losses, k=k),
+        "model_card": make_router("model_card", encoder=encoder, cards=cards),
+        "knn": make_router(
+            "knn", encoder=encoder, experts=truth.experts, embeddings=emb, losses=losses, k=k
+        ),
     }
+
+
+def held_out(
+    library: LibraryConfig,
+    prompts: list[Prompt],
+    log: Callable[[str], None] | None = None,
+    data: str | Path = "the data",
+) -> list[Prompt]:
+    """The prompts the library's router was not trained on (`data` names them in messages)."""
+    seen = trained_ids(library.router.checkpoint)
+    kept = [p for p in prompts if p.id not in seen]
+    if len(kept) < len(prompts) and log:
+        log(
+            f"leaving out {len(prompts) - len(kept)} prompt(s) the router was trained on "
+            "(--include-trained keeps them)"
+        )
+    if not kept:
+        raise LibraryError(f"every prompt in {data} was used to train the router")
+    return kept
+
+
+def measure_truth(
+    library: LibraryConfig,
+    prompts: list[Prompt],
+    out: Path | None = None,
+    *,
+    folder: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> pa.Table:
+    """Every expert's true loss on `prompts`: a profile (a Ray job) written to `out`, by
+    default `FOLDER/profiles/eval-KEY.parquet` (KEY from the prompts' ids; FOLDER the
+    library's, else the checkpoint's parent), so a rerun on the same prompts reuses it."""
+    from serve_app.learn.profile import ProfileConfig, profile
+    from serve_app.session import ray_session
+
+    key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
+    folder = folder or library.router.checkpoint.parent
+    out = out or folder / "profiles" / f"eval-{key}.parquet"
+    if log:
+        log(f"measuring every expert on {len(prompts)} prompts ({out})")
+    with ray_session():
+        run = profile(library.experts, prompts, out, ProfileConfig(generate=0), progress=progress)
+    return run.table
+
+
+def stderr(message: str) -> None:
+    """Progress messages of the offline commands."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def predictions(router: Router, truth: Matrix, batch: int = 256) -> np.ndarray:
@@ -170,12 +184,22 @@ def evaluate(
     table: pa.Table,
     *,
     experts: list[str] | None = None,
+    task: str | None = None,
     k: int = 10,
 ) -> tuple[Evaluation, dict[str, np.ndarray], Matrix]:
-    """Evaluate the library's router and the baselines on a profile of the data.
+    """Evaluate the library's router and the baselines on a profile of the data, among
+    `experts` (default all), or the experts of one `task`.
 
     Returns the figures, every method's scores (N, E), and the truth matrix.
     """
+    if task is not None:
+        experts = [
+            e.name
+            for e in library.experts
+            if e.task == task and e.name in (experts or library.names)
+        ]
+        if not experts:
+            raise LibraryError(f"the library has no {task} expert")
     truth = pivot(table, experts or library.names)
     if not truth.ids:
         raise LibraryError("no prompt of the data was measured on every expert")

@@ -4,7 +4,7 @@ Two modes:
 * frozen (default on CPU): the encoder embeds every prompt once (cached next to the profile),
   then only the head trains, in seconds.
 * finetune (for GPU users): encoder and head train together through accelerate; the tuned
-  encoder is saved beside the head and the library points at it.
+  encoder is saved inside the checkpoint (`encoder/`) and serves in place of router.model.
 
 The objective is the mean squared error of the standardised loss predictions plus, with weight
 `relative`, the squared error of each prompt's losses centred on their mean across experts, plus,
@@ -14,8 +14,9 @@ how hard a prompt is, the second how the experts compare on it, the third which 
 which is what routing needs: the squared errors weigh every expert alike, so an MLP spends its
 capacity on how bad the worst experts are, while the argmin depends on the best few (on the
 11-domain routing benchmark the listwise term raised held-out top-1 from 0.835 to 0.902).
-The split is fixed by prompt id and seed (serve_app.data.in_split); training
-stops when the validation error has not improved for `patience` epochs and keeps the best head.
+The split is fixed by prompt id and seed (serve_app.learn.data.in_split); training
+stops when the validation error has not improved for `patience` epochs (`finetune_patience`
+in finetune mode) and keeps the best state: one loop, `fit`, for both modes.
 """
 
 from __future__ import annotations
@@ -23,22 +24,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from serve_app.config import LibraryConfig, LibraryError
-from serve_app.data import in_split
-from serve_app.metrics import choose, expert_errors, summarize
-from serve_app.router import Encoder, HeadConfig, RouterHead, embed, save_head
-
-#: File in a router checkpoint holding the profile's prompt embeddings and losses, for the
-#: knn and best_single baselines.
-REFERENCE = "reference.safetensors"
+from serve_app.learn.data import in_split
+from serve_app.learn.matrix import Matrix, pivot, save_reference
+from serve_app.learn.metrics import choose, expert_errors, summarize
+from serve_app.router import MEASURES, Encoder, HeadConfig, RouterHead, embed, save_head
 
 
 @dataclass
@@ -49,7 +47,8 @@ class TrainConfig:
     val_fraction: float = 0.2  # share of prompts held out for validation and early stopping
     seed: int = 0
     max_epochs: int = 300
-    patience: int = 30  # epochs without a better validation error before stopping
+    patience: int = 30  # epochs without a better validation error before stopping (head)
+    finetune_patience: int = 3  # the same in finetune mode, where an epoch costs far more
     batch_size: int = 64
     lr: float = 2e-3  # head
     encoder_lr: float = 2e-5  # finetune mode
@@ -60,50 +59,6 @@ class TrainConfig:
     rank: float = 1.0  # weight of the listwise (which-expert-is-best) cross-entropy
     rank_temperature: float = 0.1  # bits per byte: loss gaps well under it count as ties
     max_length: int = 256  # encoder tokens read from a prompt
-
-
-@dataclass
-class Matrix:
-    """A profile pivoted to one row per prompt with every expert's loss."""
-
-    ids: list[str]
-    texts: list[str]
-    domains: list[str]
-    experts: list[str]
-    losses: np.ndarray  # (N, E) bits per byte
-
-    def subset(self, keep: np.ndarray) -> Matrix:
-        idx = np.flatnonzero(keep)
-        return Matrix(
-            [self.ids[i] for i in idx],
-            [self.texts[i] for i in idx],
-            [self.domains[i] for i in idx],
-            self.experts,
-            self.losses[idx],
-        )
-
-
-def pivot(table: pa.Table, experts: list[str]) -> Matrix:
-    """Prompts measured on every one of `experts`, in prompt-id order."""
-    rows: dict[str, dict[str, Any]] = {}
-    cols = table.select(["prompt_id", "text", "domain", "expert", "loss"]).to_pydict()
-    for pid, text, domain, expert, loss in zip(*cols.values(), strict=True):
-        row = rows.setdefault(pid, {"text": text, "domain": domain, "loss": {}})
-        row["loss"][expert] = loss
-    missing = [e for e in experts if not any(e in r["loss"] for r in rows.values())]
-    if missing:
-        raise LibraryError(
-            f"the profile has no rows for expert(s) {', '.join(missing)}; "
-            "run tryage profile with this library"
-        )
-    ids = sorted(pid for pid, r in rows.items() if all(e in r["loss"] for e in experts))
-    return Matrix(
-        ids=ids,
-        texts=[rows[i]["text"] for i in ids],
-        domains=[rows[i]["domain"] for i in ids],
-        experts=list(experts),
-        losses=np.array([[rows[i]["loss"][e] for e in experts] for i in ids], dtype=np.float64),
-    )
 
 
 @dataclass
@@ -194,24 +149,48 @@ def train_head(
     untrained = _error(head, val_emb, z_val)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best, best_state, since, epochs = float("inf"), copy.deepcopy(head.state_dict()), 0, 0
-    for epoch in range(cfg.max_epochs):
+
+    def epoch() -> None:
         head.train()
         for idx in torch.randperm(len(z_train), generator=gen).split(cfg.batch_size):
             loss = _loss(head, train_emb[idx], z_train[idx], cfg)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        epochs = epoch + 1
-        error = _error(head, val_emb, z_val)
+
+    epochs, best = fit(
+        epoch, lambda: _error(head, val_emb, z_val), [head], cfg.max_epochs, cfg.patience
+    )
+    return head.eval(), epochs, best, untrained
+
+
+def fit(
+    epoch: Callable[[], None],
+    val_error: Callable[[], float],
+    modules: list[torch.nn.Module],
+    max_epochs: int,
+    patience: int,
+    best: float = float("inf"),
+) -> tuple[int, float]:
+    """Early stopping, for both training modes: run `epoch` until the validation error has not
+    improved for `patience` epochs, then restore the modules' best state. `best` is the error
+    to beat (a warm start's). Returns (epochs run, best validation error)."""
+    best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+    since, epochs = 0, 0
+    for n in range(max_epochs):
+        epoch()
+        epochs = n + 1
+        error = val_error()
         if error < best - 1e-6:
-            best, best_state, since = error, copy.deepcopy(head.state_dict()), 0
+            best, since = error, 0
+            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
         else:
             since += 1
-            if since >= cfg.patience:
+            if since >= patience:
                 break
-    head.load_state_dict(best_state)
-    return head.eval(), epochs, best, untrained
+    for module, state in zip(modules, best_state, strict=True):
+        module.load_state_dict(state)
+    return epochs, best
 
 
 def embeddings(encoder: Encoder, matrix: Matrix, cache: Path | None) -> torch.Tensor:
@@ -238,7 +217,15 @@ def train(
     cfg: TrainConfig | None = None,
     cache: Path | None = None,
 ) -> Report:
-    """Train the router of `library` on a profile table; write the checkpoint to `out`."""
+    """Train the router of `library` on a profile table; write the checkpoint folder `out`.
+
+    The checkpoint is written beside `out` and renamed into place (serve_app.files): head,
+    reference, report, the experts' measured verbosity and readability (`measures.json`) and,
+    in finetune mode, the tuned encoder (`encoder/`). library.yaml is not touched.
+    """
+    from serve_app.files import new_folder
+    from serve_app.learn.profile import measures
+
     cfg = cfg or TrainConfig()
     if cfg.mode not in ("frozen", "finetune"):
         raise ValueError(f"unknown training mode {cfg.mode!r}; known: frozen, finetune")
@@ -251,55 +238,44 @@ def train(
             "training needs at least a few dozen"
         )
     encoder = Encoder(library.router.model, max_length=cfg.max_length)
-    out = Path(out)
     is_val = torch.from_numpy(val_mask)  # (N,) bool, in the matrix's order
-    if cfg.mode == "finetune":
-        head, epochs, err, untrained = finetune(encoder, train_m, val_m, cfg, out / "encoder")
-        encoder_name = "encoder"
-        emb = embeddings(encoder, matrix, None)  # the tuned encoder embeds anew
-    else:
-        emb = embeddings(encoder, matrix, cache)  # (N, H), every prompt embedded once
-        head, epochs, err, untrained = train_head(
-            emb[~is_val], train_m.losses, emb[is_val], val_m.losses, matrix.experts, cfg
+    with new_folder(out) as folder:
+        if cfg.mode == "finetune":
+            head, epochs, err, untrained = finetune(
+                encoder, train_m, val_m, cfg, folder / "encoder"
+            )
+            encoder_name = "encoder"  # inside the checkpoint: it replaces router.model
+            emb = embeddings(encoder, matrix, None)  # the tuned encoder embeds anew
+        else:
+            emb = embeddings(encoder, matrix, cache)  # (N, H), every prompt embedded once
+            head, epochs, err, untrained = train_head(
+                emb[~is_val], train_m.losses, emb[is_val], val_m.losses, matrix.experts, cfg
+            )
+            encoder_name = library.router.model
+        save_head(head, folder, encoder=encoder_name)
+        # The knn and best_single baselines read the whole profile (training and validation
+        # prompts: neither learns anything that needs holding out) from the checkpoint.
+        save_reference(folder, emb, matrix)
+        measured = {k: v for k, v in measures(table).items() if k in library.names}
+        (folder / MEASURES).write_text(json.dumps(measured, indent=2) + "\n")
+        with torch.no_grad():
+            pred = head.predict(emb[is_val]).numpy()
+        best_single = int(np.argmin(train_m.losses.mean(0)))
+        report = Report(
+            mode=cfg.mode,
+            experts=matrix.experts,
+            n_train=len(train_m.ids),
+            n_val=len(val_m.ids),
+            epochs=epochs,
+            val_error=err,
+            untrained_val_error=untrained,
+            val=summarize(choose(pred), val_m.losses),
+            val_best_single=summarize(np.full(len(val_m.ids), best_single), val_m.losses),
+            val_oracle=summarize(choose(val_m.losses), val_m.losses),
+            expert_mae=expert_errors(pred, val_m.losses, matrix.experts),
         )
-        encoder_name = library.router.model
-    save_head(head, out, encoder=encoder_name)
-    # The knn and best_single baselines read the whole profile (training and validation
-    # prompts: neither learns anything that needs holding out) from the checkpoint.
-    save_reference(out, emb, matrix)
-    with torch.no_grad():
-        pred = head.predict(emb[is_val])
-    pred = pred.numpy()
-    best_single = int(np.argmin(train_m.losses.mean(0)))
-    report = Report(
-        mode=cfg.mode,
-        experts=matrix.experts,
-        n_train=len(train_m.ids),
-        n_val=len(val_m.ids),
-        epochs=epochs,
-        val_error=err,
-        untrained_val_error=untrained,
-        val=summarize(choose(pred), val_m.losses),
-        val_best_single=summarize(np.full(len(val_m.ids), best_single), val_m.losses),
-        val_oracle=summarize(choose(val_m.losses), val_m.losses),
-        expert_mae=expert_errors(pred, val_m.losses, matrix.experts),
-    )
-    (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
-
-
-def save_reference(folder: Path, emb: torch.Tensor, matrix: Matrix) -> None:
-    """The profile's prompt embeddings (N, H) and losses (N, E) beside the head."""
-    from safetensors.torch import save_file
-
-    save_file(
-        {
-            "embeddings": emb.float().contiguous(),
-            "losses": torch.tensor(matrix.losses, dtype=torch.float32),
-        },
-        str(folder / REFERENCE),
-        metadata={"experts": json.dumps(matrix.experts), "prompt_ids": json.dumps(matrix.ids)},
-    )
 
 
 def finetune(
@@ -356,9 +332,8 @@ def finetune(
         return total / z_val.numel()
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    best, since, epochs = val_error(), 0, 0
-    best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))
-    for epoch in range(cfg.max_epochs):
+
+    def epoch() -> None:
         model.train()
         head.train()
         order = torch.randperm(len(train_m.texts), generator=gen).tolist()
@@ -367,17 +342,10 @@ def finetune(
             opt.zero_grad()
             accel.backward(loss)
             opt.step()
-        epochs = epoch + 1
-        error = val_error()
-        if error < best - 1e-6:
-            best, since = error, 0
-            best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))
-        else:
-            since += 1
-            if since >= max(2, cfg.patience // 10):
-                break
-    model.load_state_dict(best_state[0])
-    head.load_state_dict(best_state[1])
+
+    epochs, best = fit(
+        epoch, val_error, [model, head], cfg.max_epochs, cfg.finetune_patience, best=val_error()
+    )
     model = accel.unwrap_model(model)
     model.save_pretrained(encoder_out, safe_serialization=True)
     encoder.tokenizer.save_pretrained(encoder_out)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 SUFFIXES = (".jsonl", ".parquet")
 #: The shared domain corpora beside a checkout (tests, benchmarks and the load test use them
 #: when they are there; nothing from them is copied into the project).
-SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+SHARED_CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
 #: Standard-library modules read for the corpus every Python has, by domain.
 STDLIB_DOMAINS: dict[str, tuple[str, ...]] = {
     "text": ("textwrap", "difflib", "string", "shlex", "html"),
@@ -44,6 +44,11 @@ class Prompt:
     id: str
     text: str
     domain: str
+
+    @classmethod
+    def of(cls, text: str, domain: str) -> Prompt:
+        """A prompt with its id computed from the text."""
+        return cls(prompt_id(text), text, domain)
 
 
 def prompt_id(text: str) -> str:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from serve_app.config import MINILM, library_to_yaml
-from serve_app.router import save_untrained_head
-
-SPECIALS = ["<|endoftext|>", "<pad>", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+from serve_app.config import MINILM, write_library
+from serve_app.demo.lm import masked_tokenizer, train_tokenizer
+from serve_app.router import HeadConfig, RouterHead, save_head
 
 #: name, task, width, layers, released, trusted, description
 SMOKE_EXPERTS = [
@@ -34,46 +33,6 @@ def _sample_text() -> list[str]:
     import json as json_module
 
     return [inspect.getsource(m) for m in (argparse, json_module, textwrap)]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<pad>",
-        unk_token="[UNK]",
-        model_max_length=256,
-    )
-
-
-def masked_tokenizer(base):
-    """The same vocabulary with BERT-style special tokens for a masked LM."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer,
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        pad_token="<pad>",
-        unk_token="[UNK]",
-        model_max_length=256,
-    )
 
 
 def build_expert(task: str, vocab: int, width: int, layers: int, seed: int):
@@ -149,16 +108,17 @@ def build_smoke_library(out: str | Path, *, gpus: bool = False, seed: int = 0) -
                 "resources": dict(expert_res),
             }
         )
+    # The router is random too: a head around a plausible loss (log2 of the vocabulary per ~3
+    # bytes). Train it on a profile (tryage profile, tryage train) to route for real.
     torch.manual_seed(seed)
-    # Untrained: a random head around a plausible loss (log2 of the vocabulary per ~3 bytes).
     prior = float(torch.log2(torch.tensor(float(vocab))) / 3)
-    save_untrained_head(out / "router", [e["name"] for e in experts], prior)
-    library = laptop_library(experts, {"num_gpus": 1} if gpus else {"num_cpus": 0.5})
-    path = out / "library.yaml"
-    header = (
-        "# Smoke library written by `tryage smoke-library`: random weights, untrained router.\n"
+    names = [e["name"] for e in experts]
+    save_head(
+        RouterHead(HeadConfig(experts=names, target_mean=[prior] * len(names))), out / "router"
     )
-    path.write_text(header + library_to_yaml(library))
+    library = laptop_library(experts, {"num_gpus": 1} if gpus else {"num_cpus": 0.5})
+    header = "# Smoke library written by `tryage smoke-library`: random weights, random router.\n"
+    path = write_library(out / "library.yaml", library, header)
     (out / "README.md").write_text(
         "Smoke library: random experts and an untrained router, for testing a deployment.\n"
     )

@@ -4,7 +4,7 @@ Each expert gets its own Ray Data actor pool (`map_batches` with the expert's re
 library.yaml), so on a cluster every expert runs on the nodes that fit it, all at once. The
 result is one Parquet table, PROFILE_SCHEMA, one row per (prompt, expert):
 
-    prompt_id  string   stable hash of the text (serve_app.data.prompt_id)
+    prompt_id  string   stable hash of the text (serve_app.learn.data.prompt_id)
     text       string   the prompt
     domain     string   its domain (the file's folder when the row has none)
     expert     string   expert name
@@ -22,14 +22,13 @@ made, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_app.config import LibraryConfig, LibraryError, edit_library
-from serve_app.data import Prompt, prompts_table
+from serve_app.config import ExpertConfig, LibraryError
+from serve_app.learn.data import Prompt, prompts_table
 
 PROFILE_SCHEMA = pa.schema(
     [
@@ -212,20 +211,14 @@ def _done(out: Path, prints: dict[str, str]) -> pa.Table:
 # --- the job -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def ray_session(**init: Any) -> Iterator[None]:
-    """Use the Ray already running (or RAY_ADDRESS's cluster, or start a local one) for an
-    offline job; shut down only what this started. `init` goes to `ray.init`."""
-    import ray
+@dataclass(frozen=True)
+class ProfileConfig:
+    """How a profile is measured."""
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(log_to_driver=False, **init)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
+    generate: int = 32  # prompts (a seeded sample, the same for every expert) also generated
+    new_tokens: int = 48  # tokens of each sampled generation (verbosity, readability)
+    batch_size: int = 16  # prompts per scoring batch
+    actors_per_expert: int = 1  # Ray Data actors per expert
 
 
 @dataclass(frozen=True)
@@ -238,28 +231,27 @@ class ProfileRun:
 
 
 def profile(
-    library: LibraryConfig,
+    experts: Sequence[ExpertConfig],
     prompts: list[Prompt],
     out: str | Path,
+    cfg: ProfileConfig | None = None,
     *,
-    generate: int = 32,
-    new_tokens: int = 48,
-    batch_size: int = 16,
-    actors_per_expert: int = 1,
     progress: bool = True,
     load: Callable[[str, str], Any] | None = None,
 ) -> ProfileRun:
     """Measure every expert on every prompt; write the profile table and return it.
 
-    `generate` prompts (a seeded sample, the same for every expert) also get a greedy
-    continuation of `new_tokens` tokens from each text-generation expert, for verbosity and
-    readability. `load` replaces the model loader (tests).
+    `cfg.generate` prompts (a seeded sample, the same for every expert) also get a greedy
+    continuation of `cfg.new_tokens` tokens from each text-generation expert, for verbosity
+    and readability. `load` replaces the model loader (tests).
     """
     import ray
     from tqdm import tqdm
 
+    cfg = cfg or ProfileConfig()
+    generate, new_tokens, batch_size = cfg.generate, cfg.new_tokens, cfg.batch_size
     out = Path(out)
-    prints = {e.name: fingerprint(e.model) for e in library.experts}
+    prints = {e.name: fingerprint(e.model) for e in experts}
     prompt_ids = {p.id for p in prompts}
     done = _done(out, prints)
     done = done.filter(pc.is_in(done["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
@@ -271,7 +263,7 @@ def profile(
     )
 
     todo = {}
-    for expert in library.experts:
+    for expert in experts:
         writes = expert.task == "text-generation" and new_tokens > 0
         # Measure a row that is missing, or that now needs a sampled output it lacks.
         missing = [
@@ -295,7 +287,7 @@ def profile(
         ctx.issue_detectors_config.detectors = []
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         datasets = []
-        for expert in library.experts:
+        for expert in experts:
             if expert.name not in todo:
                 continue
             ds = ray.data.from_arrow(_chunks(todo[expert.name], batch_size * 4))
@@ -311,7 +303,7 @@ def profile(
                     },
                     batch_size=batch_size,
                     batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=actors_per_expert),
+                    compute=ray.data.ActorPoolStrategy(size=cfg.actors_per_expert),
                     udf_modifying_row_count=False,
                     **_data_resources(expert.resources),
                 )
@@ -354,17 +346,3 @@ def _data_resources(resources: dict[str, Any]) -> dict[str, Any]:
     out = {k: resources[k] for k in keys if k in resources}
     out.setdefault("num_cpus", 1)
     return out
-
-
-def write_measures(library_path: str | Path, table: pa.Table) -> dict[str, dict]:
-    """Store measured verbosity and readability in library.yaml (comments are not kept)."""
-    found = measures(table)
-
-    def store(raw: dict[str, Any]) -> None:
-        for expert in raw["experts"]:
-            for key, value in found.get(expert["name"], {}).items():
-                if value is not None:
-                    expert[key] = round(float(value), 2)
-
-    edit_library(library_path, store)
-    return found

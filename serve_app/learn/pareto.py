@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from serve_app.config import LibraryConfig, LibraryError
-from serve_app.metrics import summarize
+from serve_app.config import WEIGHT_NAMES, LibraryConfig, LibraryError
+from serve_app.learn.matrix import Matrix
+from serve_app.learn.metrics import summarize
 from serve_app.objective import penalties
-from serve_app.train import Matrix
 
 #: Weight values swept by default: fine steps where choices change fastest.
 SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -219,3 +220,43 @@ def plot(points: list[Point], weight: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def check_weight(weight: str) -> None:
+    """Refuse a weight name the objective does not know."""
+    if weight not in WEIGHT_NAMES:
+        raise LibraryError(f"unknown weight {weight!r}; known: {', '.join(WEIGHT_NAMES)}")
+
+
+@dataclass
+class ParetoResult:
+    """A sweep's points and what each value trades, in words (calibration.txt)."""
+
+    points: list[Point]
+    lines: list[str]
+
+
+def run_pareto(
+    library: LibraryConfig,
+    table: pa.Table,
+    weight: str,
+    out: Path,
+    values: list[float] | tuple[float, ...] | None = None,
+    task: str | None = None,
+    k: int = 10,
+) -> ParetoResult:
+    """Sweep `weight` over the truth `table`; write pareto.csv, pareto.png and calibration.txt
+    into `out`. Verbosity and readability compare text-generation experts only (they are
+    measured on what experts write)."""
+    from serve_app.learn.evaluate import evaluate
+
+    check_weight(weight)
+    task = task or ("text-generation" if weight in ("verbosity", "readability") else None)
+    _, scores, truth = evaluate(library, table, task=task, k=k)
+    points = sweep(library, scores["router"], truth, weight, tuple(values) if values else SWEEP)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(points, out / "pareto.csv")
+    plot(points, weight, out / "pareto.png")
+    lines = calibration(points, weight)
+    (out / "calibration.txt").write_text("\n".join(lines) + "\n")
+    return ParetoResult(points, lines)

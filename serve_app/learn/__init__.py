@@ -1,0 +1,1 @@
+"""The offline path: profile experts, train the router, evaluate it, draw the Pareto front."""

@@ -1,0 +1,230 @@
+"""Every HTTP request and response model of the ingress, tryage's own API and OpenAI's shapes,
+the one error model, and the typed messages between the ingress and the experts.
+
+The response models are the endpoints' `response_model`s, so /openapi.json describes what the
+service answers, and a field a client relies on cannot go missing without a test failing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, in OpenAI's error shape."""
+
+    message: str = Field(description="What went wrong and what would be valid; safe to show.")
+    type: str = Field(description="invalid_request_error, not_found_error, overloaded_error, ...")
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str | None = Field(None, description="A stable machine-readable code.")
+
+
+class ErrorResponse(BaseModel):
+    """The one error body of the HTTP API: `{"error": {message, type, param, code}}`."""
+
+    error: ErrorDetail
+
+
+# --- tryage's API -------------------------------------------------------------------------
+
+
+class RouteRequest(_Request):
+    """POST /v1/route: which expert would answer this prompt."""
+
+    prompt: str = Field(description="The prompt; `[flag: ...]` markers set weights.")
+    weights: dict[str, float] | None = Field(
+        None, description="Objective weights by name; override the library's defaults."
+    )
+    experts: list[str] | None = Field(None, description="Allow-list of expert names.")
+    task: Literal["text-generation", "fill-mask"] | None = Field(
+        None, description="Only experts of this task."
+    )
+
+
+class InferRequest(RouteRequest):
+    """POST /v1/infer: route, then run the prompt on the chosen expert."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int = Field(0, description="Sampling seed when temperature > 0.")
+    top_k: int = Field(5, ge=1, le=50, description="Predictions per mask (fill-mask).")
+
+
+class RankedOut(BaseModel):
+    """One expert's place in a ranking (serve_app.objective.Ranked)."""
+
+    expert: str = Field(description="The expert's name.")
+    predicted_loss: float = Field(description="The router's predicted loss, bits per byte.")
+    penalty: float = Field(description="Sum of weight x penalty over the request's weights.")
+    score: float = Field(description="predicted_loss + penalty; the lowest is chosen.")
+
+
+class RouteResponse(BaseModel):
+    """The routing decision: the chosen expert first in the ranking."""
+
+    expert: str = Field(description="The chosen expert.")
+    ranking: list[RankedOut] = Field(description="Eligible experts by score, best first.")
+
+
+class InferResponse(RouteResponse):
+    """The routing decision and the chosen expert's answer."""
+
+    task: str = Field(description="The answering expert's task.")
+    output: Any = Field(description="Generated text, or the fill-mask predictions.")
+    skipped: list[str] = Field(
+        default_factory=list, description="Experts ranked higher that failed and were passed over."
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "tryage"
+    task: str
+    params: int | None
+    released: str
+    description: str
+    trusted: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- OpenAI's API -------------------------------------------------------------------------
+
+
+class RoutingOptions(_Request):
+    """The extra `tryage` object of an OpenAI request."""
+
+    weights: dict[str, float] | None = Field(
+        None, description="Objective weights by name; override the library's defaults."
+    )
+    experts: list[str] | None = Field(None, description="Allow-list of expert names.")
+
+
+class _OpenAIRequest(BaseModel):
+    # OpenAI clients send fields tryage does not use (user, logprobs, ...): accept, ignore.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field("tryage", description="'tryage' routes; an expert's name pins it.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate (ingress.openai_default_max_tokens if none)."
+    )
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or none is greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, le=1, description="Choices; only one is supported.")
+    stream: bool = Field(False, description="Streaming is not supported.")
+    seed: int | None = Field(None, description="Sampling seed when temperature > 0.")
+    tryage: RoutingOptions | None = Field(
+        None, description="tryage's routing options: weights and an allow-list of experts."
+    )
+
+
+class CompletionRequest(_OpenAIRequest):
+    """OpenAI's completions request."""
+
+    prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
+        description="Who wrote it; the last user message is what the router reads."
+    )
+    content: str = Field(description="The message's text.")
+
+
+class ChatRequest(_OpenAIRequest):
+    """OpenAI's chat completions request."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The chat so far.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate; takes precedence over max_tokens."
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str
+
+
+class Completion(BaseModel):
+    """OpenAI's text_completion; `model` is the expert that answered."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat.completion; `model` is the expert that answered."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# --- ingress -> expert --------------------------------------------------------------------
+
+
+class ExpertRequest(BaseModel):
+    """What the ingress asks an expert deployment: a prompt (or chat messages) and settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    top_k: int = 5  # fill-mask predictions per mask
+
+    def generation_settings(self) -> tuple[int, float, float, int]:
+        """The settings requests must share to run in one generation batch."""
+        return (self.max_new_tokens, self.temperature, self.top_p, self.seed)
