@@ -139,3 +139,44 @@ def test_rayservice_has_a_cpu_head_and_gpu_workers(rayservice):
         (container,) = group["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert sum(g["minReplicas"] for g in cluster["workerGroupSpecs"]) >= 1
+
+
+# --- exposure: the dashboard runs code, the API is the only thing clients reach -------------
+
+
+def test_cluster_dashboard_listens_on_the_heads_loopback_only(cluster):
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start
+    assert "0.0.0.0" not in start
+
+
+def test_rayservice_exposes_only_the_serve_port_to_clients(rayservice):
+    service = rayservice["spec"]["serveService"]["spec"]
+    assert service["type"] == "ClusterIP"
+    assert service["ports"] == [{"name": "serve", "port": 8000}]
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["port"] == 8000
+
+
+def test_rayservice_keeps_the_dashboard_inside_the_cluster_behind_a_token(rayservice):
+    # KubeRay's operator deploys serveConfigV2 through the dashboard over the head Service, so
+    # the dashboard cannot be on the head's loopback: token auth and an in-cluster Service only.
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["mode"] == "token"
+    head = cluster["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert "headService" not in head  # a custom head Service could change its type or ports
+    (container,) = head["template"]["spec"]["containers"]
+    serve_ports = [p for p in container["ports"] if p["containerPort"] == 8000]
+    assert serve_ports == [{"containerPort": 8000, "name": "serve"}]
+
+
+def test_deploy_files_say_how_to_reach_the_dashboard_and_protect_the_api():
+    for name, tunnel in (
+        ("cluster.yaml", "ray dashboard cluster.yaml"),
+        ("deploy/kuberay/rayservice.yaml", "kubectl port-forward svc/tryage-head-svc 8265"),
+    ):
+        text = (ROOT / name).read_text()
+        assert tunnel in text, name
+        assert "TRYAGE_API_KEYS" in text, name
+    assert "TRYAGE_API_KEYS" in (ROOT / "serve_config.yaml").read_text()
