@@ -5,26 +5,36 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from itertools import groupby
 from typing import Any
 
 import ray
 from ray import serve
 
+from serve_app.batch import is_device_fault, isolated
 from serve_app.config import EXPERT_BATCHING, Batching
 from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert
-from serve_app.protocol import ExpertRequest
+from serve_app.protocol import ExpertRequest, Failure
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ExpertDeployment:
-    """An expert's replica group; `build_app` names it after the expert."""
+    """An expert's replica group; `build_app` names it after the expert.
 
-    def __init__(self, model: str, task: str, load: Callable[[str, str], HFExpert] = load_expert):
+    Every batched method answers each request on its own (serve_app.batch): one request that
+    fails gets a Failure in its place, the rest of the batch its answers."""
+
+    def __init__(
+        self,
+        model: str,
+        task: str,
+        load: Callable[..., HFExpert] = load_expert,
+        revision: str | None = None,
+    ):
         self.task = task
         start = time.perf_counter()
-        self.engine = load(model, task)
+        self.engine = load(model, task) if revision is None else load(model, task, revision)
         self.load_s = time.perf_counter() - start  # model load, the part of a cold start we own
+        self.fault: str | None = None  # set when the device broke: check_health reports it
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait of every batched method."""
@@ -33,28 +43,55 @@ class ExpertDeployment:
             method.set_max_batch_size(batching.max_batch_size)
             method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose device broke is replaced."""
+        if self.fault:
+            raise RuntimeError(f"the device is broken: {self.fault}")
+
+    def _noticed(self, err: BaseException) -> None:
+        if is_device_fault(err):
+            self.fault = f"{type(err).__name__}: {err}"[:500]
+
     @serve.batch(**EXPERT_BATCHING.model_dump())
-    async def generate(self, requests: list[ExpertRequest]) -> list[Generation]:
+    async def generate(self, requests: list[ExpertRequest]) -> list[Generation | Failure]:
         """Continue prompts (or chats); requests that share settings share a forward pass."""
+        return await asyncio.to_thread(self._generate, requests)
 
-        def run(settings: tuple, group: list[ExpertRequest]) -> list[Generation]:
-            return self.engine.generate([self._prompt(r) for r in group], *settings)
+    def _generate(self, requests: list[ExpertRequest]) -> list[Generation | Failure]:
+        # A prompt that cannot be rendered (a chat template refusing the messages) is the
+        # request's own fault: it fails alone, as a client error, and never reaches the model.
+        prompts: dict[int, str] = {}
+        out: list[Generation | Failure | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                prompts[i] = self._prompt(request)
+            except Exception as err:
+                out[i] = Failure(message=f"the chat cannot be rendered: {err}", client=True)
+        todo = [i for i in range(len(requests)) if out[i] is None]
 
-        return await asyncio.to_thread(_by_settings, requests, _gen_settings, run)
+        def run(settings: tuple, group: list[int]) -> list[Generation]:
+            deadline = min((d for i in group if (d := requests[i].deadline)), default=None)
+            return self.engine.generate([prompts[i] for i in group], *settings, deadline)
+
+        answers = isolated(todo, lambda i: requests[i].generation_settings(), run, self._noticed)
+        for i, answer in zip(todo, answers, strict=True):
+            out[i] = answer
+        return out  # type: ignore[return-value]
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
-    async def fill_mask(self, requests: list[ExpertRequest]) -> list[Filled]:
+    async def fill_mask(self, requests: list[ExpertRequest]) -> list[Filled | Failure]:
         """Top predictions for each mask of each prompt."""
 
         def run(settings: tuple, group: list[ExpertRequest]) -> list[Filled]:
             return self.engine.fill_mask([r.prompt for r in group], *settings)
 
-        return await asyncio.to_thread(_by_settings, requests, lambda r: (r.top_k,), run)
+        return await asyncio.to_thread(isolated, requests, lambda r: (r.top_k,), run, self._noticed)
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
-    async def score(self, texts: list[str]) -> list[Score]:
+    async def score(self, texts: list[str]) -> list[Score | Failure]:
         """Loss of each text (Score.bpb: bits per UTF-8 byte, with the bits, bytes, tokens)."""
-        return await asyncio.to_thread(self.engine.score, texts)
+        run = lambda _, group: self.engine.score(group)  # noqa: E731
+        return await asyncio.to_thread(isolated, texts, lambda _: (), run, self._noticed)
 
     async def info(self) -> dict[str, Any]:
         """What this replica runs on (the device torch picked, the GPU ids Ray assigned) and how
@@ -75,22 +112,3 @@ class ExpertDeployment:
         if tok is not None and getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n".join([*(f"{m['role']}: {m['content']}" for m in messages), "assistant:"])
-
-
-def _gen_settings(request: ExpertRequest) -> tuple:
-    return request.generation_settings()
-
-
-def _by_settings(
-    requests: list[ExpertRequest],
-    settings: Callable[[ExpertRequest], tuple],
-    run: Callable[[tuple, list[ExpertRequest]], list[Any]],
-) -> list[Any]:
-    """Run a batch as sub-batches of requests that share settings; answers in request order."""
-    out: list[Any] = [None] * len(requests)
-    key = lambda i: settings(requests[i])  # noqa: E731
-    for shared, group in groupby(sorted(range(len(requests)), key=key), key=key):
-        idx = list(group)
-        for i, answer in zip(idx, run(shared, [requests[i] for i in idx]), strict=True):
-            out[i] = answer
-    return out

@@ -5,6 +5,7 @@ sends the prompt to the chosen expert only (falling back down the ranking if it 
 # runtime to know that a pydantic model is the request body.
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import objective
-from serve_app.api import create_api
+from serve_app.api import API_KEYS_ENV, Guard, create_api
 from serve_app.config import LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.experts import Generation, has_mask
@@ -30,6 +31,7 @@ from serve_app.protocol import (
     CompletionChoice,
     CompletionRequest,
     ExpertRequest,
+    Failure,
     Health,
     InferRequest,
     InferResponse,
@@ -47,6 +49,12 @@ api = create_api()
 
 def _ranking(ranking: list[objective.Ranked]) -> list[RankedOut]:
     return [RankedOut(**r.as_dict()) for r in ranking]
+
+
+def _answered_by(response: Response, expert: str, skipped: list[str]) -> None:
+    """Headers that say who answered and whether it was a fallback."""
+    response.headers["x-tryage-expert"] = expert
+    response.headers["x-tryage-fallback"] = "true" if skipped else "false"
 
 
 def _usage(gen: Generation) -> Usage:
@@ -73,12 +81,19 @@ class Ingress:
         self.experts = experts
         self.penalties = objective.penalties(library.experts)
         self.limits = library.ingress
+        self.policy = library.policy
         self.task_of = {e.name: e.task for e in library.experts}
+        # Checked before FastAPI reads a request (serve_app.api.GuardMiddleware). The keys come
+        # from this replica's environment, which build_app fills from the runtime environment.
+        api.state.guard = Guard(
+            max_body_bytes=self.limits.max_body_bytes,
+            api_keys=Guard.keys_from(os.environ.get(API_KEYS_ENV)),
+        )
 
     # routing ----------------------------------------------------------------------------------
 
     def _clean(self, prompt: str) -> tuple[str, dict[str, float]]:
-        """Check the prompt's length and strip its flags."""
+        """Check the prompt's length and strip its flags (unless the policy turns them off)."""
         if not prompt.strip():
             raise BadRequest("prompt is empty", "prompt")
         if len(prompt) > self.limits.max_prompt_chars:
@@ -86,17 +101,38 @@ class Ingress:
                 f"prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
                 "prompt",
             )
+        if not self.policy.prompt_flags:
+            return prompt, {}
         clean, flags = objective.parse_flags(prompt)
         if not clean:
             raise BadRequest("prompt is empty once its [flag: ...] markers are removed", "prompt")
         return clean, flags
 
+    def _count(self, items: Any, what: str) -> None:
+        """Refuse a list or mapping longer than ingress.max_list_items."""
+        if items is not None and len(items) > self.limits.max_list_items:
+            raise BadRequest(
+                f"{what} has {len(items)} entries; the limit is {self.limits.max_list_items}", what
+            )
+
     async def _rank(
         self, text: str, flags: dict, weights: dict | None, allow: list | None, task: str | None
     ) -> list[objective.Ranked]:
-        """Eligible experts, predicted losses and the objective: the routing decision."""
-        merged = objective.merge_weights(self.library.objective.weights, weights, flags)
-        names = objective.eligible(self.library.experts, allow, task)
+        """Eligible experts, predicted losses and the objective: the routing decision.
+
+        Precedence: the operator's policy > the request's weights > prompt flags > library
+        defaults."""
+        self._count(weights, "weights")
+        self._count(allow, "experts")
+        settable = self.policy.settable()
+        merged = objective.merge_weights(
+            self.library.objective.weights,
+            objective.user_layer(flags, settable, "a prompt flag"),
+            objective.user_layer(weights, settable, "the request"),
+        )
+        names = objective.eligible(
+            self.library.experts, allow, task, trusted_only=self.policy.trusted_only
+        )
         if not has_mask(text):  # a masked LM has nothing to fill without a [MASK]
             names = [n for n in names if self.library.expert(n).task != "fill-mask"]
             if not names:
@@ -112,32 +148,40 @@ class Ingress:
         except Exception as err:
             logger.exception("router failed", exc_info=err)
             raise NoExpertAvailable("the router is unavailable; retry shortly") from None
+        if isinstance(predicted, Failure):  # this prompt alone failed in the router's batch
+            raise NoExpertAvailable("the router could not read this prompt; retry shortly")
         return objective.rank(predicted, self.penalties, merged, names)
 
     async def _dispatch(
         self, ranking: list[objective.Ranked], call: Callable[[str], DeploymentResponse]
     ) -> tuple[str, Any, list[str]]:
-        """Run `call` on the best expert; on failure or timeout the next, up to max_attempts."""
+        """Run `call` on the best expert; on failure or timeout the next, up to max_attempts,
+        all within ingress.request_timeout_s. A client-caused failure is a 400 at once."""
+        end = time.monotonic() + self.limits.request_timeout_s
         skipped: list[str] = []
         busy: BackPressureError | None = None
         for ranked in ranking[: self.limits.max_attempts]:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
             response = call(ranked.expert)
             try:
-                answer = await asyncio.wait_for(response, self.limits.expert_timeout_s)
-                return ranked.expert, answer, skipped
+                answer = await asyncio.wait_for(response, min(left, self.limits.expert_timeout_s))
             except BackPressureError as err:
                 # The expert's queue is full (its max_queued_requests): the next one answers.
                 logger.info("expert %s is at its queue limit; trying the next", ranked.expert)
                 busy = err
             except TimeoutError:
                 response.cancel()
-                logger.error(
-                    "expert %s gave no answer in %.0f s; trying the next",
-                    ranked.expert,
-                    self.limits.expert_timeout_s,
-                )
+                logger.error("expert %s gave no answer in time; trying the next", ranked.expert)
             except Exception as err:
                 logger.exception("expert %s failed; trying the next", ranked.expert, exc_info=err)
+            else:
+                if not isinstance(answer, Failure):
+                    return ranked.expert, answer, skipped
+                if answer.client:
+                    raise BadRequest(answer.message, "messages")
+                logger.error("expert %s failed on this request: %s", ranked.expert, answer.message)
             skipped.append(ranked.expert)
         if busy is not None:
             raise Overloaded(
@@ -145,7 +189,16 @@ class Ingress:
                 status=busy.status_code,
                 retry_after_s=busy.retry_after_s,
             )
+        if time.monotonic() >= end:
+            raise NoExpertAvailable(
+                f"no answer within the deadline of {self.limits.request_timeout_s:g} s "
+                f"(tried: {', '.join(skipped) or 'none'}); retry shortly"
+            )
         raise NoExpertAvailable(f"every expert tried failed ({', '.join(skipped)}); retry shortly")
+
+    def _deadline(self) -> float:
+        """Wall-clock time at which a generation for this request stops."""
+        return time.time() + self.limits.request_timeout_s
 
     def _new_tokens(self, asked: int | None) -> int:
         n = asked or self.limits.default_new_tokens
@@ -171,6 +224,13 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> Health:
+        """ok when the router answers; 503 while it cannot (starting, or being replaced)."""
+        try:
+            ready = await asyncio.wait_for(self.router.ready.remote(), 5.0)
+        except Exception:
+            ready = False
+        if not ready:
+            raise NoExpertAvailable("the router is not ready; retry shortly")
         return Health()
 
     @api.get("/v1/models")
@@ -199,23 +259,29 @@ class Ingress:
     async def infer(self, body: InferRequest, response: Response) -> InferResponse:
         text, flags = self._clean(body.prompt)
         ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
+        asked = self._new_tokens(body.max_new_tokens)
         payload = ExpertRequest(
             prompt=text,
-            max_new_tokens=self._new_tokens(body.max_new_tokens),
+            max_new_tokens=asked,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
             top_k=body.top_k,
+            deadline=self._deadline(),
         )
         expert, output, skipped = await self._dispatch(ranking, self._on_expert(payload))
         task = self.task_of[expert]
-        response.headers["x-tryage-expert"] = expert
+        _answered_by(response, expert, skipped)
+        generated = isinstance(output, Generation)
         return InferResponse(
             expert=expert,
             task=task,
-            output=output.text if task == "text-generation" else asdict(output),
+            output=output.text if generated else asdict(output),
             ranking=_ranking(ranking),
             skipped=skipped,
+            fallback=bool(skipped),
+            max_new_tokens=output.max_new_tokens if generated else None,
+            clamped=generated and output.max_new_tokens < asked,
         )
 
     async def _openai(
@@ -238,8 +304,8 @@ class Ingress:
             allow = [body.model]
         weights = opts.weights if opts else None
         ranking = await self._rank(text, flags, weights, allow, "text-generation")
-        expert, gen, _ = await self._dispatch(ranking, self._on_expert(build(text)))
-        response.headers["x-tryage-expert"] = expert
+        expert, gen, skipped = await self._dispatch(ranking, self._on_expert(build(text)))
+        _answered_by(response, expert, skipped)
         return expert, gen
 
     def _settings(self, body: Any, max_tokens: int | None) -> dict:
@@ -249,6 +315,7 @@ class Ingress:
             "temperature": body.temperature or 0.0,
             "top_p": body.top_p or 1.0,
             "seed": body.seed or 0,
+            "deadline": self._deadline(),
         }
 
     @api.post("/v1/completions")
@@ -270,6 +337,11 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, response: Response) -> ChatCompletion:
+        if len(body.messages) > self.limits.max_messages:
+            raise BadRequest(
+                f"{len(body.messages)} messages; the limit is {self.limits.max_messages}",
+                "messages",
+            )
         users = [i for i, m in enumerate(body.messages) if m.role == "user"]
         if not users:
             raise BadRequest("messages need at least one user message", "messages")

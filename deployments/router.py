@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from ray import serve
 
+from serve_app.batch import is_device_fault, isolated
 from serve_app.config import ROUTER_BATCHING, Batching
+from serve_app.protocol import Failure
 from serve_app.router import LearnedRouter, Router
 
 
@@ -15,11 +17,19 @@ from serve_app.router import LearnedRouter, Router
 class RouterDeployment:
     """Holds the encoder and head; asks Ray for the resources the library gives it."""
 
-    def __init__(self, encoder: str, checkpoint: str, load: Callable[..., Router] = LearnedRouter):
-        self.router = load(encoder=encoder, checkpoint=checkpoint)
+    def __init__(
+        self,
+        encoder: str,
+        checkpoint: str,
+        load: Callable[..., Router] = LearnedRouter,
+        revision: str | None = None,
+    ):
+        kwargs = {"revision": revision} if revision else {}
+        self.router = load(encoder=encoder, checkpoint=checkpoint, **kwargs)
         self.batching: dict = {}
         self.batches = 0  # batches run, and prompts in them: their ratio is the mean batch size
         self.prompts = 0
+        self.fault: str | None = None  # set when the device broke: check_health reports it
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait, changeable without a restart."""
@@ -28,13 +38,28 @@ class RouterDeployment:
         self.predict.set_max_batch_size(batching.max_batch_size)
         self.predict.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose device broke is replaced."""
+        if self.fault:
+            raise RuntimeError(f"the device is broken: {self.fault}")
+
+    def _noticed(self, err: BaseException) -> None:
+        if is_device_fault(err):
+            self.fault = f"{type(err).__name__}: {err}"[:500]
+
     @serve.batch(**ROUTER_BATCHING.model_dump())
-    async def predict(self, prompts: list[str]) -> list[dict[str, float]]:
-        """Predicted loss (bits per byte) of every expert, one mapping per prompt."""
+    async def predict(self, prompts: list[str]) -> list[dict[str, float] | Failure]:
+        """Predicted loss (bits per byte) of every expert, one mapping per prompt; a prompt
+        that fails gets a Failure and the others their predictions."""
         self.batches += 1
         self.prompts += len(prompts)
+        run = lambda _, group: self.router.predict(group)  # noqa: E731
         # A thread keeps the replica's event loop free (health checks, queueing the next batch).
-        return await asyncio.to_thread(self.router.predict, prompts)
+        return await asyncio.to_thread(isolated, prompts, lambda _: (), run, self._noticed)
+
+    async def ready(self) -> bool:
+        """Whether this replica can route (for the ingress's /healthz)."""
+        return self.fault is None
 
     async def stats(self) -> dict:
         """Batches and prompts served by this replica, and its batching settings."""

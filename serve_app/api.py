@@ -3,15 +3,19 @@ HTTP answers here and nowhere else, all in the one error shape (serve_app.protoc
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from serve_app.errors import Overloaded, TryageError, error_body
+from serve_app.errors import TryageError, error_body
 from serve_app.protocol import ErrorResponse
 
 logger = logging.getLogger("ray.serve")
@@ -21,10 +25,32 @@ ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
         (400, "Bad request"),
+        (401, "No valid API key (where TRYAGE_API_KEYS is set)"),
         (404, "Unknown expert"),
+        (413, "Request body too large"),
         (503, "No expert can serve now"),
     )
 }
+
+
+#: The environment variable with the accepted API keys (comma-separated).
+API_KEYS_ENV = "TRYAGE_API_KEYS"
+#: Paths open without a key: the load balancer's health check.
+OPEN_PATHS = ("/healthz",)
+
+
+def _safe(text: str | None) -> str | None:
+    """Text that can be encoded: a lone surrogate echoed from a request is escaped."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_json(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The one error body, as JSON-ready data whose every string can be encoded."""
+    return error_body(_safe(message), type_, _safe(param), code).model_dump()
 
 
 def error_response(
@@ -36,8 +62,116 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """The one error shape with an HTTP status."""
-    body = error_body(message, type_, param, code).model_dump()
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(
+        error_json(message, type_, param, code), status_code=status, headers=headers
+    )
+
+
+@dataclass
+class Guard:
+    """What the ingress checks before FastAPI reads a request: body size, API key."""
+
+    max_body_bytes: int = 1 << 20
+    api_keys: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def keys_from(value: str | None) -> list[str]:
+        """The keys of a TRYAGE_API_KEYS value: comma-separated, blanks ignored."""
+        return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+    def authorised(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether the Authorization header carries an accepted key (constant-time compare)."""
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = given.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return False
+        found = False
+        for accepted in self.api_keys:  # no early exit: the time does not tell which key
+            found |= hmac.compare_digest(key.strip().encode(), accepted.encode())
+        return found
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """ASGI middleware applying the app's `state.guard`: 401 without a valid key where keys
+    are set, 413 for a body over the limit (by Content-Length at once, else while it streams)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        guard: Guard = getattr(scope["app"].state, "guard", None) or Guard()
+        headers = dict(scope.get("headers") or [])
+        path, root = scope["path"], scope.get("root_path") or ""
+        path = path[len(root) :] if root and path.startswith(root) else path  # under a prefix
+        if guard.api_keys and path not in OPEN_PATHS and not guard.authorised(headers):
+            message = "a valid API key is needed: send the header 'Authorization: Bearer <key>'"
+            return await _send_error(
+                send,
+                401,
+                message,
+                "authentication_error",
+                "invalid_api_key",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        limit = guard.max_body_bytes
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > limit:
+            return await _too_large(send, limit)
+        seen = 0
+        over = False  # the body passed the limit while the app read it
+        replaced = False  # the app's answer was replaced by the 413
+
+        async def counted() -> dict:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    over = True
+                    raise _TooLarge
+            return message
+
+        async def checked(message: dict) -> None:
+            # The app may catch _TooLarge itself (FastAPI makes it a 400 "error parsing the
+            # body"): whatever it answers then, the client gets the 413.
+            nonlocal replaced
+            if over:
+                if not replaced:
+                    replaced = True
+                    await _too_large(send, limit)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, counted, checked)
+        except _TooLarge:
+            if not replaced:
+                await _too_large(send, limit)
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    message = f"the request body is over the limit of {limit} bytes"
+    await _send_error(send, 413, message, "invalid_request_error", "body_too_large")
+
+
+async def _send_error(
+    send: Any,
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = json.dumps(error_json(message, type_, None, code)).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_api() -> FastAPI:
@@ -47,12 +181,14 @@ def create_api() -> FastAPI:
         description="Routes each prompt to the best expert model.",
         responses=ERROR_RESPONSES,
     )
+    api.add_middleware(GuardMiddleware)
 
     @api.exception_handler(TryageError)
     async def _tryage_error(_: Request, err: TryageError) -> JSONResponse:
         headers = {}
-        if isinstance(err, Overloaded) and err.retry_after_s is not None:
-            headers["Retry-After"] = str(max(0, math.ceil(err.retry_after_s)))
+        retry_after = getattr(err, "retry_after_s", None)
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
         return error_response(err.status, err.message, err.type, err.param, err.code, headers)
 
     @api.exception_handler(RequestValidationError)

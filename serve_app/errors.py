@@ -43,11 +43,13 @@ class UnknownExpert(TryageError):
 
 
 class NoExpertAvailable(TryageError):
-    """No expert could answer: every attempt failed (503)."""
+    """No expert could answer: every attempt failed, or the deadline passed (503, with
+    Retry-After)."""
 
     status = 503
     type = "service_unavailable_error"
     code = "no_expert_available"
+    retry_after_s: float | None = 1.0
 
 
 class Overloaded(TryageError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,12 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens or the deadline reached)
+    max_new_tokens: int = 0  # what the expert allowed: the request's, or less to fit its context
+
+
+#: Temperatures below this sample as greedy: dividing logits by a tiny temperature overflows.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -83,14 +89,23 @@ def context_length(model: Any) -> int:
 class HFExpert:
     """A Hugging Face model as an expert. Weights load only from safetensors, no remote code."""
 
-    def __init__(self, model: str, task: str, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: str,
+        task: str,
+        device: torch.device | None = None,
+        revision: str | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
         self.task = task
         self.device = device or pick_device()
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        pinned = {"revision": revision} if revision else {}  # a Hub model at a fixed commit
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False, **pinned)
         cls = AutoModelForCausalLM if task == "text-generation" else AutoModelForMaskedLM
-        self.model = cls.from_pretrained(model, use_safetensors=True, trust_remote_code=False)
+        self.model = cls.from_pretrained(
+            model, use_safetensors=True, trust_remote_code=False, **pinned
+        )
         self.model.to(self.device).eval()
         self.max_length = min(context_length(self.model), 4096)
         # A prompt longer than the context keeps its end: that is what a continuation follows.
@@ -163,6 +178,12 @@ class HFExpert:
 
     # --- serving ----------------------------------------------------------------------------
 
+    def new_tokens(self, asked: int, prompt_tokens: int = 1) -> int:
+        """New tokens a request may have: what it asked, less whatever does not fit beside
+        the prompt, where the prompt keeps at least half the context (or all of itself)."""
+        keep = max(1, min(prompt_tokens, self.max_length // 2))
+        return max(1, min(asked, self.max_length - keep))
+
     @torch.no_grad()
     def generate(
         self,
@@ -171,10 +192,18 @@ class HFExpert:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        deadline: float | None = None,
     ) -> list[Generation]:
-        """Continue each prompt; greedy unless temperature > 0 (then seeded sampling)."""
+        """Continue each prompt; greedy unless temperature >= MIN_TEMPERATURE (then seeded
+        sampling). Prompt and new tokens always fit the context: max_new_tokens is clamped to
+        what fits beside the prompt (which keeps at least half the context), and a prompt
+        longer than the rest keeps its last tokens. Generation stops where it is at `deadline`
+        (time.time()), as a request that timed out needs no more tokens."""
         tok = self.tokenizer
-        budget = max(1, self.max_length - max_new_tokens)
+        lengths = tok(prompts, truncation=True, max_length=self.max_length)["input_ids"]
+        longest = max(len(ids) for ids in lengths)
+        max_new_tokens = self.new_tokens(max_new_tokens, longest)
+        budget = self.max_length - max_new_tokens
         enc = tok(
             prompts,
             return_tensors="pt",
@@ -183,7 +212,7 @@ class HFExpert:
             truncation=True,
             max_length=budget,
         ).to(self.device)
-        sample = temperature > 0
+        sample = temperature >= MIN_TEMPERATURE
         if sample:
             torch.manual_seed(seed)
         out = self.model.generate(
@@ -194,6 +223,7 @@ class HFExpert:
             top_p=top_p if sample else None,
             top_k=None,
             pad_token_id=tok.pad_token_id,
+            stopping_criteria=_until(deadline),
         )
         new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
         results = []
@@ -207,6 +237,7 @@ class HFExpert:
                     prompt_tokens=int(mask.sum()),
                     completion_tokens=len(kept),
                     finish_reason="stop" if stop else "length",
+                    max_new_tokens=max_new_tokens,
                 )
             )
         return results
@@ -244,6 +275,20 @@ class HFExpert:
         return results
 
 
+def _until(deadline: float | None) -> Any:
+    """A stopping criterion that ends generation once `deadline` (time.time()) has passed."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Deadline(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            late = deadline is not None and time.time() > deadline
+            return torch.full(
+                (input_ids.shape[0],), late, dtype=torch.bool, device=input_ids.device
+            )
+
+    return StoppingCriteriaList([Deadline()])
+
+
 def _groups(order: list[int], cost: Callable[[int], int], budget: int) -> list[list[int]]:
     """Cut items sorted by size into batches whose size times length stays within `budget`."""
     groups: list[list[int]] = []
@@ -267,6 +312,6 @@ def has_mask(prompt: str) -> bool:
     return bool(MASK_MARKERS.search(prompt))
 
 
-def load_expert(model: str, task: str) -> HFExpert:
+def load_expert(model: str, task: str, revision: str | None = None) -> HFExpert:
     """The default expert loader: a Hugging Face model on the device torch sees."""
-    return HFExpert(model, task)
+    return HFExpert(model, task, revision=revision)

@@ -34,7 +34,10 @@ FLAGS = {
     "readable": "readability",
     "simple": "readability",
 }
-_FLAG = re.compile(r"\[\s*flag\s*:([^\]]*)\][ \t]?", re.IGNORECASE)
+# The body stops at the next bracket either way, so a scan never runs past the next '[': linear
+# in the prompt's length even for thousands of unclosed `[flag:` (the body of a marker has no
+# brackets anyway).
+_FLAG = re.compile(r"\[\s*flag\s*:([^\[\]]*)\][ \t]?", re.IGNORECASE)
 
 
 class ExpertMeta(Protocol):
@@ -130,8 +133,27 @@ def parse_flags(prompt: str) -> tuple[str, dict[str, float]]:
     return _FLAG.sub("", prompt).strip(), weights
 
 
+def user_layer(
+    weights: Mapping[str, float] | None, settable: Sequence[str], source: str
+) -> Mapping[str, float] | None:
+    """A request's (or its flags') weights, refused where the operator's policy fixes one."""
+    fixed = [name for name in weights or {} if name not in settable]
+    if fixed:
+        allowed = ", ".join(settable) or "none"
+        raise BadRequest(
+            f"{source} set weight {fixed[0]!r}, which the operator's policy fixes; a request "
+            f"may set: {allowed}",
+            "weights" if source == "the request" else "prompt",
+        )
+    return weights
+
+
 def merge_weights(*layers: Mapping[str, float] | None) -> dict[str, float]:
-    """Later layers override earlier ones key by key; every weight is checked."""
+    """Later layers override earlier ones key by key; every weight is checked.
+
+    Serving merges library defaults, then prompt flags, then the request's weights (policy >
+    request > prompt flags > library defaults; the policy acts through `user_layer` and
+    `eligible`)."""
     merged: dict[str, float] = {}
     for layer in layers:
         merged.update(layer or {})
@@ -142,9 +164,13 @@ def merge_weights(*layers: Mapping[str, float] | None) -> dict[str, float]:
 
 
 def eligible(
-    experts: Sequence[ExpertMeta], allow: Iterable[str] | None = None, task: str | None = None
+    experts: Sequence[ExpertMeta],
+    allow: Iterable[str] | None = None,
+    task: str | None = None,
+    trusted_only: bool = False,
 ) -> list[str]:
-    """Names of the experts a request may use: the allow-list, then the task."""
+    """Names of the experts a request may use: the allow-list, then the task; with
+    `trusted_only` (the operator's policy) never an untrusted expert."""
     names = [e.name for e in experts]
     if allow is not None:
         allow = list(allow)
@@ -156,6 +182,15 @@ def eligible(
         if not allow:
             raise BadRequest("'experts' is empty: name at least one expert", "experts")
     chosen = [e for e in experts if (allow is None or e.name in allow)]
+    if trusted_only:
+        barred = [e.name for e in chosen if not e.trusted]
+        if barred and allow is not None:
+            raise BadRequest(
+                f"expert {barred[0]!r} is untrusted, and the operator's policy allows trusted "
+                "experts only",
+                "experts",
+            )
+        chosen = [e for e in chosen if e.trusted]
     if task is not None:
         chosen = [e for e in chosen if e.task == task]
     if not chosen:

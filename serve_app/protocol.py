@@ -9,10 +9,43 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: The largest sampling seed (torch takes 64-bit seeds; a signed bound fits every backend).
+MAX_SEED = 2**63 - 1
 
 
-class _Request(BaseModel):
+def _check_unicode(value: Any) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800" in
+    JSON): a tokenizer would fail on it, and an answer could not be encoded."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "text must be valid Unicode; it holds a lone surrogate (such as \\ud800), "
+                "which cannot be encoded as UTF-8"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
+class _Unicode(BaseModel):
+    """Every string of a request, keys included, must be encodable."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
+
+
+class _Request(_Unicode):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -54,9 +87,11 @@ class InferRequest(RouteRequest):
     """POST /v1/infer: route, then run the prompt on the chosen expert."""
 
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate.")
-    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="0 is greedy (and so is anything below 0.01)."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    seed: int = Field(0, description="Sampling seed when temperature > 0.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0.")
     top_k: int = Field(5, ge=1, le=50, description="Predictions per mask (fill-mask).")
 
 
@@ -84,10 +119,19 @@ class InferResponse(RouteResponse):
     skipped: list[str] = Field(
         default_factory=list, description="Experts ranked higher that failed and were passed over."
     )
+    fallback: bool = Field(
+        False, description="Whether an expert below the first of the ranking answered."
+    )
+    max_new_tokens: int | None = Field(
+        None,
+        description="New tokens the expert was allowed: the request's, or fewer where its "
+        "context is shorter (then `clamped` is true).",
+    )
+    clamped: bool = Field(False, description="Whether max_new_tokens was cut to fit the context.")
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field("ok", description="The router answers: the service can route.")
 
 
 class ModelCard(BaseModel):
@@ -118,7 +162,7 @@ class RoutingOptions(_Request):
     experts: list[str] | None = Field(None, description="Allow-list of expert names.")
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(_Unicode):
     # OpenAI clients send fields tryage does not use (user, logprobs, ...): accept, ignore.
     model_config = ConfigDict(extra="ignore")
 
@@ -130,7 +174,9 @@ class _OpenAIRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     n: int = Field(1, ge=1, le=1, description="Choices; only one is supported.")
     stream: bool = Field(False, description="Streaming is not supported.")
-    seed: int | None = Field(None, description="Sampling seed when temperature > 0.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0."
+    )
     tryage: RoutingOptions | None = Field(
         None, description="tryage's routing options: weights and an allow-list of experts."
     )
@@ -142,7 +188,7 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Unicode):
     """One message of a chat."""
 
     model_config = ConfigDict(extra="ignore")
@@ -224,7 +270,21 @@ class ExpertRequest(BaseModel):
     top_p: float = 1.0
     seed: int = 0
     top_k: int = 5  # fill-mask predictions per mask
+    deadline: float | None = None  # time.time() after which a generation stops where it is
 
     def generation_settings(self) -> tuple[int, float, float, int]:
         """The settings requests must share to run in one generation batch."""
         return (self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+class Failure(BaseModel):
+    """One request of a batch that could not be answered; the rest of the batch was.
+
+    `client`: the request itself caused it (a chat template that refuses the messages, say):
+    the answer is a 400 and no other expert is tried. Otherwise the expert failed: the next
+    in the ranking is tried."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message: str
+    client: bool = False

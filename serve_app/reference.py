@@ -26,6 +26,7 @@ PAGES = {
             ("experts[]", config.ExpertConfig),
             ("objective", config.ObjectiveConfig),
             ("ingress", config.IngressConfig),
+            ("policy", config.PolicyConfig),
             ("batching (router.batching, experts[].batching)", config.Batching),
         ],
     ),

@@ -109,13 +109,17 @@ class Encoder:
         max_length: int = 256,
         device: torch.device | None = None,
         memo: bool = False,
+        revision: str | None = None,
     ):
         from transformers import AutoModel, AutoTokenizer
 
         self.name = model
         self.device = device or pick_device()
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-        self.model = AutoModel.from_pretrained(model, use_safetensors=True, trust_remote_code=False)
+        pinned = {"revision": revision} if revision else {}  # a Hub model at a fixed commit
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False, **pinned)
+        self.model = AutoModel.from_pretrained(
+            model, use_safetensors=True, trust_remote_code=False, **pinned
+        )
         self.model.to(self.device).eval()
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
@@ -173,10 +177,10 @@ class Router(Protocol):
 class LearnedRouter:
     """The perceptive router: encoder + trained head."""
 
-    def __init__(self, encoder: str | Encoder, checkpoint: str | Path):
+    def __init__(self, encoder: str | Encoder, checkpoint: str | Path, revision: str | None = None):
         self.head = load_head(checkpoint)
         if isinstance(encoder, str):
-            encoder = Encoder(encoder, max_length=self.head.cfg.max_length)
+            encoder = Encoder(encoder, max_length=self.head.cfg.max_length, revision=revision)
         self.encoder = encoder
         if self.encoder.dim != self.head.cfg.embed_dim:
             raise ValueError(

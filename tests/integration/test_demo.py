@@ -102,5 +102,14 @@ def test_the_demo_serves_and_routes_held_out_documents_to_their_specialist(tiny,
             pair = {"experts": ["general-s", "general-l"], "weights": {"size": 9}}
             r = c.post("/v1/route", json={"prompt": code.text, **pair})
             assert r.json()["expert"] == "general-s"  # the size weight outweighs any loss gap
+
+            # At the cap (512 new tokens) on every demo expert, whose context is far shorter:
+            # the answer fits the context and says how many tokens it allowed.
+            for expert in load_library(tiny / "library.yaml").experts:
+                body = {"prompt": code.text, "max_new_tokens": 512, "experts": [expert.name]}
+                r = c.post("/v1/infer", json=body)
+                assert r.status_code == 200, (expert.name, r.text)
+                answer = r.json()
+                assert answer["clamped"] and answer["max_new_tokens"] < expert.context_length
     finally:
         serve.delete("demo")

@@ -340,3 +340,52 @@ def test_a_missing_path_or_a_non_hub_id_is_refused(tmp_path, value):
 def test_must_exist_refuses_a_hub_id(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         resolve_model("org/name", tmp_path, must_exist=True)
+
+
+@pytest.mark.parametrize("value", ["experts/code-s", "models/org/name"])
+def test_a_path_looking_model_whose_folder_is_missing_is_never_a_hub_lookup(tmp_path, value):
+    # `experts/` is beside the library: `experts/code-s` is a local path that went missing,
+    # not the Hub id of an organisation called "experts"; three parts are never a Hub id.
+    (tmp_path / "experts").mkdir()
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model(value, tmp_path)
+
+
+def test_a_hub_model_can_be_pinned_to_a_revision(variant):
+    def pin(raw: dict) -> None:
+        raw["experts"].append(
+            {
+                "name": "hub-lm",
+                "model": "org/some-lm",
+                "task": "text-generation",
+                "params": 1000,
+                "released": "2025-01-01",
+                "revision": "0123abc",
+            }
+        )
+        raw["router"]["checkpoint"] = "router"
+
+    path = variant(pin)
+    library = load_library(path, router=False)
+    assert library.expert("hub-lm").revision == "0123abc"
+    assert library.expert("hub-lm").model == "org/some-lm"
+    assert library.expert("hub-lm").context_length is None  # unknown until it loads
+
+
+def test_every_local_expert_knows_its_context_length(smoke):
+    assert {e.context_length for e in load_library(smoke).experts} == {256}
+
+
+def test_a_default_new_tokens_longer_than_an_experts_context_is_refused(variant):
+    path = variant(lambda raw: raw.setdefault("ingress", {}).update(default_new_tokens=300))
+    with pytest.raises(LibraryError, match=r"ingress\.default_new_tokens is 300.*256"):
+        load_library(path)
+
+
+def test_the_policy_is_validated_naming_the_key(variant):
+    path = variant(lambda raw: raw.update(policy={"user_weights": ["size", "sise"]}))
+    with pytest.raises(LibraryError, match=r"policy\.user_weights.*'sise'"):
+        load_library(path)
+    path = variant(lambda raw: raw.update(policy={"trusted_only": True, "user_weights": ["size"]}))
+    library = load_library(path)
+    assert library.policy.trusted_only and library.policy.settable() == ("size",)

@@ -320,8 +320,38 @@ def test_generation_stops_at_the_end_token(causal_zero):
     # Uniform logits: greedy picks the first id, which is the end-of-text token.
     (gen,) = causal_zero.generate(["the cat"], max_new_tokens=5)
     assert gen == Generation(
-        text="", prompt_tokens=gen.prompt_tokens, completion_tokens=0, finish_reason="stop"
+        text="",
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=0,
+        finish_reason="stop",
+        max_new_tokens=5,
     )
+
+
+@pytest.mark.parametrize("asked", [300, 500, 512])
+def test_generation_at_the_cap_fits_the_context_and_says_how_many_tokens_it_allowed(causal, asked):
+    # Prompt + new tokens past the model's positions used to crash GPT-2's position embedding
+    # (a device-side assert on a GPU); now new tokens are clamped to what fits beside the
+    # prompt, which keeps at least half the context.
+    context = causal.max_length
+    long, short = "the cat sat on the mat " * 400, "Hello"
+    (gen,) = causal.generate([long], max_new_tokens=asked)
+    assert gen.max_new_tokens == min(asked, context - context // 2)
+    assert gen.prompt_tokens + gen.completion_tokens <= context
+    (gen,) = causal.generate([short], max_new_tokens=asked)
+    assert gen.max_new_tokens == min(asked, context - gen.prompt_tokens)
+
+
+def test_a_tiny_temperature_and_the_largest_seed_generate(causal):
+    (gen,) = causal.generate(["the cat"], max_new_tokens=4, temperature=1e-300, seed=2**63 - 1)
+    assert gen.completion_tokens <= 4
+
+
+def test_generation_stops_at_its_deadline(causal):
+    import time
+
+    (gen,) = causal.generate(["the cat"], max_new_tokens=200, deadline=time.time() - 1)
+    assert gen.completion_tokens <= 1
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end(causal_tok, folders):

@@ -318,3 +318,49 @@ def test_no_eligible_expert_is_a_bad_request_naming_the_task():
 def test_a_library_without_the_task_has_no_eligible_expert():
     with pytest.raises(BadRequest, match="fill-mask"):
         objective.eligible([replace(SMALL, task="text-generation")], task="fill-mask")
+
+
+# --- the operator's policy ---------------------------------------------------------------
+
+
+def test_trusted_only_never_makes_an_untrusted_expert_eligible():
+    assert objective.eligible(LIBRARY, trusted_only=True) == ["mid", "big"]
+    with pytest.raises(BadRequest, match="'small' is untrusted") as err:
+        objective.eligible(LIBRARY, allow=["small", "mid"], trusted_only=True)
+    assert err.value.status == 400
+
+
+def test_a_weight_the_policy_fixes_is_refused_naming_it():
+    assert objective.user_layer({"size": 1.0}, ("size",), "the request") == {"size": 1.0}
+    with pytest.raises(BadRequest, match=r"'security'.*may set: size") as err:
+        objective.user_layer({"security": 0.0}, ("size",), "the request")
+    assert err.value.param == "weights"
+    with pytest.raises(BadRequest, match="a prompt flag set weight 'security'") as err:
+        objective.user_layer({"security": 0.0}, ("size",), "a prompt flag")
+    assert err.value.param == "prompt"
+
+
+def test_request_weights_beat_prompt_flags_beat_library_defaults():
+    # The ingress merges in this order: defaults, flags, the request.
+    merged = objective.merge_weights(
+        {"size": 1.0, "recency": 1.0}, {"size": 2.0, "security": 2.0}, {"security": 3.0}
+    )
+    assert merged == {"size": 2.0, "recency": 1.0, "security": 3.0}
+
+
+def test_weights_are_bounded_so_every_score_is_finite():
+    with pytest.raises(BadRequest, match="'size'"):
+        objective.merge_weights({"size": 1e308})
+    ranking = objective.rank(
+        {"small": 1.0, "big": 2.0},
+        objective.penalties([SMALL, BIG]),
+        objective.merge_weights({"size": 1000.0}),
+    )
+    assert all(math.isfinite(r.score) for r in ranking)
+
+
+def test_thousands_of_unclosed_flag_markers_are_left_as_text():
+    prompt = "[flag:" * 6000 + " [flag: smallest] tail"
+    text, weights = objective.parse_flags(prompt)
+    assert weights == {"size": objective.FLAG_WEIGHT}
+    assert text.endswith("tail") and text.count("[flag:") == 6000

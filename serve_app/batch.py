@@ -1,0 +1,71 @@
+"""Running a batch so that one bad request costs no other request its answer.
+
+`@serve.batch` hands one exception to every request of a batch. The deployments run their
+batches through `isolated` instead: requests that share settings run together, and when a
+group fails its requests run one by one, so the failure lands on the request that caused it
+(as a `protocol.Failure` in its place) and every other request is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from itertools import groupby
+from typing import Any, TypeVar
+
+from serve_app.protocol import Failure
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+#: Text of exceptions that mean the device is broken, not the request: the replica reports
+#: itself unhealthy (check_health) and Serve replaces it.
+DEVICE_FAULTS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "out of memory")
+
+
+def isolated(
+    items: Sequence[T],
+    settings: Callable[[T], tuple],
+    run: Callable[[tuple, list[T]], list[Any]],
+    on_fault: Callable[[BaseException], None] | None = None,
+) -> list[Any]:
+    """Answers in item order: `run(shared settings, group)` per group of items that share
+    settings; a group that raises is rerun item by item, and an item that still raises gets
+    a Failure. `on_fault` sees every exception (to notice a broken device)."""
+    out: list[Any] = [None] * len(items)
+    key = lambda i: settings(items[i])  # noqa: E731
+    for shared, group in groupby(sorted(range(len(items)), key=key), key=key):
+        idx = list(group)
+        try:
+            answers = run(shared, [items[i] for i in idx])
+        except Exception as err:  # one of them, or the device: find out one by one
+            _seen(err, on_fault)
+            answers = [_alone(run, shared, items[i], on_fault) for i in idx]
+        for i, answer in zip(idx, answers, strict=True):
+            out[i] = answer
+    return out
+
+
+def _alone(
+    run: Callable[[tuple, list[Any]], list[Any]],
+    shared: tuple,
+    item: Any,
+    on_fault: Callable[[BaseException], None] | None,
+) -> Any:
+    try:
+        return run(shared, [item])[0]
+    except Exception as err:
+        _seen(err, on_fault)
+        logger.exception("a request of the batch failed alone", exc_info=err)
+        return Failure(message=f"{type(err).__name__} while running the request")
+
+
+def _seen(err: BaseException, on_fault: Callable[[BaseException], None] | None) -> None:
+    if on_fault is not None:
+        on_fault(err)
+
+
+def is_device_fault(err: BaseException) -> bool:
+    """Whether an exception says the accelerator itself is broken."""
+    text = f"{type(err).__name__}: {err}"
+    return any(marker in text for marker in DEVICE_FAULTS)

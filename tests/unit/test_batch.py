@@ -1,0 +1,41 @@
+"""One bad request of a batch fails alone; the others are answered."""
+
+from __future__ import annotations
+
+from serve_app.batch import is_device_fault, isolated
+from serve_app.protocol import Failure
+
+
+def _double(settings: tuple, group: list[int]) -> list[int]:
+    if 13 in group:
+        raise ValueError("13 is poison")
+    return [x * 2 for x in group]
+
+
+def test_a_poisoned_item_fails_alone_and_the_rest_are_answered():
+    answers = isolated([1, 13, 2, 3], lambda x: (), _double)
+    assert answers[0] == 2 and answers[2:] == [4, 6]
+    assert isinstance(answers[1], Failure) and not answers[1].client
+    assert "ValueError" in answers[1].message
+
+
+def test_groups_by_settings_keep_the_input_order():
+    seen: list[tuple] = []
+
+    def run(settings: tuple, group: list[int]) -> list[int]:
+        seen.append((settings, tuple(group)))
+        return [x + settings[0] for x in group]
+
+    assert isolated([1, 2, 3, 4], lambda x: (x % 2,), run) == [2, 2, 4, 4]
+    assert sorted(seen) == [((0,), (2, 4)), ((1,), (1, 3))]
+
+
+def test_every_exception_is_shown_to_the_fault_hook():
+    faults: list[BaseException] = []
+    isolated([13, 1], lambda x: (), _double, faults.append)
+    assert len(faults) == 2  # the group's, then the poisoned item's alone
+
+
+def test_device_faults_are_told_from_request_faults():
+    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_fault(ValueError("bad seed"))
