@@ -128,6 +128,12 @@ class RouterConfig(_Strict):
         ge=-1,
         description="Requests queued for the router before it answers 503 (-1: no limit).",
     )
+    health_check_period_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often Serve asks a replica whether its device still works; a replica "
+        "that says no is replaced.",
+    )
     batching: Batching = Field(
         default_factory=lambda: ROUTER_BATCHING,
         description="Batching of router predictions (live: `user_config`).",
@@ -212,6 +218,12 @@ class ExpertConfig(_Strict):
         ge=-1,
         description="Requests queued for this expert at each caller before it is skipped as "
         "busy (-1: no limit; a cold start queues requests too).",
+    )
+    health_check_period_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often Serve asks a replica whether its device still works; a replica "
+        "that says no is replaced.",
     )
     batching: Batching = Field(
         default_factory=lambda: EXPERT_BATCHING,
@@ -328,6 +340,7 @@ def _serve_options(
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": ingress.backpressure,
         "user_config": cfg.batching.model_dump(),
+        "health_check_period_s": cfg.health_check_period_s,
     }
 
 

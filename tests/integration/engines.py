@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
+from pathlib import Path
 
 from serve_app.experts import HFExpert
 
@@ -42,3 +45,25 @@ class PausingGenerator(HFExpert):
 
 def load_pausing(model: str, task: str) -> PausingGenerator:
     return PausingGenerator(model, task)
+
+
+def fault_marker(model: str) -> Path:
+    """Where DeviceFaultOnce notes that its device already broke once (per model folder)."""
+    digest = hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"tryage-device-fault-{digest}"
+
+
+class DeviceFaultOnce(HFExpert):
+    """A real model whose device breaks on its first fill-mask, as a GPU's device-side assert
+    would; a replica started after that (a replacement) works."""
+
+    def fill_mask(self, *args, **kwargs):
+        marker = fault_marker(self.model.name_or_path)
+        if not marker.exists():
+            marker.write_text("broken once")
+            raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
+        return super().fill_mask(*args, **kwargs)
+
+
+def load_device_fault_once(model: str, task: str) -> DeviceFaultOnce:
+    return DeviceFaultOnce(model, task)

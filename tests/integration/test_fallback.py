@@ -8,8 +8,13 @@ from ray import serve
 
 from serve_app.app import build_graph
 from serve_app.config import load_library
-from tests.integration.conftest import client
-from tests.integration.engines import load_broken, load_slow
+from tests.integration.conftest import client, wait_for
+from tests.integration.engines import (
+    fault_marker,
+    load_broken,
+    load_device_fault_once,
+    load_slow,
+)
 
 TIMEOUT_S = 5.0
 
@@ -18,11 +23,21 @@ TIMEOUT_S = 5.0
 def api(serve_port, smoke_library) -> httpx.Client:
     # The smoke library, but gen-xs (the smallest) fails whenever it generates and gen-s (the
     # next smallest) hangs; an expert gets TIMEOUT_S to answer.
+    # mask-s's device breaks on its first request; Serve checks its health every second.
     library = load_library(smoke_library)
     ingress = library.ingress.model_copy(update={"expert_timeout_s": TIMEOUT_S})
+    fault_marker(library.expert("mask-s").model).unlink(missing_ok=True)
+    experts = [
+        e.model_copy(update={"health_check_period_s": 1.0}) if e.name == "mask-s" else e
+        for e in library.experts
+    ]
     app = build_graph(
-        library.model_copy(update={"ingress": ingress}),
-        load_experts={"gen-xs": load_broken, "gen-s": load_slow},
+        library.model_copy(update={"ingress": ingress, "experts": experts}),
+        load_experts={
+            "gen-xs": load_broken,
+            "gen-s": load_slow,
+            "mask-s": load_device_fault_once,
+        },
     )
     serve.run(app, name="fallback", route_prefix="/fallback")
     # Start gen-s and gen-m now, so the short timeout measures answers, not cold starts.
@@ -68,4 +83,13 @@ def test_no_working_expert_is_a_503_and_the_service_survives(api):
     err = r.json()["error"]
     assert err["type"] == "service_unavailable_error"
     assert "simulated" not in err["message"]  # internal detail stays in the logs
+    assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_replica_whose_device_broke_is_replaced_and_serves_again(api):
+    body = {"prompt": "The [MASK] sat on the mat.", "experts": ["mask-s"], "top_k": 2}
+    r = api.post("/v1/infer", json=body)
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    # check_health now fails: Serve replaces the replica, and the new one answers.
+    wait_for(lambda: api.post("/v1/infer", json=body).status_code == 200, 90, "a new replica")
     assert api.get("/healthz").json() == {"status": "ok"}
