@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -12,7 +13,7 @@ from ray import serve
 
 from serve_app.batch import is_device_fault, isolated
 from serve_app.config import EXPERT_BATCHING, Batching
-from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert
+from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert, render_chat
 from serve_app.protocol import ExpertRequest, Failure
 
 
@@ -78,6 +79,41 @@ class ExpertDeployment:
             out[i] = answer
         return out  # type: ignore[return-value]
 
+    async def generate_stream(
+        self, request: ExpertRequest
+    ) -> AsyncIterator[str | Generation | Failure]:
+        """Continue one prompt, yielding text as it is decoded, then the whole Generation.
+        A request that cannot start yields one Failure. When the caller goes away (the client
+        disconnected), the generation stops at its next token."""
+        try:
+            prompt = self._prompt(request)
+        except Exception as err:
+            yield Failure(message=f"the chat cannot be rendered: {err}", client=True)
+            return
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        settings = request.generation_settings()
+
+        def work() -> None:
+            try:
+                for item in self.engine.stream(prompt, *settings, request.deadline, stop):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+            except Exception as err:
+                self._noticed(err)
+                failure = Failure(message=f"{type(err).__name__} while generating")
+                loop.call_soon_threadsafe(queue.put_nowait, failure)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            stop.set()  # a cancelled stream (the client left) stops the model at its next token
+
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def fill_mask(self, requests: list[ExpertRequest]) -> list[Filled | Failure]:
         """Top predictions for each mask of each prompt."""
@@ -104,11 +140,8 @@ class ExpertDeployment:
         }
 
     def _prompt(self, request: ExpertRequest) -> str:
-        """The request's prompt; a chat becomes the tokenizer's chat template or a transcript."""
+        """The request's prompt; a chat is rendered with the expert's chat template (or a
+        plain transcript), message text unable to forge a role (serve_app.experts)."""
         if request.messages is None:
             return request.prompt or ""
-        messages = request.messages
-        tok = getattr(self.engine, "tokenizer", None)
-        if tok is not None and getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n".join([*(f"{m['role']}: {m['content']}" for m in messages), "assistant:"])
+        return render_chat(self.engine.tokenizer, request.messages)

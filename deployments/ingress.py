@@ -8,11 +8,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import Response
+from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -27,6 +28,8 @@ from serve_app.protocol import (
     ChatChoice,
     ChatCompletion,
     ChatRequest,
+    Chunk,
+    ChunkChoice,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -47,14 +50,67 @@ logger = logging.getLogger("ray.serve")
 api = create_api()
 
 
-def _ranking(ranking: list[objective.Ranked]) -> list[RankedOut]:
-    return [RankedOut(**r.as_dict()) for r in ranking]
+def _ranking(
+    ranking: list[objective.Ranked], penalties: dict, weights: dict[str, float]
+) -> list[RankedOut]:
+    """The ranking as answered, each entry with its weighted penalty terms by name."""
+    return [
+        RankedOut(
+            **r.as_dict(),
+            penalties={w: v * penalties[r.expert][w] for w, v in weights.items() if v},
+        )
+        for r in ranking
+    ]
 
 
 def _answered_by(response: Response, expert: str, skipped: list[str]) -> None:
     """Headers that say who answered and whether it was a fallback."""
     response.headers["x-tryage-expert"] = expert
     response.headers["x-tryage-fallback"] = "true" if skipped else "false"
+
+
+async def _sse(expert: str, kind: str, first: str | Generation, pieces: Any) -> AsyncIterator[str]:
+    """OpenAI's stream: one `data: {chunk}` event per piece of text, a last chunk with the
+    finish reason and usage, then `data: [DONE]`. Leaving early (the client disconnected)
+    cancels the expert's stream, which stops its generation."""
+    ident = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def event(choice: ChunkChoice, usage: Usage | None = None) -> str:
+        chunk = Chunk(
+            id=ident, object=kind, created=created, model=expert, choices=[choice], usage=usage
+        )
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    def piece(text: str) -> ChunkChoice:
+        if kind == "text_completion":
+            return ChunkChoice(text=text)
+        return ChunkChoice(delta={"content": text})
+
+    try:
+        if kind != "text_completion":
+            yield event(ChunkChoice(delta={"role": "assistant"}))
+        item = first
+        while True:
+            if isinstance(item, Generation):
+                last = ChunkChoice(finish_reason=item.finish_reason)
+                last = last.model_copy(
+                    update={"text": ""} if kind == "text_completion" else {"delta": {}}
+                )
+                yield event(last, _usage(item))
+                break
+            if isinstance(item, Failure):  # after the first token: end the stream, say why
+                logger.error("expert %s failed while streaming: %s", expert, item.message)
+                yield event(ChunkChoice(finish_reason="error"))
+                break
+            yield event(piece(item))
+            try:
+                item = await pieces.__anext__()
+            except StopAsyncIteration:
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        pieces.cancel()
 
 
 def _usage(gen: Generation) -> Usage:
@@ -117,8 +173,9 @@ class Ingress:
 
     async def _rank(
         self, text: str, flags: dict, weights: dict | None, allow: list | None, task: str | None
-    ) -> list[objective.Ranked]:
-        """Eligible experts, predicted losses and the objective: the routing decision.
+    ) -> tuple[list[objective.Ranked], dict[str, float]]:
+        """Eligible experts, predicted losses and the objective: the routing decision, and the
+        weights it used.
 
         Precedence: the operator's policy > the request's weights > prompt flags > library
         defaults."""
@@ -150,7 +207,7 @@ class Ingress:
             raise NoExpertAvailable("the router is unavailable; retry shortly") from None
         if isinstance(predicted, Failure):  # this prompt alone failed in the router's batch
             raise NoExpertAvailable("the router could not read this prompt; retry shortly")
-        return objective.rank(predicted, self.penalties, merged, names)
+        return objective.rank(predicted, self.penalties, merged, names), merged
 
     async def _dispatch(
         self, ranking: list[objective.Ranked], call: Callable[[str], DeploymentResponse]
@@ -244,6 +301,7 @@ class Ingress:
                     released=e.released.isoformat(),
                     description=e.description,
                     trusted=e.trusted,
+                    price=e.price.model_dump() if e.price else None,
                 )
                 for e in self.library.experts
             ]
@@ -252,13 +310,15 @@ class Ingress:
     @api.post("/v1/route")
     async def route(self, body: RouteRequest) -> RouteResponse:
         text, flags = self._clean(body.prompt)
-        ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
-        return RouteResponse(expert=ranking[0].expert, ranking=_ranking(ranking))
+        ranking, used = await self._rank(text, flags, body.weights, body.experts, body.task)
+        return RouteResponse(
+            expert=ranking[0].expert, ranking=_ranking(ranking, self.penalties, used)
+        )
 
     @api.post("/v1/infer")
     async def infer(self, body: InferRequest, response: Response) -> InferResponse:
         text, flags = self._clean(body.prompt)
-        ranking = await self._rank(text, flags, body.weights, body.experts, body.task)
+        ranking, used = await self._rank(text, flags, body.weights, body.experts, body.task)
         asked = self._new_tokens(body.max_new_tokens)
         payload = ExpertRequest(
             prompt=text,
@@ -277,23 +337,16 @@ class Ingress:
             expert=expert,
             task=task,
             output=output.text if generated else asdict(output),
-            ranking=_ranking(ranking),
+            ranking=_ranking(ranking, self.penalties, used),
             skipped=skipped,
             fallback=bool(skipped),
             max_new_tokens=output.max_new_tokens if generated else None,
             clamped=generated and output.max_new_tokens < asked,
         )
 
-    async def _openai(
-        self, body: Any, raw: str, build: Callable[[str], ExpertRequest], response: Response
-    ) -> tuple[str, Generation]:
-        """Route (or pin) an OpenAI request among text-generation experts and run it.
-
-        `raw` is the text routed on (the prompt, or the last user message); `build` makes the
-        expert's request from it once its flags are stripped.
-        """
-        if body.stream:
-            raise BadRequest("stream=true is not supported; send stream=false", "stream")
+    async def _openai_ranking(self, body: Any, raw: str) -> tuple[str, list[objective.Ranked]]:
+        """Route (or pin) an OpenAI request among text-generation experts: the text routed on
+        (`raw`, the prompt or the last user message, its flags stripped) and the ranking."""
         text, flags = self._clean(raw)
         opts = body.tryage
         allow = opts.experts if opts else None
@@ -303,10 +356,44 @@ class Ingress:
                 raise UnknownExpert(f"unknown model {body.model!r}; known: {known}", "model")
             allow = [body.model]
         weights = opts.weights if opts else None
-        ranking = await self._rank(text, flags, weights, allow, "text-generation")
-        expert, gen, skipped = await self._dispatch(ranking, self._on_expert(build(text)))
-        _answered_by(response, expert, skipped)
-        return expert, gen
+        ranking, _ = await self._rank(text, flags, weights, allow, "text-generation")
+        return text, ranking
+
+    async def _stream(
+        self, ranking: list[objective.Ranked], payload: ExpertRequest, kind: str
+    ) -> StreamingResponse:
+        """Stream the best expert's answer as Server-Sent Events. Fallback happens only before
+        the first token: an expert that fails to start is passed over for the next."""
+        end = time.monotonic() + self.limits.request_timeout_s
+        skipped: list[str] = []
+        for ranked in ranking[: self.limits.max_attempts]:
+            handle = self.experts[ranked.expert].options(stream=True)
+            pieces = handle.generate_stream.remote(payload)
+            try:
+                first = await asyncio.wait_for(
+                    pieces.__anext__(),
+                    max(0.0, min(end - time.monotonic(), self.limits.expert_timeout_s)),
+                )
+            except Exception as err:
+                pieces.cancel()
+                logger.warning("expert %s did not start streaming (%s)", ranked.expert, err)
+                skipped.append(ranked.expert)
+                continue
+            if isinstance(first, Failure):
+                if first.client:
+                    raise BadRequest(first.message, "messages")
+                skipped.append(ranked.expert)
+                continue
+            headers = {
+                "x-tryage-expert": ranked.expert,
+                "x-tryage-fallback": "true" if skipped else "false",
+                "cache-control": "no-cache",
+            }
+            events = _sse(ranked.expert, kind, first, pieces)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        raise NoExpertAvailable(
+            f"no expert could start streaming ({', '.join(skipped) or 'none'}); retry shortly"
+        )
 
     def _settings(self, body: Any, max_tokens: int | None) -> dict:
         """Generation settings of an OpenAI request."""
@@ -324,9 +411,12 @@ class Ingress:
         if len(prompts) != 1:
             raise BadRequest("send exactly one prompt per request", "prompt")
         settings = self._settings(body, body.max_tokens)
-        expert, gen = await self._openai(
-            body, prompts[0], lambda text: ExpertRequest(prompt=text, **settings), response
-        )
+        text, ranking = await self._openai_ranking(body, prompts[0])
+        payload = ExpertRequest(prompt=text, **settings)
+        if body.stream:
+            return await self._stream(ranking, payload, "text_completion")
+        expert, gen, skipped = await self._dispatch(ranking, self._on_expert(payload))
+        _answered_by(response, expert, skipped)
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -358,7 +448,11 @@ class Ingress:
             messages[users[-1]]["content"] = text  # the routed message, flags stripped
             return ExpertRequest(messages=messages, **settings)
 
-        expert, gen = await self._openai(body, body.messages[users[-1]].content, build, response)
+        text, ranking = await self._openai_ranking(body, body.messages[users[-1]].content)
+        if body.stream:
+            return await self._stream(ranking, build(text), "chat.completion.chunk")
+        expert, gen, skipped = await self._dispatch(ranking, self._on_expert(build(text)))
+        _answered_by(response, expert, skipped)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),

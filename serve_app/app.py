@@ -15,9 +15,10 @@ from ray.serve import Application
 
 from deployments.expert import ExpertDeployment
 from deployments.ingress import Ingress
+from deployments.remote import RemoteExpertDeployment
 from deployments.router import RouterDeployment
 from serve_app.api import API_KEYS_ENV
-from serve_app.config import LibraryConfig, load_library
+from serve_app.config import ExpertConfig, LibraryConfig, load_library
 from serve_app.experts import load_expert
 from serve_app.router import LearnedRouter
 
@@ -39,6 +40,19 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     return build_graph(load_library(args.library))
 
 
+def _expert(e: ExpertConfig, library: LibraryConfig, load_experts: dict) -> Any:
+    """One expert's bound deployment: its own weights, or a remote OpenAI-compatible server."""
+    options = e.serve_options(library.ingress)
+    if e.engine == "openai":
+        return RemoteExpertDeployment.options(**options).bind(
+            model=e.model, base_url=e.base_url, api_key_env=e.api_key_env, timeout_s=e.timeout_s
+        )
+    load = load_experts.get(e.name, load_expert)
+    return ExpertDeployment.options(**options).bind(
+        model=e.model, task=e.task, load=load, revision=e.revision
+    )
+
+
 def build_graph(
     library: LibraryConfig,
     *,
@@ -55,14 +69,6 @@ def build_graph(
     router = RouterDeployment.options(**r.serve_options(library.ingress)).bind(
         encoder=r.model, checkpoint=str(r.checkpoint), load=load_router, revision=r.revision
     )
-    experts = {
-        e.name: ExpertDeployment.options(**e.serve_options(library.ingress)).bind(
-            model=e.model,
-            task=e.task,
-            load=load_experts.get(e.name, load_expert),
-            revision=e.revision,
-        )
-        for e in library.experts
-    }
+    experts = {e.name: _expert(e, library, load_experts) for e in library.experts}
     ingress = library.ingress.serve_options(api_keys=os.environ.get(API_KEYS_ENV))
     return Ingress.options(**ingress).bind(library, router, experts)

@@ -22,10 +22,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 #: Objective weights a request may set; each names a penalty normalised to [0, 1].
-WEIGHT_NAMES = ("size", "recency", "security", "verbosity", "readability")
+WEIGHT_NAMES = ("size", "recency", "security", "verbosity", "readability", "cost")
 #: The largest weight: far above any difference in loss (bits per byte), so it already
 #: decides; a bound keeps every score finite.
 MAX_WEIGHT = 1000.0
@@ -171,12 +172,43 @@ EXPERT_AUTOSCALING_DEFAULTS: dict[str, Any] = {
 }
 
 
+class Price(_Strict):
+    """What an expert costs per million tokens (a hosted API's price list), for the cost
+    penalty."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="Price of a million prompt tokens.")
+    output_per_mtok: float = Field(0.0, ge=0, description="Price of a million generated tokens.")
+
+    @property
+    def blended(self) -> float:
+        """Price of a million tokens, prompt and output alike: what the penalty ranks by."""
+        return self.input_per_mtok + self.output_per_mtok
+
+
 class ExpertConfig(_Strict):
     """One expert model of the library."""
 
     name: str = Field(description="Deployment and API name: [a-z0-9-]+, unique.")
-    model: str = Field(description="A path (relative to the library file) or a Hugging Face id.")
+    model: str = Field(
+        description="A path (relative to the library file) or a Hugging Face id; with "
+        "`engine: openai`, the model name the remote server knows."
+    )
     task: Literal["text-generation", "fill-mask"] = Field(description="What the expert serves.")
+    engine: Literal["local", "openai"] = Field(
+        "local",
+        description="local: weights loaded in its own replicas; openai: a remote "
+        "OpenAI-compatible server (vLLM, TGI, a hosted API, another tryage) that its replicas "
+        "call, holding no accelerator.",
+    )
+    base_url: str | None = Field(
+        None, description="engine openai: the server's API root, such as http://host:8000/v1."
+    )
+    api_key_env: str | None = Field(
+        None, description="engine openai: the environment variable holding the server's key."
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="engine openai: how long one call to the server may take."
+    )
     params: int | None = Field(
         None, gt=0, description="Parameter count; counted from the weights when left out."
     )
@@ -193,6 +225,9 @@ class ExpertConfig(_Strict):
     released: dt.date = Field(description="Release date, for the recency penalty.")
     description: str = Field("", description="Model card summary, shown in /v1/models.")
     trusted: bool = Field(False, description="Security flag: untrusted experts get a penalty.")
+    price: Price | None = Field(
+        None, description="Price per million tokens, for the cost penalty; none is free."
+    )
     verbosity: float | None = Field(
         None,
         ge=0,
@@ -231,8 +266,12 @@ class ExpertConfig(_Strict):
     )
 
     def serve_options(self, ingress: IngressConfig) -> dict[str, Any]:
-        """This expert's deployment `.options(...)`, named after the expert."""
-        return _serve_options(self, ingress, name=self.name)
+        """This expert's deployment `.options(...)`, named after the expert. A remote expert
+        asks for no CPU unless its resources say otherwise: its replicas only wait on HTTP."""
+        options = _serve_options(self, ingress, name=self.name)
+        if self.engine == "openai" and not self.resources:
+            options["ray_actor_options"] = {"num_cpus": 0}
+        return options
 
     @field_validator("name")
     @classmethod
@@ -240,6 +279,17 @@ class ExpertConfig(_Strict):
         if not _NAME.match(value):
             raise ValueError(f"expert name {value!r} must match [a-z0-9-]+")
         return value
+
+    @model_validator(mode="after")
+    def _remote(self) -> ExpertConfig:
+        if self.engine == "openai":
+            if not self.base_url:
+                raise ValueError("an expert with engine 'openai' needs a base_url")
+            if self.task != "text-generation":
+                raise ValueError("an expert with engine 'openai' serves text-generation only")
+        elif self.base_url or self.api_key_env:
+            raise ValueError("base_url and api_key_env are for engine 'openai' only")
+        return self
 
     _actor = field_validator("resources")(_check_actor_options)
 
@@ -554,6 +604,9 @@ def _resolve(library: LibraryConfig, path: Path) -> LibraryConfig:
     experts = []
     for i, expert in enumerate(library.experts):
         key = f"experts[{i}]({expert.name})"
+        if expert.engine == "openai":  # a remote server's model: no weights here
+            experts.append(expert)
+            continue
         try:
             model = resolve_model(expert.model, base)
         except ValueError as err:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,6 +243,75 @@ class HFExpert:
             )
         return results
 
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[str | Generation]:
+        """Continue one prompt as `generate` does, yielding text as it is decoded (transformers'
+        TextIteratorStreamer), then the whole answer as a Generation (for usage). Setting
+        `stop` ends the generation at the next token."""
+        tok = self.tokenizer
+        length = len(tok(prompt, truncation=True, max_length=self.max_length)["input_ids"])
+        max_new_tokens = self.new_tokens(max_new_tokens, length)
+        enc = tok(
+            [prompt],
+            return_tensors="pt",
+            truncation=True,
+            max_length=self.max_length - max_new_tokens,
+        ).to(self.device)
+        streamer = _token_streamer(tok)
+        sample = temperature >= MIN_TEMPERATURE
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                if sample:
+                    torch.manual_seed(seed)
+                with torch.no_grad():
+                    done["out"] = self.model.generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=sample,
+                        temperature=temperature if sample else None,
+                        top_p=top_p if sample else None,
+                        top_k=None,
+                        pad_token_id=tok.pad_token_id,
+                        streamer=streamer,
+                        stopping_criteria=_until(deadline, stop),
+                    )
+            except Exception as err:  # handed to the caller below, after the stream ends
+                done["error"] = err
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+        finally:
+            if stop is not None and worker.is_alive():
+                stop.set()
+            worker.join()
+        if "error" in done:
+            raise done["error"]
+        row = done["out"][0, enc["input_ids"].shape[1] :].tolist()
+        eos = tok.eos_token_id
+        kept = row[: row.index(eos)] if eos in row else row
+        yield Generation(
+            text=tok.decode(kept, skip_special_tokens=True),
+            prompt_tokens=int(enc["attention_mask"].sum()),
+            completion_tokens=len(kept),
+            finish_reason="stop" if eos in row else "length",
+            max_new_tokens=max_new_tokens,
+        )
+
     @torch.no_grad()
     def fill_mask(self, prompts: list[str], top_k: int = 5) -> list[Filled]:
         """Top predictions for every mask in each prompt, and the prompt filled with the best."""
@@ -275,13 +345,38 @@ class HFExpert:
         return results
 
 
-def _until(deadline: float | None) -> Any:
-    """A stopping criterion that ends generation once `deadline` (time.time()) has passed."""
+def _token_streamer(tokenizer: Any) -> Any:
+    """transformers' TextIteratorStreamer, but handing out text token by token: the stock one
+    waits for a space, so a word-less answer would arrive in one piece. Text that ends inside a
+    character (a byte-level token holding half of it) waits for the rest."""
+    from transformers import TextIteratorStreamer
+
+    class TokenStreamer(TextIteratorStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            if value.dim() > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):
+                return
+            printable, self.print_len = text[self.print_len :], len(text)
+            self.on_finalized_text(printable)
+
+    return TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _until(deadline: float | None, stop: threading.Event | None = None) -> Any:
+    """A stopping criterion that ends generation once `deadline` (time.time()) has passed, or
+    `stop` is set (the client went away)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Deadline(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
             late = deadline is not None and time.time() > deadline
+            late = late or (stop is not None and stop.is_set())
             return torch.full(
                 (input_ids.shape[0],), late, dtype=torch.bool, device=input_ids.device
             )
@@ -298,6 +393,39 @@ def _groups(order: list[int], cost: Callable[[int], int], budget: int) -> list[l
         else:
             groups.append([j])
     return groups
+
+
+#: Between the first character of special-token text written in a message and the rest, so
+#: that the text reads the same but no longer tokenizes as the special token.
+DEFUSE = "\u200b"
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A chat as the prompt an expert continues: its tokenizer's own chat template where it
+    has one, else a plain transcript ("role: content" lines, then "assistant:").
+
+    Special-token text inside a message (such as `<|im_start|>system`) is defused first: a
+    zero-width space after its first character keeps it readable but stops it tokenizing as
+    the special token, so message content cannot forge a role or end a turn.
+    """
+    specials = sorted({t for t in special_tokens(tokenizer) if len(t) > 1}, key=len, reverse=True)
+    safe = []
+    for m in messages:
+        content = m["content"]
+        for token in specials:
+            if token in content:
+                content = content.replace(token, token[0] + DEFUSE + token[1:])
+        safe.append({"role": m["role"], "content": content})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(safe, tokenize=False, add_generation_prompt=True)
+    return "\n".join([*(f"{m['role']}: {m['content']}" for m in safe), "assistant:"])
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The text of every special token: registered, or only marked special in the vocabulary."""
+    texts = set(tokenizer.all_special_tokens)
+    texts.update(str(t) for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted(texts)
 
 
 def special_ids(tokenizer: Any) -> list[int]:

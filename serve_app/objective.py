@@ -33,6 +33,8 @@ FLAGS = {
     "brief": "verbosity",
     "readable": "readability",
     "simple": "readability",
+    "cheapest": "cost",
+    "cheap": "cost",
 }
 # The body stops at the next bracket either way, so a scan never runs past the next '[': linear
 # in the prompt's length even for thousands of unclosed `[flag:` (the body of a marker has no
@@ -52,6 +54,9 @@ class ExpertMeta(Protocol):
 
     @property
     def released(self): ...
+
+    @property
+    def price(self): ...
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ def penalties(experts: Sequence[ExpertMeta]) -> dict[str, dict[str, float | None
 
     size: log of the parameter count (smallest 0, largest 1); recency: release date (newest 0,
     oldest 1); security: 1 for an untrusted expert; verbosity: measured mean output length
-    (shortest 0); readability: measured reading ease (most readable 0).
+    (shortest 0); readability: measured reading ease (most readable 0); cost: price per
+    million tokens, prompt plus output (cheapest 0; an expert without a price is free).
     """
     by_weight = {
         "size": _spread({e.name: math.log(e.params) if e.params else None for e in experts}),
@@ -98,9 +104,15 @@ def penalties(experts: Sequence[ExpertMeta]) -> dict[str, dict[str, float | None
         "security": {e.name: 0.0 if e.trusted else 1.0 for e in experts},
         "verbosity": _spread({e.name: e.verbosity for e in experts}),
         "readability": _spread({e.name: e.readability for e in experts}, lower_is_better=False),
+        "cost": _spread({e.name: _price(e) for e in experts}),
     }
     assert set(by_weight) == set(WEIGHT_NAMES), "every weight needs a penalty"
     return {e.name: {w: by_weight[w][e.name] for w in WEIGHT_NAMES} for e in experts}
+
+
+def _price(expert: ExpertMeta) -> float:
+    price = getattr(expert, "price", None)
+    return float(price.blended) if price is not None else 0.0
 
 
 def parse_flags(prompt: str) -> tuple[str, dict[str, float]]:

@@ -102,6 +102,11 @@ class RankedOut(BaseModel):
     predicted_loss: float = Field(description="The router's predicted loss, bits per byte.")
     penalty: float = Field(description="Sum of weight x penalty over the request's weights.")
     score: float = Field(description="predicted_loss + penalty; the lowest is chosen.")
+    penalties: dict[str, float] = Field(
+        default_factory=dict,
+        description="The penalty's terms: weight x the expert's penalty, by weight name (those "
+        "the request used).",
+    )
 
 
 class RouteResponse(BaseModel):
@@ -143,6 +148,7 @@ class ModelCard(BaseModel):
     released: str
     description: str
     trusted: bool
+    price: dict[str, float] | None = None
 
 
 class ModelList(BaseModel):
@@ -173,7 +179,11 @@ class _OpenAIRequest(_Unicode):
     temperature: float | None = Field(None, ge=0, le=2, description="0 or none is greedy.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     n: int = Field(1, ge=1, le=1, description="Choices; only one is supported.")
-    stream: bool = Field(False, description="Streaming is not supported.")
+    stream: bool = Field(
+        False,
+        description="true: Server-Sent Events in OpenAI's chunk format, ending with "
+        "`data: [DONE]`; the last chunk carries usage.",
+    )
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0."
     )
@@ -253,6 +263,25 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    text: str | None = None  # completions
+    delta: dict[str, str] | None = None  # chat: {"role"} first, then {"content"}
+    finish_reason: str | None = None
+
+
+class Chunk(BaseModel):
+    """One Server-Sent Event of a streamed answer (text_completion or
+    chat.completion.chunk); `usage` on the last one."""
+
+    id: str
+    object: Literal["text_completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 # --- ingress -> expert --------------------------------------------------------------------

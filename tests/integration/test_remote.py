@@ -1,0 +1,94 @@
+"""A library mixing local experts and a remote one (`engine: openai`): the remote expert is a
+second tryage service, a real OpenAI-compatible HTTP server started here."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import openai
+import pytest
+import yaml
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.router import HeadConfig, RouterHead, read_head_config, save_head
+from tests.integration.conftest import client
+
+
+@pytest.fixture(scope="module")
+def mixed(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
+    # The upstream: the smoke library served as its own app, under /upstream.
+    serve.run(build_app({"library": str(smoke_library)}), name="upstream", route_prefix="/upstream")
+    folder = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(smoke_library.parent, folder, dirs_exist_ok=True)
+    raw = yaml.safe_load((folder / "library.yaml").read_text())
+    raw["experts"].append(
+        {
+            "name": "remote-m",
+            "engine": "openai",
+            "base_url": f"http://127.0.0.1:{serve_port}/upstream/v1",
+            "model": "gen-m",
+            "task": "text-generation",
+            "params": 500_000,
+            "released": "2025-06-01",
+            "trusted": True,
+            "description": "gen-m, served by another tryage over OpenAI's API.",
+            "price": {"input_per_mtok": 0.5, "output_per_mtok": 1.5},
+        }
+    )
+    (folder / "library.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    # The router predicts every expert: a (random) head over the five.
+    cfg = read_head_config(folder / "router")
+    names = [*cfg.experts, "remote-m"]
+    head = RouterHead(HeadConfig(experts=names, target_mean=[cfg.target_mean[0]] * len(names)))
+    save_head(head, folder / "router")
+    serve.run(
+        build_app({"library": str(folder / "library.yaml")}), name="mixed", route_prefix="/mixed"
+    )
+    with client(serve_port, "/mixed") as c:
+        yield c
+    serve.delete("mixed")
+    serve.delete("upstream")
+
+
+def test_the_remote_expert_is_listed_with_its_price(mixed):
+    models = {m["id"]: m for m in mixed.get("/v1/models").json()["data"]}
+    assert {"gen-xs", "gen-m", "remote-m"} <= set(models)
+    assert models["remote-m"]["price"] == {"input_per_mtok": 0.5, "output_per_mtok": 1.5}
+
+
+def test_local_and_remote_experts_both_answer(mixed):
+    local = mixed.post(
+        "/v1/infer", json={"prompt": "Once upon", "experts": ["gen-m"], "max_new_tokens": 4}
+    )
+    remote = mixed.post(
+        "/v1/infer", json={"prompt": "Once upon", "experts": ["remote-m"], "max_new_tokens": 4}
+    )
+    assert local.status_code == 200 and remote.status_code == 200, (local.text, remote.text)
+    assert remote.json()["expert"] == "remote-m"
+    # The remote is the same model, greedy: the same words as the local expert.
+    assert remote.json()["output"] == local.json()["output"]
+
+
+def test_a_remote_expert_streams_through_the_openai_client(mixed, serve_port):
+    oai = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{serve_port}/mixed/v1", api_key="unused", max_retries=0
+    )
+    stream = oai.chat.completions.create(
+        model="remote-m", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True
+    )
+    chunks = list(stream)
+    assert {c.model for c in chunks} == {"remote-m"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens > 0
+
+
+def test_the_cost_weight_moves_routing_off_the_priced_expert(mixed):
+    body = {"prompt": "hi", "experts": ["gen-m", "remote-m"], "weights": {"cost": 1000}}
+    r = mixed.post("/v1/route", json=body)
+    assert r.status_code == 200, r.text
+    ranking = {x["expert"]: x for x in r.json()["ranking"]}
+    assert r.json()["expert"] == "gen-m"
+    assert ranking["remote-m"]["penalties"] == {"cost": 1000.0}
+    assert ranking["gen-m"]["penalties"] == {"cost": 0.0}
