@@ -11,14 +11,14 @@ from typing import Any
 import ray
 from ray import serve
 
-from serve_app.batch import is_device_fault, isolated
+from serve_app.batch import DeviceHealth, isolated
 from serve_app.config import EXPERT_BATCHING, Batching
 from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert, render_chat
 from serve_app.protocol import ExpertRequest, Failure
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
-class ExpertDeployment:
+class ExpertDeployment(DeviceHealth):
     """An expert's replica group; `build_app` names it after the expert.
 
     Every batched method answers each request on its own (serve_app.batch): one request that
@@ -43,15 +43,6 @@ class ExpertDeployment:
         for method in (self.generate, self.fill_mask, self.score):
             method.set_max_batch_size(batching.max_batch_size)
             method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-
-    def check_health(self) -> None:
-        """Serve's health check: a replica whose device broke is replaced."""
-        if self.fault:
-            raise RuntimeError(f"the device is broken: {self.fault}")
-
-    def _noticed(self, err: BaseException) -> None:
-        if is_device_fault(err):
-            self.fault = f"{type(err).__name__}: {err}"[:500]
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def generate(self, requests: list[ExpertRequest]) -> list[Generation | Failure]:

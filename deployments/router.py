@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 from ray import serve
 
-from serve_app.batch import is_device_fault, isolated
+from serve_app.batch import DeviceHealth, isolated
 from serve_app.config import ROUTER_BATCHING, Batching
 from serve_app.protocol import Failure
 from serve_app.router import LearnedRouter, Router
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
-class RouterDeployment:
+class RouterDeployment(DeviceHealth):
     """Holds the encoder and head; asks Ray for the resources the library gives it."""
 
     def __init__(
@@ -37,15 +37,6 @@ class RouterDeployment:
         self.batching = batching.model_dump()
         self.predict.set_max_batch_size(batching.max_batch_size)
         self.predict.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-
-    def check_health(self) -> None:
-        """Serve's health check: a replica whose device broke is replaced."""
-        if self.fault:
-            raise RuntimeError(f"the device is broken: {self.fault}")
-
-    def _noticed(self, err: BaseException) -> None:
-        if is_device_fault(err):
-            self.fault = f"{type(err).__name__}: {err}"[:500]
 
     @serve.batch(**ROUTER_BATCHING.model_dump())
     async def predict(self, prompts: list[str]) -> list[dict[str, float] | Failure]:

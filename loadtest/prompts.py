@@ -115,19 +115,10 @@ def sample_prompts(
         random.Random(seed).shuffle(found)
     else:
         found = data.load_prompts(path, per_domain=per_domain, seed=seed)
-    found = [Prompt.of(_cut(p.text, max_chars), p.domain) for p in found if p.text.strip()]
+    found = [Prompt.of(data.cut_text(p.text, max_chars), p.domain) for p in found if p.text.strip()]
     if not found:
         raise DataError(f"no prompts with text under {path}")
     return found
-
-
-def _cut(text: str, max_chars: int) -> str:
-    """At most `max_chars` characters, cut at a space where one is near the end."""
-    if len(text) <= max_chars:
-        return text
-    cut = text[:max_chars]
-    space = cut.rfind(" ")
-    return cut[:space] if space > max_chars // 2 else cut
 
 
 def domains(prompts: list[Prompt]) -> dict[str, int]:

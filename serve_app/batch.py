@@ -69,3 +69,19 @@ def is_device_fault(err: BaseException) -> bool:
     """Whether an exception says the accelerator itself is broken."""
     text = f"{type(err).__name__}: {err}"
     return any(marker in text for marker in DEVICE_FAULTS)
+
+
+class DeviceHealth:
+    """For a deployment class: notes a broken device from the exceptions it sees, and reports
+    it to Serve's health check, which then replaces the replica."""
+
+    fault: str | None = None
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose device broke is replaced."""
+        if self.fault:
+            raise RuntimeError(f"the device is broken: {self.fault}")
+
+    def _noticed(self, err: BaseException) -> None:
+        if is_device_fault(err):
+            self.fault = f"{type(err).__name__}: {err}"[:500]

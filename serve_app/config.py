@@ -79,6 +79,16 @@ def _refuse_unknown(value: dict[str, Any], schema: type[BaseModel], what: str) -
         raise ValueError(f"unknown {what} {unknown[0]!r}; known: {', '.join(schema.model_fields)}")
 
 
+def _health_check_period() -> Any:
+    """The health-check period field that router and experts share."""
+    return Field(
+        10.0,
+        gt=0,
+        description="How often Serve asks a replica whether its device still works; a replica "
+        "that says no is replaced.",
+    )
+
+
 class Batching(_Strict):
     """How a deployment groups concurrent requests (`@serve.batch`); changeable live."""
 
@@ -129,12 +139,7 @@ class RouterConfig(_Strict):
         ge=-1,
         description="Requests queued for the router before it answers 503 (-1: no limit).",
     )
-    health_check_period_s: float = Field(
-        10.0,
-        gt=0,
-        description="How often Serve asks a replica whether its device still works; a replica "
-        "that says no is replaced.",
-    )
+    health_check_period_s: float = _health_check_period()
     batching: Batching = Field(
         default_factory=lambda: ROUTER_BATCHING,
         description="Batching of router predictions (live: `user_config`).",
@@ -254,12 +259,7 @@ class ExpertConfig(_Strict):
         description="Requests queued for this expert at each caller before it is skipped as "
         "busy (-1: no limit; a cold start queues requests too).",
     )
-    health_check_period_s: float = Field(
-        10.0,
-        gt=0,
-        description="How often Serve asks a replica whether its device still works; a replica "
-        "that says no is replaced.",
-    )
+    health_check_period_s: float = _health_check_period()
     batching: Batching = Field(
         default_factory=lambda: EXPERT_BATCHING,
         description="Batching of generation, fill-mask and scoring (live: `user_config`).",

@@ -213,19 +213,7 @@ class HFExpert:
             truncation=True,
             max_length=budget,
         ).to(self.device)
-        sample = temperature >= MIN_TEMPERATURE
-        if sample:
-            torch.manual_seed(seed)
-        out = self.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=None,
-            pad_token_id=tok.pad_token_id,
-            stopping_criteria=_until(deadline),
-        )
+        out = self._run(enc, max_new_tokens, temperature, top_p, seed, _until(deadline))
         new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
         results = []
         for row, mask in zip(new.tolist(), enc["attention_mask"], strict=True):
@@ -242,6 +230,33 @@ class HFExpert:
                 )
             )
         return results
+
+    @torch.no_grad()
+    def _run(
+        self,
+        enc: Any,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stopping: Any,
+        streamer: Any = None,
+    ) -> torch.Tensor:
+        """model.generate: greedy, or seeded sampling from MIN_TEMPERATURE up."""
+        sample = temperature >= MIN_TEMPERATURE
+        if sample:
+            torch.manual_seed(seed)
+        return self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+            stopping_criteria=stopping,
+        )
 
     def stream(
         self,
@@ -266,25 +281,14 @@ class HFExpert:
             max_length=self.max_length - max_new_tokens,
         ).to(self.device)
         streamer = _token_streamer(tok)
-        sample = temperature >= MIN_TEMPERATURE
         done: dict[str, Any] = {}
+        stopping = _until(deadline, stop)
 
         def run() -> None:
             try:
-                if sample:
-                    torch.manual_seed(seed)
-                with torch.no_grad():
-                    done["out"] = self.model.generate(
-                        **enc,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=sample,
-                        temperature=temperature if sample else None,
-                        top_p=top_p if sample else None,
-                        top_k=None,
-                        pad_token_id=tok.pad_token_id,
-                        streamer=streamer,
-                        stopping_criteria=_until(deadline, stop),
-                    )
+                done["out"] = self._run(
+                    enc, max_new_tokens, temperature, top_p, seed, stopping, streamer
+                )
             except Exception as err:  # handed to the caller below, after the stream ends
                 done["error"] = err
                 streamer.end()

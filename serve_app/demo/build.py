@@ -39,7 +39,7 @@ from typing import Any
 from serve_app.config import LibraryConfig, LibraryError, load_library, parse_library, write_library
 from serve_app.demo.lm import LMConfig, ModelSize
 from serve_app.demo.pretrained import PRETRAINED, FetchError, Pretrained, convert, fetch
-from serve_app.learn.data import Prompt, load_prompts, unit_draw
+from serve_app.learn.data import Prompt, cut_text, load_prompts, unit_draw
 
 GENERAL_S, GENERAL_L = "general-s", "general-l"
 #: What a domain of ../shared/corpora holds, for the experts' descriptions (model cards).
@@ -229,24 +229,23 @@ def write_split(corpus: Path, out: Path, cfg: DemoConfig) -> dict[str, Any]:
             f"(at least {cfg.min_lm_docs} training documents each; a domain folder needs about "
             f"{int(cfg.min_lm_docs / (1 - cfg.heldout_fraction - cfg.router_fraction)) + 1})"
         )
-    for split, per in by.items():
-        for domain, prompts in per.items():
+    # Router and held-out documents become prompts (their openings). Two documents may open
+    # alike (licences do): a held-out prompt must not be one the router or the experts saw.
+    seen: set[str] = set()
+    for split in ("lm", "router", "heldout"):
+        per = by.get(split, {})
+        for domain in sorted(per):
+            prompts = per[domain]
+            if split != "lm":
+                cut = [Prompt.of(cut_text(p.text, cfg.prompt_chars), p.domain) for p in prompts]
+                prompts = per[domain] = [p for p in dict.fromkeys(cut) if p.id not in seen]
+            seen.update(p.id for p in prompts)
             path = out / "data" / split / f"{domain}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            cut = (lambda t: t) if split == "lm" else (lambda t: _cut(t, cfg.prompt_chars))
-            rows = (json.dumps({"text": cut(p.text), "domain": p.domain}) for p in prompts)
+            rows = (json.dumps({"text": p.text, "domain": p.domain}) for p in prompts)
             path.write_text("".join(r + "\n" for r in rows))
     counts = {s: {d: len(per.get(d, [])) for d in domains} for s, per in by.items()}
     return {"domains": domains, "counts": counts}
-
-
-def _cut(text: str, chars: int) -> str:
-    """At most `chars` characters, cut at a space where one is near the end."""
-    if len(text) <= chars:
-        return text
-    head = text[:chars]
-    space = head.rfind(" ")
-    return head[:space] if space > chars // 2 else head
 
 
 def split_docs(out: Path, split: str) -> dict[str, list[Prompt]]:
@@ -513,6 +512,7 @@ def build_demo(
         cfg.heldout_fraction,
         cfg.router_fraction,
         cfg.min_lm_docs,
+        cfg.prompt_chars,
     )
     split = steps.run("split", split_key, lambda: write_split(corpus, out, cfg))
     domains = split["domains"]

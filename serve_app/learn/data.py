@@ -51,6 +51,15 @@ class Prompt:
         return cls(prompt_id(text), text, domain)
 
 
+def cut_text(text: str, chars: int) -> str:
+    """At most `chars` characters, cut at a space where one is in the second half."""
+    if len(text) <= chars:
+        return text
+    head = text[:chars]
+    space = head.rfind(" ")
+    return head[:space] if space > chars // 2 else head
+
+
 def prompt_id(text: str) -> str:
     """Stable id of a text: the first 16 hex digits of its SHA-1."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]

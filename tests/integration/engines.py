@@ -57,10 +57,14 @@ class DeviceFaultOnce(HFExpert):
     """A real model whose device breaks on its first fill-mask, as a GPU's device-side assert
     would; a replica started after that (a replacement) works."""
 
+    broken = False  # a broken device stays broken for the life of its process
+
     def fill_mask(self, *args, **kwargs):
         marker = fault_marker(self.model.name_or_path)
         if not marker.exists():
             marker.write_text("broken once")
+            self.broken = True
+        if self.broken:
             raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
         return super().fill_mask(*args, **kwargs)
 
