@@ -23,9 +23,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Modules with their own Ray run first: one driver holds one Ray, and the shared session
-    Ray (`serve_port`) stays up until the end once started."""
-    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
+    """Unit tests first (seconds, and they need no Ray); then integration modules with their
+    own Ray, as one driver holds one Ray and the shared session Ray (`serve_port`) stays up
+    until the end once started; then the rest."""
+    unit = ROOT / "tests" / "unit"
+    items.sort(
+        key=lambda item: (
+            not item.path.is_relative_to(unit),
+            item.get_closest_marker("own_ray") is None,
+        )
+    )
 
 
 @pytest.fixture(scope="session")
