@@ -36,6 +36,7 @@ class ExpertDeployment(DeviceHealth):
         self.engine = load(model, task) if revision is None else load(model, task, revision)
         self.load_s = time.perf_counter() - start  # model load, the part of a cold start we own
         self.fault: str | None = None  # set when the device broke: check_health reports it
+        self.streaming = 0  # streamed generations still running (info() reports it)
 
     def reconfigure(self, config: dict) -> None:
         """Apply `user_config`: the batch size and wait of every batched method."""
@@ -87,6 +88,7 @@ class ExpertDeployment(DeviceHealth):
         settings = request.generation_settings()
 
         def work() -> None:
+            self.streaming += 1
             try:
                 for item in self.engine.stream(prompt, *settings, request.deadline, stop):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -95,6 +97,7 @@ class ExpertDeployment(DeviceHealth):
                 failure = Failure(message=f"{type(err).__name__} while generating")
                 loop.call_soon_threadsafe(queue.put_nowait, failure)
             finally:
+                self.streaming -= 1
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         worker = threading.Thread(target=work, daemon=True)
@@ -128,6 +131,7 @@ class ExpertDeployment(DeviceHealth):
             "device": str(getattr(self.engine, "device", None)),
             "ray_gpu_ids": ray.get_gpu_ids(),
             "load_s": self.load_s,
+            "streaming": self.streaming,
         }
 
     def _prompt(self, request: ExpertRequest) -> str:

@@ -7,6 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from serve_app.experts import HFExpert
 
 
@@ -22,11 +24,23 @@ def load_broken(model: str, task: str) -> BrokenGenerator:
 
 
 class SlowGenerator(HFExpert):
-    """A real model whose generation hangs, as a wedged replica would (scoring still works)."""
+    """A real model whose generation hangs, as a wedged replica would (scoring still works),
+    and whose streamed tokens come a tenth of a second apart, as a large model's would."""
 
     def generate(self, *args, **kwargs):
         time.sleep(120)
         return super().generate(*args, **kwargs)
+
+    def _run(self, enc, max_new_tokens, temperature, top_p, seed, stopping, streamer=None):
+        from transformers import StoppingCriteria
+
+        class Slowly(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                time.sleep(0.1)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        stopping.append(Slowly())
+        return super()._run(enc, max_new_tokens, temperature, top_p, seed, stopping, streamer)
 
 
 def load_slow(model: str, task: str) -> SlowGenerator:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from ray import serve
@@ -93,3 +95,23 @@ def test_a_replica_whose_device_broke_is_replaced_and_serves_again(api):
     # check_health now fails: Serve replaces the replica, and the new one answers.
     wait_for(lambda: api.post("/v1/infer", json=body).status_code == 200, 90, "a new replica")
     assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_client_that_leaves_a_stream_stops_the_generation(api):
+    # gen-s streams a token every 0.1 s: 200 tokens would take 20 s.
+    handle = serve.get_deployment_handle("gen-s", app_name="fallback")
+    body = {
+        "model": "gen-s",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 200,
+        "stream": True,
+    }
+    left = time.monotonic()
+    with api.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        events = r.iter_lines()
+        assert [next(events) for _ in range(3)]  # the role, then tokens: it is generating
+        assert handle.info.remote().result()["streaming"] == 1
+    # The client has gone: the expert stops at its next token, long before 20 s.
+    wait_for(lambda: handle.info.remote().result()["streaming"] == 0, 10, "the stream to stop")
+    assert time.monotonic() - left < 15
