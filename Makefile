@@ -56,8 +56,8 @@ format: install-dev
 test: lint
 	$(BIN)/pytest
 
-# Short load test (at most 5 minutes) against a library it serves itself (the demo library,
-# else the smoke library): writes loadtest/results/latest/ (report.md, report.json, report.png).
+# Short load test (at most 5 minutes) against a library it serves itself (the smoke library;
+# another with `python -m loadtest --library FILE`): writes loadtest/results/latest/.
 loadtest: install-loadtest
 	$(BIN)/python -m loadtest --profile short
 

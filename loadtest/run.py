@@ -37,7 +37,6 @@ from loadtest.report import write_report
 from serve_app.session import free_port, workers_import_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_LIBRARY = ROOT / "libraries" / "demo" / "library.yaml"
 SMOKE_DIR = ROOT / "libraries" / "smoke"
 RESULTS = ROOT / "loadtest" / "results" / "latest"
 APP = "tryage"
@@ -76,9 +75,9 @@ OUTPUTS = (
 
 
 def default_library() -> Path:
-    """The demo library if it is built, else the smoke library (built here if missing)."""
-    if DEMO_LIBRARY.is_file():
-        return DEMO_LIBRARY
+    """The smoke library (built here if missing): tiny experts on fractions of a CPU, so a
+    2-core machine can push them past one replica. The demo library, whose pretrained experts
+    take a second or more per answer on a CPU, is for `--library`."""
     path = SMOKE_DIR / "library.yaml"
     if not path.is_file():
         from serve_app.demo.smoke import build_smoke_library
