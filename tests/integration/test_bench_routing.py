@@ -15,6 +15,10 @@ from bench import routing
 from serve_app.demo.harvest import DOMAINS, harvest
 from serve_app.learn.evaluate import BASELINES
 
+# About a minute (a tiny demo build, evaluation and a sweep): left out of the default run,
+# whose parts (the build, evaluate, pareto) other modules test; `pytest -m slow` runs it.
+pytestmark = pytest.mark.slow
+
 PER_DOMAIN = 8  # held-out prompts per domain: enough for every table, quick to profile
 
 
