@@ -93,11 +93,8 @@ async def _sse(expert: str, kind: str, first: str | Generation, pieces: Any) -> 
         item = first
         while True:
             if isinstance(item, Generation):
-                last = ChunkChoice(finish_reason=item.finish_reason)
-                last = last.model_copy(
-                    update={"text": ""} if kind == "text_completion" else {"delta": {}}
-                )
-                yield event(last, _usage(item))
+                empty = {"text": ""} if kind == "text_completion" else {"delta": {}}
+                yield event(ChunkChoice(finish_reason=item.finish_reason, **empty), _usage(item))
                 break
             if isinstance(item, Failure):  # after the first token: end the stream, say why
                 logger.error("expert %s failed while streaming: %s", expert, item.message)
@@ -210,9 +207,10 @@ class Ingress:
         return objective.rank(predicted, self.penalties, merged, names), merged
 
     async def _dispatch(
-        self, ranking: list[objective.Ranked], call: Callable[[str], DeploymentResponse]
+        self, ranking: list[objective.Ranked], call: Callable[[str], Any]
     ) -> tuple[str, Any, list[str]]:
-        """Run `call` on the best expert; on failure or timeout the next, up to max_attempts,
+        """Run `call` (an expert's name -> an awaitable that can be cancelled: a deployment
+        response, or a task) on the best expert; on failure or timeout the next, up to max_attempts,
         all within ingress.request_timeout_s. A client-caused failure is a 400 at once."""
         end = time.monotonic() + self.limits.request_timeout_s
         skipped: list[str] = []
@@ -362,38 +360,31 @@ class Ingress:
     async def _stream(
         self, ranking: list[objective.Ranked], payload: ExpertRequest, kind: str
     ) -> StreamingResponse:
-        """Stream the best expert's answer as Server-Sent Events. Fallback happens only before
-        the first token: an expert that fails to start is passed over for the next."""
-        end = time.monotonic() + self.limits.request_timeout_s
-        skipped: list[str] = []
-        for ranked in ranking[: self.limits.max_attempts]:
-            handle = self.experts[ranked.expert].options(stream=True)
-            pieces = handle.generate_stream.remote(payload)
+        """Stream the best expert's answer as Server-Sent Events. Fallback (the same as for a
+        whole answer, `_dispatch`) happens only before the first token: an expert is chosen
+        once its stream has yielded something."""
+
+        async def start(name: str) -> tuple[Any, Any] | Failure:
+            pieces = self.experts[name].options(stream=True).generate_stream.remote(payload)
             try:
-                first = await asyncio.wait_for(
-                    pieces.__anext__(),
-                    max(0.0, min(end - time.monotonic(), self.limits.expert_timeout_s)),
-                )
-            except Exception as err:
+                first = await pieces.__anext__()
+            except BaseException:  # failed, or timed out and cancelled: stop the stream
                 pieces.cancel()
-                logger.warning("expert %s did not start streaming (%s)", ranked.expert, err)
-                skipped.append(ranked.expert)
-                continue
+                raise
             if isinstance(first, Failure):
-                if first.client:
-                    raise BadRequest(first.message, "messages")
-                skipped.append(ranked.expert)
-                continue
-            headers = {
-                "x-tryage-expert": ranked.expert,
-                "x-tryage-fallback": "true" if skipped else "false",
-                "cache-control": "no-cache",
-            }
-            events = _sse(ranked.expert, kind, first, pieces)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        raise NoExpertAvailable(
-            f"no expert could start streaming ({', '.join(skipped) or 'none'}); retry shortly"
-        )
+                pieces.cancel()
+                return first
+            return first, pieces
+
+        call = lambda name: asyncio.ensure_future(start(name))  # noqa: E731
+        expert, (first, pieces), skipped = await self._dispatch(ranking, call)
+        headers = {
+            "x-tryage-expert": expert,
+            "x-tryage-fallback": "true" if skipped else "false",
+            "cache-control": "no-cache",
+        }
+        events = _sse(expert, kind, first, pieces)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     def _settings(self, body: Any, max_tokens: int | None) -> dict:
         """Generation settings of an OpenAI request."""
