@@ -178,19 +178,7 @@ class Ingress:
         defaults."""
         self._count(weights, "weights")
         self._count(allow, "experts")
-        settable = self.policy.settable()
-        merged = objective.merge_weights(
-            self.library.objective.weights,
-            objective.user_layer(flags, settable, "a prompt flag"),
-            objective.user_layer(weights, settable, "the request"),
-        )
-        names = objective.eligible(
-            self.library.experts, allow, task, trusted_only=self.policy.trusted_only
-        )
-        if not has_mask(text):  # a masked LM has nothing to fill without a [MASK]
-            names = [n for n in names if self.library.expert(n).task != "fill-mask"]
-            if not names:
-                raise BadRequest("fill-mask experts need a [MASK] in the prompt", "prompt")
+        names, merged = objective.plan(self.library, flags, weights, allow, task, has_mask(text))
         try:
             predicted = await self.router.predict.remote(text)
         except BackPressureError as err:

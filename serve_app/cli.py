@@ -129,6 +129,8 @@ def _truth(args: argparse.Namespace, library):
     every expert, cached next to the library."""
     from serve_app.learn.evaluate import held_out, measure_truth, stderr
 
+    if args.data is None:  # the truth is a profile already there (imported scores)
+        return _profile_truth(args, library)
     prompts = _prompts(args)
     if not args.include_trained:
         prompts = held_out(library, prompts, log=stderr, data=args.data)
@@ -140,6 +142,25 @@ def _truth(args: argparse.Namespace, library):
         progress=not args.quiet,
         log=stderr,
     )
+
+
+def _profile_truth(args: argparse.Namespace, library):
+    """The truth from --profile alone, less the prompts the router was trained on."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from serve_app.learn.matrix import trained_ids
+    from serve_app.learn.profile import read_profile
+
+    if args.profile is None or not args.profile.is_file():
+        raise LibraryError("pass --data PATH, or --profile FILE of a profile already measured")
+    table = read_profile(args.profile)
+    if not args.include_trained:
+        seen = pa.array(sorted(trained_ids(library.router.checkpoint)), pa.string())
+        table = table.filter(pc.invert(pc.is_in(table["prompt_id"], seen)))
+        if table.num_rows == 0:
+            raise LibraryError(f"every prompt in {args.profile} was used to train the router")
+    return table
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -168,6 +189,69 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     print("\n".join(result.lines))
     print(f"non-dominated: {', '.join(p.label for p in result.points if p.pareto)}")
     print(f"wrote {args.out / 'pareto.csv'} and {args.out / 'pareto.png'}")
+    return 0
+
+
+def cmd_scores_import(args: argparse.Namespace) -> int:
+    """Turn scores measured elsewhere into a profile and a routing library."""
+    from serve_app.learn.scores import import_scores
+
+    result = import_scores(
+        args.format,
+        args.paths,
+        args.out,
+        base_url=args.base_url,
+        lower_is_better=args.lower_is_better,
+    )
+    print(result.table())
+    print(
+        f"next: tryage train --library {result.library} --profile {result.profile}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _weights(items: list[str] | None) -> dict[str, float] | None:
+    """NAME=VALUE pairs of --weight."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise LibraryError(f"--weight {item!r}: expected NAME=NUMBER, such as size=0.5")
+    return out
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Route every row of a data path offline, as the service would; write JSONL."""
+    from serve_app.config import load_library
+    from serve_app.errors import TryageError
+    from serve_app.learn.route import route_data
+
+    library = load_library(args.library)
+    try:
+        routed = route_data(
+            library,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            weights=_weights(args.weight),
+            allow=args.experts.split(",") if args.experts else None,
+            task=args.task,
+        )
+    except TryageError as err:
+        raise LibraryError(str(err)) from None
+    chosen = ", ".join(f"{e} {n}" for e, n in sorted(routed.chosen.items(), key=lambda x: -x[1]))
+    print(
+        f"routed {routed.rows} rows ({routed.errors} refused) in {routed.seconds:.1f} s, "
+        f"{routed.ms_per_prompt:.2f} ms a prompt; chosen: {chosen}"
+    )
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -214,15 +298,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
 
-    def data_args(s: argparse.ArgumentParser) -> None:
+    def data_args(s: argparse.ArgumentParser, data_required: bool = True) -> None:
         s.add_argument("--library", type=Path, required=True, help="library.yaml")
-        s.add_argument("--data", type=Path, required=True, help=".jsonl/.parquet file or folder")
+        s.add_argument(
+            "--data", type=Path, required=data_required, help=".jsonl/.parquet file or folder"
+        )
         s.add_argument("--per-domain", type=int, help="a seeded sample of N prompts per domain")
         s.add_argument("--seed", type=int, default=0)
 
     def truth_args(s: argparse.ArgumentParser) -> None:
-        data_args(s)
-        s.add_argument("--profile", type=Path, help="where the data's true losses are cached")
+        data_args(s, data_required=False)
+        s.add_argument(
+            "--profile",
+            type=Path,
+            help="where the data's true losses are cached; without --data, a profile already "
+            "measured (such as imported scores) is the truth",
+        )
         s.add_argument("--k", type=int, default=10, help="neighbours of the knn baseline")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.add_argument(
@@ -278,6 +369,39 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--values", type=float, nargs="+", help="weight values to sweep")
     s.set_defaults(func=cmd_pareto)
+
+    s = sub.add_parser("scores", help="per-prompt scores measured elsewhere")
+    scores = s.add_subparsers(dest="scores_command", required=True)
+    s = scores.add_parser(
+        "import",
+        help="scores of models measured elsewhere -> OUT/profile.parquet and OUT/library.yaml",
+    )
+    s.add_argument("paths", type=Path, nargs="+", help="the files to import")
+    s.add_argument("--format", required=True, choices=("routerdc", "routerbench", "jsonl"))
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8001/v1",
+        help="where the imported models will be served (each expert's base_url; edit later)",
+    )
+    s.add_argument(
+        "--lower-is-better",
+        action="store_true",
+        help="jsonl: the numbers are losses (lower is better), not scores",
+    )
+    s.set_defaults(func=cmd_scores_import)
+
+    s = sub.add_parser("route", help="route every row of a data path offline; write JSONL")
+    s.add_argument("--library", type=Path, required=True, help="library.yaml")
+    s.add_argument("--data", type=Path, required=True, help=".jsonl/.parquet file or folder")
+    s.add_argument("--out", type=Path, required=True, help="the decisions (.jsonl)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument(
+        "--weight", action="append", metavar="NAME=VALUE", help="an objective weight (repeatable)"
+    )
+    s.add_argument("--experts", help="comma-separated allow-list")
+    s.add_argument("--task", choices=("text-generation", "fill-mask"))
+    s.set_defaults(func=cmd_route)
     return p
 
 

@@ -41,6 +41,8 @@ INGRESS_DEPLOYMENT = "Ingress"
 HEAD_META = "router.json"  # shapes, expert order, target scaling, the encoder it was trained on
 HEAD_WEIGHTS = "head.safetensors"
 MEASURES = "measures.json"  # each expert's measured verbosity and readability (the profile's)
+#: File in a router checkpoint holding the profile's prompt embeddings and losses.
+REFERENCE = "reference.safetensors"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

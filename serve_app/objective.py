@@ -213,6 +213,48 @@ def eligible(
     return [e.name for e in chosen]
 
 
+def plan(
+    library: LibraryLike,
+    flags: Mapping[str, float] | None,
+    weights: Mapping[str, float] | None,
+    allow: Iterable[str] | None,
+    task: str | None,
+    masked: bool,
+) -> tuple[list[str], dict[str, float]]:
+    """The experts a prompt may go to and the weights that rank them: what serving and
+    `tryage route` both decide before the router's predictions arrive.
+
+    Precedence: the operator's policy > the request's weights > prompt flags > library
+    defaults. `masked`: the prompt carries a [MASK] (fill-mask experts need one)."""
+    policy = library.policy
+    settable = policy.settable()
+    merged = merge_weights(
+        library.objective.weights,
+        user_layer(flags, settable, "a prompt flag"),
+        user_layer(weights, settable, "the request"),
+    )
+    names = eligible(library.experts, allow, task, trusted_only=policy.trusted_only)
+    if not masked:  # a masked LM has nothing to fill without a [MASK]
+        names = [n for n in names if library.expert(n).task != "fill-mask"]
+        if not names:
+            raise BadRequest("fill-mask experts need a [MASK] in the prompt", "prompt")
+    return names, merged
+
+
+class LibraryLike(Protocol):
+    """What `plan` reads of a library (LibraryConfig has it)."""
+
+    experts: Sequence[ExpertMeta]
+
+    @property
+    def policy(self): ...
+
+    @property
+    def objective(self): ...
+
+    def expert(self, name: str) -> ExpertMeta: ...
+
+
 def rank(
     predicted: Mapping[str, float],
     penalty_table: Mapping[str, Mapping[str, float | None]],

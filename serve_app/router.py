@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from serve_app.config import HEAD_META, HEAD_WEIGHTS, MEASURES
+from serve_app.config import HEAD_META, HEAD_WEIGHTS, MEASURES, REFERENCE
 from serve_app.experts import pick_device
 
 __all__ = ["HEAD_META", "HEAD_WEIGHTS", "MEASURES", "Encoder", "LearnedRouter", "Router"]
@@ -36,6 +36,11 @@ class HeadConfig:
     # Targets are standardised per expert while training: loss = out * std + mean.
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
+    # Neighbour evidence: the served prediction is (1 - knn_weight) * head + knn_weight * the
+    # mean loss of the knn_k profile prompts nearest the prompt (the checkpoint's reference),
+    # both chosen on validation by `tryage train`. 0: the head alone.
+    knn_weight: float = 0.0
+    knn_k: int = 0
 
     def __post_init__(self):
         n = len(self.experts)
@@ -145,17 +150,23 @@ class Encoder:
         from tqdm import tqdm
 
         out = []
+        # Batches of texts of like length pad little: encode in length order, return in theirs.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         steps = range(0, len(texts), batch_size)
         for i in tqdm(steps, desc="embed", unit="batch", disable=not progress or len(steps) < 2):
             enc = self.tokenizer(
-                texts[i : i + batch_size],
+                [texts[j] for j in order[i : i + batch_size]],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
             out.append(embed(self.model, enc).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        if not out:
+            return torch.empty(0, self.dim)
+        emb = torch.empty(len(texts), self.dim)
+        emb[torch.tensor(order)] = torch.cat(out)
+        return emb
 
 
 def embed(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,9 +200,49 @@ class LearnedRouter:
             )
         self.head.to(self.encoder.device)
         self.experts = list(self.head.cfg.experts)
+        self.neighbours: Neighbours | None = None
+        if self.head.cfg.knn_weight > 0:
+            self.neighbours = Neighbours.load(checkpoint, self.experts, self.encoder.device)
 
     @torch.no_grad()
     def predict(self, prompts: list[str]) -> list[dict[str, float]]:
         emb = self.encoder.encode(prompts).to(self.encoder.device)  # (B, H)
-        losses = self.head.predict(emb).cpu().tolist()  # (B, E)
-        return [dict(zip(self.experts, row, strict=True)) for row in losses]
+        pred = self.head.predict(emb)  # (B, E)
+        if self.neighbours is not None:
+            cfg = self.head.cfg
+            pred = blend(pred, self.neighbours.mean_loss(emb, cfg.knn_k), cfg.knn_weight)
+        return [dict(zip(self.experts, row, strict=True)) for row in pred.cpu().tolist()]
+
+
+def blend(head: torch.Tensor, knn: torch.Tensor, weight: float) -> torch.Tensor:
+    """(1 - weight) * head + weight * knn; the head alone where the neighbours measured
+    nothing (NaN)."""
+    return torch.where(torch.isnan(knn), head, (1 - weight) * head + weight * knn)
+
+
+class Neighbours:
+    """The profile's prompt embeddings (N, H) and losses (N, E): the mean loss of the k
+    nearest (cosine) is neighbour evidence for a new prompt."""
+
+    def __init__(self, embeddings: torch.Tensor, losses: torch.Tensor):
+        assert embeddings.shape[0] == losses.shape[0], "one loss row per embedding"
+        self.embeddings = embeddings.float()
+        self.losses = losses.float()
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, experts: list[str], device: torch.device) -> Neighbours:
+        """The reference `tryage train` saved in a checkpoint, in `experts` order."""
+        from safetensors import safe_open
+
+        with safe_open(str(Path(checkpoint) / REFERENCE), framework="pt") as f:
+            saved = json.loads(f.metadata()["experts"])
+            cols = [saved.index(e) for e in experts]
+            emb, losses = f.get_tensor("embeddings"), f.get_tensor("losses")[:, cols]
+        return cls(emb.to(device), losses.to(device))
+
+    def mean_loss(self, emb: torch.Tensor, k: int) -> torch.Tensor:
+        """Mean loss (B, E) of each prompt's k nearest profile prompts; NaN where none of
+        them measured an expert."""
+        k = min(k, len(self.embeddings))
+        near = (emb.float() @ self.embeddings.T).topk(k, dim=1).indices  # (B, k)
+        return self.losses[near].nanmean(1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from serve_app.router import Encoder, LearnedRouter, Router
+from serve_app.router import Encoder, LearnedRouter, Neighbours, Router
 
 
 class OracleRouter:
@@ -65,17 +65,13 @@ class KnnRouter:
         losses: torch.Tensor,
         k: int = 10,
     ):
-        assert embeddings.shape[0] == losses.shape[0], "one loss row per training embedding"
         self.encoder = encoder
         self.experts = list(experts)
-        self.embeddings = embeddings.float()  # (N, H)
-        self.losses = losses.float()  # (N, E)
-        self.k = min(k, len(self.embeddings))
+        self.neighbours = Neighbours(embeddings, losses)
+        self.k = k
 
     def predict(self, prompts: list[str]) -> list[dict[str, float]]:
-        sim = self.encoder.encode(prompts) @ self.embeddings.T  # (B, N)
-        near = sim.topk(self.k, dim=1).indices  # (B, k)
-        mean = self.losses[near].mean(1)  # (B, E)
+        mean = self.neighbours.mean_loss(self.encoder.encode(prompts), self.k)  # (B, E)
         return [dict(zip(self.experts, row.tolist(), strict=True)) for row in mean]
 
 

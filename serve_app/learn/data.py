@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,14 @@ def _rows(file: Path) -> list[dict]:
                 raise DataError(f"{file}:{n}: a row needs a string 'text'")
             rows.append(row)
     return rows
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(text, domain) of every row under `path`, in file order, duplicates kept: for commands
+    that answer row by row (tryage route)."""
+    for file in data_files(path):
+        for row in _rows(file):
+            yield row["text"], str(row.get("domain") or file.parent.name)
 
 
 def load_prompts(

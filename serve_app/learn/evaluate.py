@@ -20,7 +20,14 @@ import pyarrow as pa
 from serve_app.config import LibraryConfig, LibraryError
 from serve_app.learn.baselines import make_router
 from serve_app.learn.data import Prompt
-from serve_app.learn.matrix import Matrix, load_reference, pivot, trained_ids
+from serve_app.learn.matrix import (
+    BITS_PER_BYTE,
+    Matrix,
+    Measure,
+    load_reference,
+    pivot,
+    trained_ids,
+)
 from serve_app.learn.metrics import choose, expected_random, summarize
 from serve_app.router import Encoder, Router, read_head_config
 
@@ -46,7 +53,7 @@ def routers(library: LibraryConfig, truth: Matrix, *, k: int = 10) -> dict[str, 
         "router": make_router("learned", encoder=encoder, checkpoint=ckpt),
         "oracle": make_router("oracle", truth=by_text),
         "best_single": make_router(
-            "best_single", experts=truth.experts, mean_loss=losses.mean(0).tolist()
+            "best_single", experts=truth.experts, mean_loss=losses.nanmean(0).tolist()
         ),
         "model_card": make_router("model_card", encoder=encoder, cards=cards),
         "knn": make_router(
@@ -122,11 +129,13 @@ class Evaluation:
     router: dict[str, float]
     baselines: dict[str, dict[str, float]]
     per_domain: dict[str, dict[str, float]]
+    measure: Measure = BITS_PER_BYTE
 
     def as_json(self) -> dict:
         return {
             "n": self.n,
             "experts": self.experts,
+            "measure": self.measure.as_json(),
             "router": self.router,
             "baselines": self.baselines,
             "per_domain": self.per_domain,
@@ -135,17 +144,20 @@ class Evaluation:
     def table(self) -> str:
         """Readable tables: overall figures, then top-1 per domain."""
         methods = {"router": self.router, **self.baselines}
+        name = self.measure.name[:10]
         lines = [
             f"{self.n} prompts, {len(self.experts)} experts: {', '.join(self.experts)}",
+            f"measure: {self.measure.name}, {self.measure.direction}; regret in its units",
             "",
-            f"{'':<12} {'top1':>6} {'regret':>8} {'loss':>8}",
+            f"{'':<12} {'top1':>6} {'regret':>8} {name:>10}",
         ]
         for name, m in methods.items():
-            lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {m['mean_loss']:>8.4f}")
+            shown = self.measure.shown(m["mean_loss"])
+            lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {shown:>10.4f}")
         names = list(methods)
         for metric, title, fmt in (
             ("top1", "top1", ".3f"),
-            ("regret", "regret (bits/byte)", ".4f"),
+            ("regret", f"regret ({self.measure.name})", ".4f"),
         ):
             lines += ["", f"{title} by domain"]
             lines.append(f"{'domain':<14} {'n':>5} " + " ".join(f"{m:>11}" for m in names))
@@ -159,6 +171,9 @@ def score_choices(chosen: dict[str, np.ndarray], truth: Matrix) -> Evaluation:
     """Figures for each method's chosen experts (N,): overall and per domain."""
     overall = {name: summarize(c, truth.losses) for name, c in chosen.items()}
     overall["random"] = expected_random(truth.losses)
+    if truth.measure.higher_is_better:  # the score itself beside its negation
+        for figures in overall.values():
+            figures["mean_score"] = -figures["mean_loss"]
     domains = np.array(truth.domains)
     per_domain: dict[str, dict[str, float]] = {}
     for domain in sorted(set(truth.domains)):
@@ -176,6 +191,7 @@ def score_choices(chosen: dict[str, np.ndarray], truth: Matrix) -> Evaluation:
         router=overall["router"],
         baselines={b: overall[b] for b in BASELINES if b in overall},
         per_domain=per_domain,
+        measure=truth.measure,
     )
 
 
@@ -200,7 +216,7 @@ def evaluate(
         ]
         if not experts:
             raise LibraryError(f"the library has no {task} expert")
-    truth = pivot(table, experts or library.names)
+    truth = pivot(table, experts or library.names, complete=False)
     if not truth.ids:
         raise LibraryError("no prompt of the data was measured on every expert")
     scores = {name: predictions(r, truth) for name, r in routers(library, truth, k=k).items()}

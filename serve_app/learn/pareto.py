@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from serve_app.config import WEIGHT_NAMES, LibraryConfig, LibraryError
-from serve_app.learn.matrix import Matrix
-from serve_app.learn.metrics import summarize
+from serve_app.learn.matrix import BITS_PER_BYTE, Matrix, Measure
+from serve_app.learn.metrics import choose, summarize
 from serve_app.objective import penalties
 
 #: Weight values swept by default: fine steps where choices change fastest.
@@ -32,11 +32,12 @@ class Point:
     kind: str  # "router" (a weight value of the sweep) or "expert" (always that expert)
     label: str
     weight: float | None
-    mean_loss: float  # true loss of the choices, bits per byte
+    mean_loss: float  # true loss of the choices (a score negated: Matrix.measure)
     mean_penalty: float  # the swept weight's penalty of the choices, in [0, 1]
     mean_params: float  # parameters of the chosen experts
     top1: float
     regret: float
+    mean_cost: float | None = None  # the profile's measured cost of the choices, where it has one
     pareto: bool = False
 
 
@@ -63,53 +64,57 @@ def sweep(
     """Router points for each weight value, one point per expert, the front marked."""
     pen = penalty_vector(library, truth.experts, weight)  # (E,)
     params = np.array([float(library.expert(e).params or 0) for e in truth.experts])  # (E,)
-    points = []
-    for value in values:
-        chosen = np.argmin(predicted + value * pen[None, :], axis=1)  # (N,)
+    rows = np.arange(len(truth.ids))
+
+    def point(kind: str, label: str, value: float | None, chosen: np.ndarray) -> Point:
         m = summarize(chosen, truth.losses)
-        points.append(
-            Point(
-                "router",
-                f"{weight}={value:g}",
-                value,
-                m["mean_loss"],
-                float(pen[chosen].mean()),
-                float(params[chosen].mean()),
-                m["top1"],
-                m["regret"],
-            )
+        cost = None
+        if truth.costs is not None:  # what the choices cost, measured per prompt
+            cost = float(np.nanmean(truth.costs[rows, chosen]))
+        return Point(
+            kind,
+            label,
+            value,
+            m["mean_loss"],
+            float(pen[chosen].mean()),
+            float(params[chosen].mean()),
+            m["top1"],
+            m["regret"],
+            cost,
         )
-    for j, name in enumerate(truth.experts):
-        m = summarize(np.full(len(truth.ids), j), truth.losses)
-        points.append(
-            Point(
-                "expert",
-                name,
-                None,
-                m["mean_loss"],
-                float(pen[j]),
-                float(params[j]),
-                m["top1"],
-                m["regret"],
-            )
-        )
+
+    points = [
+        point("router", f"{weight}={value:g}", value, choose(predicted + value * pen[None, :]))
+        for value in values
+    ]
+    points += [
+        point("expert", name, None, np.full(len(truth.ids), j))
+        for j, name in enumerate(truth.experts)
+    ]
     for p in points:
-        p.pareto = not any(_dominates(q, p) for q in points)
+        p.pareto = not any(_dominates(q, p, weight) for q in points)
     return points
 
 
-def _dominates(a: Point, b: Point) -> bool:
-    no_worse = a.mean_loss <= b.mean_loss and a.mean_penalty <= b.mean_penalty
-    better = a.mean_loss < b.mean_loss or a.mean_penalty < b.mean_penalty
+def _axis(p: Point, weight: str) -> float:
+    """The secondary goal of a point: the measured cost where the weight is cost and the
+    profile has costs, else the mean penalty."""
+    return p.mean_cost if weight == "cost" and p.mean_cost is not None else p.mean_penalty
+
+
+def _dominates(a: Point, b: Point, weight: str) -> bool:
+    x, y = _axis(a, weight), _axis(b, weight)
+    no_worse = a.mean_loss <= b.mean_loss and x <= y
+    better = a.mean_loss < b.mean_loss or x < y
     return no_worse and better
 
 
-def calibration(points: list[Point], weight: str) -> list[str]:
+def calibration(points: list[Point], weight: str, measure: Measure = BITS_PER_BYTE) -> list[str]:
     """What each swept value of the weight trades, in words a user can pick from.
 
     Quality is the share of the router's gain over the worst single expert that is kept:
     100% is the router at weight 0, 0% the worst single expert's mean loss (the "performance
-    gap recovered" of RouteLLM, in bits per byte).
+    gap recovered" of RouteLLM, in the profile's measure).
     """
     sweep_points = [p for p in points if p.kind == "router"]
     base = next((p for p in sweep_points if p.weight == 0), sweep_points[0])
@@ -119,10 +124,11 @@ def calibration(points: list[Point], weight: str) -> list[str]:
     runs: list[list[Point]] = []
     for p in sweep_points:
         last = runs[-1][-1] if runs else None
-        if last and (last.mean_loss, last.mean_penalty) == (p.mean_loss, p.mean_penalty):
+        if last and (last.mean_loss, _axis(last, weight)) == (p.mean_loss, _axis(p, weight)):
             runs[-1].append(p)
         else:
             runs.append([p])
+    unit = measure.name
     lines = []
     for run in runs:
         p = run[0]
@@ -130,17 +136,19 @@ def calibration(points: list[Point], weight: str) -> list[str]:
         kept = (worst - p.mean_loss) / gain if gain > 0 else 1.0
         if weight == "size" and base.mean_params:
             cost = f"{p.mean_params / base.mean_params:.0%} of the parameters"
+        elif weight == "cost" and p.mean_cost is not None and base.mean_cost:
+            cost = f"{p.mean_cost / base.mean_cost:.0%} of the cost ({p.mean_cost:.3g} a prompt)"
         else:
             cost = (
                 f"a mean {weight} penalty of {p.mean_penalty:.2f} (at 0: {base.mean_penalty:.2f})"
             )
         lines.append(
             f"{weight} {values} keeps {kept:.0%} of the quality "
-            f"({p.mean_loss:.3f} bits/byte) at {cost}"
+            f"({measure.shown(p.mean_loss):.3f} {unit}) at {cost}"
         )
     lines.append(
-        f"(quality: 100% = the router at {weight} 0, {base.mean_loss:.3f} bits/byte; "
-        f"0% = the worst single expert, {worst:.3f} bits/byte)"
+        f"(quality: 100% = the router at {weight} 0, {measure.shown(base.mean_loss):.3f} {unit}; "
+        f"0% = the worst single expert, {measure.shown(worst):.3f} {unit})"
     )
     return lines
 
@@ -154,19 +162,22 @@ def write_csv(points: list[Point], path: Path) -> None:
             writer.writerow(asdict(p))
 
 
-def plot(points: list[Point], weight: str, path: Path) -> None:
-    """pareto.png: mean true loss against mean penalty; experts as points, the sweep as a
-    line, the non-dominated points ringed."""
+def plot(points: list[Point], weight: str, path: Path, measure: Measure = BITS_PER_BYTE) -> None:
+    """pareto.png: mean true quality against the secondary goal (the measured cost for
+    `cost` where the profile has one, else the mean penalty); experts as points, the sweep
+    as a line, the non-dominated points ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def xy(p: Point) -> tuple[float, float]:
+        return _axis(p, weight), measure.shown(p.mean_loss)
+
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     sweep_points = [p for p in points if p.kind == "router"]
     ax.plot(
-        [p.mean_penalty for p in sweep_points],
-        [p.mean_loss for p in sweep_points],
+        *zip(*map(xy, sweep_points), strict=True),
         "-o",
         color="tab:blue",
         label=f"router, {weight} weight swept",
@@ -174,12 +185,12 @@ def plot(points: list[Point], weight: str, path: Path) -> None:
     )
     shown: set[tuple[float, float]] = set()
     for p in sweep_points:  # one label per distinct point: high weights often share one
-        if (p.mean_penalty, p.mean_loss) in shown:
+        if xy(p) in shown:
             continue
-        shown.add((p.mean_penalty, p.mean_loss))
+        shown.add(xy(p))
         ax.annotate(
             f"{p.weight:g}",
-            (p.mean_penalty, p.mean_loss),
+            xy(p),
             fontsize=7,
             xytext=(3, 3),
             textcoords="offset points",
@@ -187,34 +198,29 @@ def plot(points: list[Point], weight: str, path: Path) -> None:
         )
     experts = [p for p in points if p.kind == "expert"]
     ax.scatter(
-        [p.mean_penalty for p in experts],
-        [p.mean_loss for p in experts],
+        *zip(*map(xy, experts), strict=True),
         marker="s",
         color="tab:orange",
         label="single expert",
         zorder=2,
     )
     for p in experts:
-        ax.annotate(
-            p.label,
-            (p.mean_penalty, p.mean_loss),
-            fontsize=8,
-            xytext=(4, -10),
-            textcoords="offset points",
-        )
+        ax.annotate(p.label, xy(p), fontsize=8, xytext=(4, -10), textcoords="offset points")
     front = [p for p in points if p.pareto]
     ax.scatter(
-        [p.mean_penalty for p in front],
-        [p.mean_loss for p in front],
+        *zip(*map(xy, front), strict=True),
         s=160,
         facecolors="none",
         edgecolors="black",
         label="non-dominated",
         zorder=3,
     )
-    ax.set_xlabel(f"mean {weight} penalty of the chosen experts (0 best, 1 worst)")
-    ax.set_ylabel("mean true loss (bits per byte)")
-    ax.set_title(f"Pareto front: loss against {weight}")
+    if weight == "cost" and points[0].mean_cost is not None:
+        ax.set_xlabel("mean measured cost of the chosen experts' answers, a prompt")
+    else:
+        ax.set_xlabel(f"mean {weight} penalty of the chosen experts (0 best, 1 worst)")
+    ax.set_ylabel(f"mean true {measure.name} ({measure.direction})")
+    ax.set_title(f"Pareto front: {measure.name} against {weight}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -256,7 +262,7 @@ def run_pareto(
     points = sweep(library, scores["router"], truth, weight, tuple(values) if values else SWEEP)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(points, out / "pareto.csv")
-    plot(points, weight, out / "pareto.png")
-    lines = calibration(points, weight)
+    plot(points, weight, out / "pareto.png", truth.measure)
+    lines = calibration(points, weight, truth.measure)
     (out / "calibration.txt").write_text("\n".join(lines) + "\n")
     return ParetoResult(points, lines)

@@ -93,6 +93,8 @@ def measures(table: pa.Table) -> dict[str, dict[str, float | None]]:
     """Per expert: verbosity (mean UTF-8 bytes of its sampled outputs) and readability (mean
     reading ease of the outputs that have words). Experts without outputs get None."""
     out: dict[str, dict[str, float | None]] = {}
+    if "output" not in table.column_names:  # imported scores: nothing was generated here
+        return out
     rows = table.filter(pc.is_valid(table["output"])).select(["expert", "output"]).to_pylist()
     by_expert: dict[str, list[str]] = {}
     for row in rows:
@@ -177,12 +179,20 @@ def _parts_dir(out: Path) -> Path:
 
 
 def read_profile(path: str | Path) -> pa.Table:
-    """A profile table, checked against PROFILE_SCHEMA."""
+    """A profile table: measured (PROFILE_SCHEMA) or imported (serve_app.learn.scores), with
+    its measure (serve_app.learn.matrix.Measure) in the schema's metadata."""
+    from serve_app.learn.scores import SCORES_SCHEMA
+
     table = pq.read_table(path)
-    missing = [f.name for f in PROFILE_SCHEMA if f.name not in table.column_names]
+    meta = table.schema.metadata
+    value = "score" if "score" in table.column_names else "loss"
+    schema = PROFILE_SCHEMA if value == "loss" and "bytes" in table.column_names else None
+    if schema is None:  # imported scores (or imported losses)
+        schema = pa.schema([f.with_name(value) if f.name == "score" else f for f in SCORES_SCHEMA])
+    missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise LibraryError(f"{path}: not a tryage profile; missing column(s) {', '.join(missing)}")
-    return table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+    return table.select(schema.names).cast(schema).replace_schema_metadata(meta)
 
 
 def _done(out: Path, prints: dict[str, str]) -> pa.Table:

@@ -33,10 +33,19 @@ import pyarrow as pa
 import torch
 
 from serve_app.config import LibraryConfig, LibraryError
-from serve_app.learn.data import in_split
-from serve_app.learn.matrix import Matrix, pivot, save_reference
+from serve_app.learn.data import in_split, unit_draw
+from serve_app.learn.matrix import Matrix, Measure, pivot, save_reference
 from serve_app.learn.metrics import choose, expert_errors, summarize
-from serve_app.router import MEASURES, Encoder, HeadConfig, RouterHead, embed, save_head
+from serve_app.router import (
+    MEASURES,
+    Encoder,
+    HeadConfig,
+    Neighbours,
+    RouterHead,
+    blend,
+    embed,
+    save_head,
+)
 
 
 @dataclass
@@ -59,6 +68,14 @@ class TrainConfig:
     rank: float = 1.0  # weight of the listwise (which-expert-is-best) cross-entropy
     rank_temperature: float = 0.1  # bits per byte: loss gaps well under it count as ties
     max_length: int = 256  # encoder tokens read from a prompt
+    # How validation prompts are drawn: "prompt" (a share of prompts), "domain" or "group"
+    # (whole domains or given groups such as sources held out: settings that generalise to
+    # text unlike the training text).
+    group_by: str = "prompt"
+    # Neighbour evidence blended into the head's predictions (serve_app.router.blend): the
+    # pair with the lowest validation regret wins, neighbours drawn from the training split.
+    knn_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    knn_ks: tuple[int, ...] = (10, 25, 50, 100)
 
 
 @dataclass
@@ -67,6 +84,7 @@ class Report:
 
     mode: str
     experts: list[str]
+    measure: dict  # the profile's Measure: its name, and whether higher is better
     n_train: int
     n_val: int
     epochs: int
@@ -75,49 +93,135 @@ class Report:
     val: dict[str, float] = field(default_factory=dict)  # router: top1, regret, mean_loss
     val_best_single: dict[str, float] = field(default_factory=dict)
     val_oracle: dict[str, float] = field(default_factory=dict)
-    expert_mae: dict[str, float] = field(default_factory=dict)  # bits per byte
+    expert_mae: dict[str, float] = field(default_factory=dict)  # in the measure's units
+    group_by: str = "prompt"  # how validation prompts were drawn
+    knn_weight: float = 0.0  # the neighbour evidence chosen on validation
+    knn_k: int = 0
+    val_blends: list[dict] = field(default_factory=list)  # every (weight, k) tried: regret
 
     def table(self) -> str:
         """A readable summary."""
+        measure = Measure(**self.measure)
         lines = [
             f"router trained ({self.mode}): {self.n_train} train / {self.n_val} validation "
             f"prompts, {self.epochs} epochs",
             f"validation error (standardised MSE): {self.val_error:.4f} "
             f"(untrained head: {self.untrained_val_error:.4f})",
+            f"measure: {measure.name}, {measure.direction}",
             "",
-            f"{'validation':<12} {'top1':>6} {'regret':>8} {'loss':>8}",
+            f"{'validation':<12} {'top1':>6} {'regret':>8} {measure.name[:10]:>10}",
         ]
         for name, m in (
             ("router", self.val),
             ("best_single", self.val_best_single),
             ("oracle", self.val_oracle),
         ):
-            lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {m['mean_loss']:>8.4f}")
-        lines += ["", "per-expert mean absolute error (bits/byte):"]
+            shown = measure.shown(m["mean_loss"])
+            lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {shown:>10.4f}")
+        lines.append(
+            f"validation drawn by {self.group_by}; neighbour evidence: weight "
+            f"{self.knn_weight:g}" + (f", k {self.knn_k}" if self.knn_weight else "")
+        )
+        lines += ["", f"per-expert mean absolute error ({measure.name}):"]
         lines += [f"  {name:<20} {mae:.4f}" for name, mae in self.expert_mae.items()]
         return "\n".join(lines)
 
 
 def _loss(head: RouterHead, emb: torch.Tensor, z: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Standardised MSE, the centred error and the listwise term (see the module docstring)."""
+    """Standardised MSE, the centred error and the listwise term (see the module docstring),
+    over the measured cells only: z is NaN where an expert's loss on a prompt is missing."""
+    known = ~torch.isnan(z)  # (B, E)
+    m = known.to(z.dtype)
+    z = torch.where(known, z, torch.zeros_like(z))
+    cells = m.sum().clamp(min=1)
     out = head(emb)  # (B, E) standardised
-    loss = ((out - z) ** 2).mean()
-    pred = out * head.std + head.mean  # (B, E) bits per byte
+    loss = (((out - z) ** 2) * m).sum() / cells
+    pred = out * head.std + head.mean  # (B, E) losses
     true = z * head.std + head.mean
     if cfg.relative:
-        centred = (pred - pred.mean(1, keepdim=True)) - (true - true.mean(1, keepdim=True))
-        loss = loss + cfg.relative * (centred**2).mean() / (head.std**2).mean()
+        count = m.sum(1, keepdim=True).clamp(min=1)
+        centred = (pred - (pred * m).sum(1, keepdim=True) / count) - (
+            true - (true * m).sum(1, keepdim=True) / count
+        )
+        loss = loss + cfg.relative * ((centred**2) * m).sum() / cells / (head.std**2).mean()
     if cfg.rank:
-        target = torch.softmax(-true / cfg.rank_temperature, dim=1)  # (B, E) soft "best"
-        logp = torch.log_softmax(-pred / cfg.rank_temperature, dim=1)
-        loss = loss + cfg.rank * -(target * logp).sum(1).mean()
+        hide = ~known
+        target = torch.softmax((-true / cfg.rank_temperature).masked_fill(hide, -1e9), dim=1)
+        logp = torch.log_softmax((-pred / cfg.rank_temperature).masked_fill(hide, -1e9), dim=1)
+        loss = loss + cfg.rank * -(target * logp.masked_fill(hide, 0.0)).sum(1).mean()
     return loss
 
 
 def _error(head: RouterHead, emb: torch.Tensor, z: torch.Tensor) -> float:
+    """Standardised mean squared error over the measured cells."""
     head.eval()
     with torch.no_grad():
-        return float(((head(emb) - z) ** 2).mean())
+        err = (head(emb) - z) ** 2
+        return float(err[~torch.isnan(z)].mean())
+
+
+def validation_mask(
+    matrix: Matrix, cfg: TrainConfig, groups: list[str] | None = None
+) -> np.ndarray:
+    """Which prompts of the matrix validate (N,): drawn by prompt id, or by group so that
+    whole groups are held out (at least one group stays on each side). The groups are the
+    prompts' domains for group_by "domain", `groups` (one per prompt: their sources, say)
+    for "group"."""
+    if cfg.group_by == "prompt":
+        return np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
+    if cfg.group_by == "domain":
+        groups = matrix.domains
+    elif cfg.group_by != "group" or groups is None:
+        raise ValueError(f"group_by {cfg.group_by!r}: use prompt, domain, or group with groups")
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise LibraryError(f"validation by {cfg.group_by} needs at least two of them")
+    held = {g for g in names if in_split(g, cfg.val_fraction, cfg.seed)}
+    if not held or held == set(names):  # a draw that left one side empty
+        order = sorted(names, key=lambda g: unit_draw(g, cfg.seed, "split"))
+        held = set(order[: max(1, round(cfg.val_fraction * len(names)))])
+    return np.array([g in held for g in groups])
+
+
+def choose_blend(
+    head_val: torch.Tensor,
+    neighbours: Neighbours,
+    val_emb: torch.Tensor,
+    val_y: np.ndarray,
+    cfg: TrainConfig,
+) -> tuple[float, int, list[dict]]:
+    """The neighbour weight and k with the lowest validation regret (the head alone first:
+    a tie keeps it). Returns (weight, k, every pair tried with its figures)."""
+    tried = []
+    best = (float("inf"), 0.0, 0)
+    for weight in cfg.knn_weights:
+        for k in cfg.knn_ks if weight else (0,):
+            pred = head_val
+            if weight:
+                pred = blend(head_val, neighbours.mean_loss(val_emb, k), weight)
+            m = summarize(choose(pred.numpy()), val_y)
+            tried.append({"weight": weight, "k": k, **m})
+            if m["regret"] < best[0] - 1e-9:
+                best = (m["regret"], weight, k)
+    return best[1], best[2], tried
+
+
+def add_neighbours(
+    head: RouterHead, emb: torch.Tensor, losses: np.ndarray, val_mask: np.ndarray, cfg: TrainConfig
+) -> tuple[float, int, list[dict], np.ndarray]:
+    """Choose the neighbour evidence on the validation prompts (neighbours from the training
+    prompts only) and set it in the head's config. Returns (weight, k, every pair tried,
+    the blended validation predictions (n_val, E))."""
+    is_val = torch.from_numpy(val_mask)
+    neighbours = Neighbours(emb[~is_val], torch.tensor(losses[~val_mask]))
+    with torch.no_grad():
+        head_val = head.predict(emb[is_val])
+    weight, k, blends = choose_blend(head_val, neighbours, emb[is_val], losses[val_mask], cfg)
+    head.cfg.knn_weight, head.cfg.knn_k = weight, k
+    pred = head_val
+    if weight:
+        pred = blend(head_val, neighbours.mean_loss(emb[is_val], k), weight)
+    return weight, k, blends, pred.numpy()
 
 
 def train_head(
@@ -131,8 +235,8 @@ def train_head(
     """Fit a head on fixed embeddings; returns (best head, epochs run, its validation error,
     the untrained head's validation error)."""
     torch.manual_seed(cfg.seed)
-    mean = train_y.mean(0)
-    std = np.maximum(train_y.std(0), 1e-3)
+    mean = np.nan_to_num(np.nanmean(train_y, 0))
+    std = np.maximum(np.nan_to_num(np.nanstd(train_y, 0)), 1e-3)
     head = RouterHead(
         HeadConfig(
             experts=experts,
@@ -229,8 +333,8 @@ def train(
     cfg = cfg or TrainConfig()
     if cfg.mode not in ("frozen", "finetune"):
         raise ValueError(f"unknown training mode {cfg.mode!r}; known: frozen, finetune")
-    matrix = pivot(table, library.names)
-    val_mask = np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
+    matrix = pivot(table, library.names, complete=False)
+    val_mask = validation_mask(matrix, cfg)
     train_m, val_m = matrix.subset(~val_mask), matrix.subset(val_mask)
     if len(train_m.ids) < 2 or len(val_m.ids) < 1:
         raise LibraryError(
@@ -252,18 +356,18 @@ def train(
                 emb[~is_val], train_m.losses, emb[is_val], val_m.losses, matrix.experts, cfg
             )
             encoder_name = library.router.model
+        weight, k, blends, pred = add_neighbours(head, emb, matrix.losses, val_mask, cfg)
         save_head(head, folder, encoder=encoder_name)
         # The knn and best_single baselines read the whole profile (training and validation
         # prompts: neither learns anything that needs holding out) from the checkpoint.
         save_reference(folder, emb, matrix)
-        measured = {k: v for k, v in measures(table).items() if k in library.names}
+        measured = {name: m for name, m in measures(table).items() if name in library.names}
         (folder / MEASURES).write_text(json.dumps(measured, indent=2) + "\n")
-        with torch.no_grad():
-            pred = head.predict(emb[is_val]).numpy()
-        best_single = int(np.argmin(train_m.losses.mean(0)))
+        best_single = int(np.nanargmin(np.nanmean(train_m.losses, 0)))
         report = Report(
             mode=cfg.mode,
             experts=matrix.experts,
+            measure=matrix.measure.as_json(),
             n_train=len(train_m.ids),
             n_val=len(val_m.ids),
             epochs=epochs,
@@ -273,6 +377,10 @@ def train(
             val_best_single=summarize(np.full(len(val_m.ids), best_single), val_m.losses),
             val_oracle=summarize(choose(val_m.losses), val_m.losses),
             expert_mae=expert_errors(pred, val_m.losses, matrix.experts),
+            group_by=cfg.group_by,
+            knn_weight=weight,
+            knn_k=k,
+            val_blends=blends,
         )
         (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

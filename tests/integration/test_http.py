@@ -312,3 +312,36 @@ def test_router_batches_concurrent_prompts(api):
     after = router.stats.remote().result()
     assert after["prompts"] - before["prompts"] == 32
     assert after["batches"] - before["batches"] < 32  # some prompts shared a batch
+
+
+# --- tryage route: the offline decisions are the served ones -------------------------------
+
+
+def test_offline_route_matches_the_service_row_by_row(api, smoke_library, tmp_path):
+    from serve_app.cli import main
+
+    prompts = [
+        "def add(a, b):\n    return a + b",
+        "The patient presented with chest pain.",
+        "def add(a, b):\n    return a + b",  # a duplicate: still its own output row
+        "[flag: smallest] hello there",
+        "The capital of France is [MASK].",
+        "hello [flag: nonsense]",  # refused, as the service refuses it
+    ]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"text": p, "domain": "d"}) + "\n" for p in prompts))
+    out = tmp_path / "routed.jsonl"
+    assert (
+        main(["route", "--library", str(smoke_library), "--data", str(data), "--out", str(out)])
+        == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == prompts
+    for row in rows[:-1]:
+        served = route(api, prompt=row["text"])
+        assert row["expert"] == served["expert"]
+        offline = {r["expert"]: r for r in row["ranking"]}
+        for r in served["ranking"]:
+            assert offline[r["expert"]]["score"] == pytest.approx(r["score"], abs=1e-5)
+    assert rows[-1]["expert"] is None and "unknown flag" in rows[-1]["error"]
+    assert api.post("/v1/route", json={"prompt": prompts[-1]}).status_code == 400

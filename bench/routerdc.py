@@ -1,0 +1,309 @@
+"""RouterDC benchmark: tryage's router on RouterDC's per-prompt scores of 7 open LLMs.
+
+    python -m bench.routerdc [--data DIR] [--work DIR] [--limit N] [--results FILE] [--docs DIR]
+
+1. import  RouterDC's train split (`tryage scores import --format routerdc`'s code) into WORK
+2. train   the router on it (`tryage train`'s code, frozen encoder), timed
+3. route   RouterDC's test split with `tryage route`'s code, timed per prompt
+4. score   every routed test row by RouterDC's own definition (MANIFEST.md): on multiple-choice
+           tasks the chosen model counts 1 when its score is > 0; on GSM8K and HumanEval its
+           score (the share of correct samples). Accuracy of a task = the mean over its rows;
+           the headline is the mean over MMLU, GSM8K, CMMLU, ARC-C and HumanEval (Table 1).
+
+Beside the router: the best single model (by train-split accuracy averaged like the
+headline), kNN (mean train-split score of the 20 nearest train prompts, as the issue's probe),
+the oracle, and RouterDC's published figure. Writes RESULTS (bench/results/routerdc.json) and
+DOCS/routerdc.md with DOCS/routerdc.png. The data stays in ../shared/routing (research use):
+nothing of it is copied into the project. Without it the benchmark says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve_app.session import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ROUTING = ROOT.parent / "shared" / "routing" / "routerdc"
+TABLE1 = ("mmlu", "gsm8k", "cmmlu", "arc_challenge", "humaneval")
+TASKS = (*TABLE1, "arc_easy")
+#: RouterDC's published average over TABLE1 (its Table 1), accuracy %.
+ROUTERDC_PUBLISHED = 58.54
+#: Neighbours of the kNN baseline (the issue's probe: k = 20).
+KNN_K = 20
+PAGE, PNG = "routerdc.md", "routerdc.png"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.routerdc", description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=SHARED_ROUTING, help="RouterDC's train/ and test/")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "tmp" / "routerdc")
+    p.add_argument("--limit", type=int, help="at most N rows per task and split (a quick run)")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "routerdc.json")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    return p.parse_args(argv)
+
+
+def task_files(data: Path, split: str) -> dict[str, Path]:
+    """RouterDC's files of one split, by task."""
+    return {t: data / split / f"{t}.json" for t in TASKS if (data / split / f"{t}.json").is_file()}
+
+
+def counted(task: str, score: float) -> float:
+    """What a model's score counts on a task, by RouterDC's evaluation."""
+    if task in ("gsm8k", "humaneval"):
+        return float(score)
+    return 1.0 if score > 0 else 0.0
+
+
+def load_rows(files: dict[str, Path], limit: int | None) -> dict[str, list[dict]]:
+    """Rows by task, the first `limit` of each file when limited."""
+    return {t: json.loads(f.read_text())[:limit] for t, f in files.items()}
+
+
+def accuracy(rows: dict[str, list[dict]], chosen: dict[str, list[str]]) -> dict[str, float]:
+    """Accuracy % per task of the chosen model of every row (RouterDC's definition)."""
+    return {
+        t: 100
+        * float(np.mean([counted(t, r["scores"][m]) for r, m in zip(rs, chosen[t], strict=True)]))
+        for t, rs in rows.items()
+    }
+
+
+def headline(acc: dict[str, float]) -> float:
+    """The mean over RouterDC's Table 1 tasks."""
+    return float(np.mean([acc[t] for t in TABLE1 if t in acc]))
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
+    from serve_app.config import load_library
+    from serve_app.learn.matrix import pivot
+    from serve_app.learn.profile import read_profile
+    from serve_app.learn.route import route_data
+    from serve_app.learn.scores import import_scores
+    from serve_app.learn.train import TrainConfig, embeddings, train
+    from serve_app.router import Encoder, Neighbours
+
+    train_files, test_files = task_files(args.data, "train"), task_files(args.data, "test")
+    if not train_files or not test_files:
+        print(f"bench.routerdc: no RouterDC data at {args.data}; skipped", file=sys.stderr)
+        return None
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    # 1. import (a limited run imports limited copies, written under WORK)
+    train_rows = load_rows(train_files, args.limit)
+    sources = list(train_files.values())
+    if args.limit:
+        sources = []
+        for t, rows in train_rows.items():
+            f = work / "train-limited" / f"{t}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(rows))
+            sources.append(f)
+    start = time.perf_counter()
+    imported = import_scores("routerdc", sources, work / "import")
+    import_s = time.perf_counter() - start
+    library_path = imported.library
+    # 2. train
+    library = load_library(library_path, router=False)
+    table = read_profile(imported.profile)
+    start = time.perf_counter()
+    cache = imported.profile.with_name("profile.parquet.embeddings")  # as tryage train's
+    report = train(library, table, library.router.checkpoint, TrainConfig(), cache=cache)
+    train_s = time.perf_counter() - start
+    library = load_library(library_path)
+    # 3. route the test split: one data row per test row, in order
+    test_rows = load_rows(test_files, args.limit)
+    data = work / "test.jsonl"
+    with data.open("w") as f:
+        for t, rows in test_rows.items():
+            for r in rows:
+                f.write(json.dumps({"text": r["question"], "domain": t}) + "\n")
+    decisions = work / "test-routed.jsonl"
+    routed = route_data(library, data, decisions)
+    by_name = {e.name: e.model for e in library.experts}
+    chosen: dict[str, list[str]] = {t: [] for t in test_rows}
+    for line in decisions.read_text().splitlines():
+        row = json.loads(line)
+        chosen[row["domain"]].append(by_name[row["expert"]])
+    # 4. score, with the baselines
+    models = list(by_name.values())
+    acc = {"router": accuracy(test_rows, chosen)}
+    train_acc = {
+        m: accuracy(train_rows, {t: [m] * len(rs) for t, rs in train_rows.items()}) for m in models
+    }
+    best = max(models, key=lambda m: headline(train_acc[m]))
+    acc["best_single"] = accuracy(test_rows, {t: [best] * len(rs) for t, rs in test_rows.items()})
+    acc["oracle"] = {
+        t: 100 * float(np.mean([max(counted(t, s) for s in r["scores"].values()) for r in rs]))
+        for t, rs in test_rows.items()
+    }
+    # kNN over the train split's embeddings (cached by training) and its scores.
+    matrix = pivot(table, library.names, complete=False)
+    encoder = Encoder(library.router.model, max_length=TrainConfig().max_length)
+    ref = embeddings(encoder, matrix, cache)
+    near = Neighbours(ref, torch.tensor(matrix.losses))
+    knn_chosen: dict[str, list[str]] = {}
+    for t, rows in test_rows.items():
+        emb = encoder.encode([r["question"] for r in rows])
+        pred = near.mean_loss(emb, KNN_K).numpy()
+        knn_chosen[t] = [
+            by_name[library.names[j]] for j in np.nan_to_num(pred, nan=np.inf).argmin(1)
+        ]
+    acc["knn"] = accuracy(test_rows, knn_chosen)
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "command": shlex.join(["python", "-m", "bench.routerdc", *argv]),
+        "limit": args.limit,
+        "rows": {
+            "train": {t: len(r) for t, r in train_rows.items()},
+            "test": {t: len(r) for t, r in test_rows.items()},
+        },
+        "accuracy": acc,
+        "average": {name: headline(a) for name, a in acc.items()},
+        "published": {"routerdc": ROUTERDC_PUBLISHED},
+        "best_single_model": best,
+        "router": {
+            "encoder": library.router.model,
+            "train_s": train_s,
+            "import_s": import_s,
+            "epochs": report.epochs,
+            "knn_weight": report.knn_weight,
+            "knn_k": report.knn_k,
+            "val": report.val,
+            "route_ms_per_prompt": routed.ms_per_prompt,
+            "routed": routed.rows,
+        },
+    }
+
+
+NAMES = {
+    "router": "tryage router",
+    "knn": f"kNN (k={KNN_K})",
+    "best_single": "best single model",
+    "oracle": "oracle",
+}
+
+
+def render(results: dict) -> str:
+    """The benchmark's Markdown page, from the results dict alone."""
+    acc, avg, r, m = results["accuracy"], results["average"], results["router"], results["machine"]
+    tasks = [t for t in TASKS if t in acc["router"]]
+    head = "| method | " + " | ".join(tasks) + " | **Table 1 average** |"
+    lines = [
+        "# RouterDC benchmark",
+        "",
+        f"Run {results['date']} on {m['platform']}, {m['cpus']} CPUs, device {m['device']}, "
+        f"torch {m['torch']}:",
+        "",
+        f"```bash\n{results['command']}\n```",
+        "",
+        "RouterDC's per-prompt scores of 7 open 7-8B LLMs (`../shared/routing/routerdc`, "
+        "research use, never copied here) are imported with `tryage scores import --format "
+        "routerdc`; the router trains on the **train split** only (its validation is a share "
+        "of the train split's prompts), then `tryage route` routes every row of the **test "
+        "split**, which nothing here was tuned on. Accuracy follows RouterDC's own "
+        "evaluation: a multiple-choice answer counts when the chosen model's score is > 0, "
+        "GSM8K and HumanEval count the share of correct samples. The average is over the five "
+        "tasks of RouterDC's Table 1 (ARC-Easy is shown, not averaged).",
+        "",
+        "Accuracy % on the test split:",
+        "",
+        head,
+        "|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    for name in ("router", "knn", "best_single", "oracle"):
+        cells = " | ".join(f"{acc[name][t]:.2f}" for t in tasks)
+        lines.append(f"| {NAMES[name]} | {cells} | **{avg[name]:.2f}** |")
+    lines.append(
+        "| RouterDC, published (86M-parameter encoder) |"
+        + " |" * len(tasks)
+        + f" **{ROUTERDC_PUBLISHED:.2f}** |"
+    )
+    lines += [
+        "",
+        f"Best single model (chosen on the train split): `{results['best_single_model']}`. "
+        f"Rows: {sum(results['rows']['train'].values())} train, "
+        f"{sum(results['rows']['test'].values())} test"
+        + (f" (limited to {results['limit']} a task)" if results["limit"] else "")
+        + ".",
+        "",
+        "## The router",
+        "",
+        f"- Encoder `{r['encoder']}` (all-MiniLM-L6-v2, 22.7M parameters, frozen), an MLP head "
+        "predicting every model's accuracy on the prompt, and neighbour evidence blended in "
+        f"with weight {r['knn_weight']:g}"
+        + (f" (k {r['knn_k']})" if r["knn_weight"] else "")
+        + ", chosen on the train split's validation prompts.",
+        f"- Import {r['import_s']:.1f} s; training {r['train_s']:.1f} s ({r['epochs']} epochs, "
+        "the embedding of the train split included unless cached).",
+        f"- Routing cost: {r['route_ms_per_prompt']:.2f} ms a prompt over {r['routed']} test "
+        "prompts, batched 64 (encoder, head, neighbours and the objective), on this machine's "
+        "CPUs.",
+        "",
+        f"![accuracy by task]({PNG})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Grouped bars: accuracy per task and on average, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc, avg = results["accuracy"], results["average"]
+    tasks = [t for t in TABLE1 if t in acc["router"]]
+    labels = [*tasks, "average"]
+    methods = ("router", "knn", "best_single", "oracle")
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    width = 0.8 / len(methods)
+    for i, name in enumerate(methods):
+        values = [acc[name][t] for t in tasks] + [avg[name]]
+        ax.bar(np.arange(len(labels)) + i * width, values, width, label=NAMES[name])
+    ax.axhline(
+        ROUTERDC_PUBLISHED, color="black", ls="--", lw=1, label="RouterDC average (published)"
+    )
+    ax.set_xticks(np.arange(len(labels)) + width * (len(methods) - 1) / 2, labels)
+    ax.set_ylabel("accuracy % (test split)")
+    ax.set_title("Routing RouterDC's test split among 7 LLMs")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    results = run(args, argv)
+    if results is None:
+        return 0
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    args.docs.mkdir(parents=True, exist_ok=True)
+    plot(results, args.docs / PNG)
+    (args.docs / PAGE).write_text(render(results))
+    for name, value in results["average"].items():
+        print(f"{NAMES[name]:<20} {value:6.2f}")
+    print(f"{'RouterDC (published)':<20} {ROUTERDC_PUBLISHED:6.2f}")
+    print(f"wrote {args.results} and {args.docs / PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""tryage scores import: RouterDC, RouterBench and JSONL scores into a profile and a library."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.config import load_library
+from serve_app.learn.data import DataError
+from serve_app.learn.matrix import measure_of, pivot
+from serve_app.learn.profile import read_profile
+from serve_app.learn.scores import import_scores
+from serve_app.learn.train import TrainConfig, train_head
+
+
+def _routerdc(tmp_path):
+    (tmp_path / "mmlu.json").write_text(
+        json.dumps(
+            [
+                {"question": "Q1? A. x B. y", "scores": {"org/Model-A": 0.73, "org/model_b": 0}},
+                {"question": "Q2? A. x B. y", "scores": {"org/Model-A": 0, "org/model_b": 0.41}},
+            ]
+        )
+    )
+    (tmp_path / "gsm8k.json").write_text(
+        json.dumps([{"question": "2+2?", "scores": {"org/Model-A": 0.3, "org/model_b": 1.0}}])
+    )
+    return [tmp_path / "mmlu.json", tmp_path / "gsm8k.json"]
+
+
+def test_routerdc_counts_like_routerdc_and_writes_a_loadable_library(tmp_path):
+    result = import_scores("routerdc", _routerdc(tmp_path), tmp_path / "out")
+    table = read_profile(result.profile)
+    assert measure_of(table).higher_is_better and measure_of(table).name == "accuracy"
+    rows = {(r["text"], r["expert"]): r["score"] for r in table.to_pylist()}
+    # Multiple choice: correct exactly when the score is > 0; generation: the share as it is.
+    assert rows[("Q1? A. x B. y", "model-a")] == 1.0
+    assert rows[("Q1? A. x B. y", "model-b")] == 0.0
+    assert rows[("2+2?", "model-a")] == 0.3
+    assert {r["domain"] for r in table.to_pylist()} == {"mmlu", "gsm8k"}
+    library = load_library(result.library, router=False)
+    assert library.names == ["model-a", "model-b"]
+    assert all(e.engine == "openai" and e.base_url for e in library.experts)
+    assert library.expert("model-a").model == "org/Model-A"
+    # The matrix holds losses: a score negated, so the lowest is best everywhere downstream.
+    m = pivot(table, library.names)
+    q1 = m.ids.index(next(i for i, t in zip(m.ids, m.texts, strict=True) if t.startswith("Q1")))
+    assert m.losses[q1].tolist() == [-1.0, -0.0]
+    assert m.measure.shown(m.losses[q1, 0]) == 1.0
+
+
+def test_routerbench_keeps_gaps_missing_and_costs_per_prompt(tmp_path):
+    csv = tmp_path / "rb.csv"
+    csv.write_text(
+        "sample_id,prompt,eval_name,gpt-x,llama-y,gpt-x|model_response,gpt-x|total_cost,"
+        "llama-y|model_response,llama-y|total_cost\n"
+        'a.1,"What is 2+2, really?",arc-challenge,1.0,,four,0.002,,0.0001\n'
+        "a.2,Name a colour.,mmlu-x,0.0,1.0,red,0.001,blue,0.0002\n"
+    )
+    result = import_scores("routerbench", [csv], tmp_path / "out")
+    assert result.missing == 1
+    table = read_profile(result.profile)
+    m = pivot(table, ["gpt-x", "llama-y"], complete=False)
+    first = m.texts.index("What is 2+2, really?")
+    assert math.isnan(m.losses[first, 1])  # empty cell: missing, not zero
+    assert m.losses[first, 0] == -1.0
+    assert m.costs[first].tolist() == [0.002, 0.0001]
+    # complete=True keeps only prompts every expert answered.
+    assert pivot(table, ["gpt-x", "llama-y"]).texts == ["Name a colour."]
+    library = load_library(result.library, router=False)
+    prices = {e.name: e.price.input_per_mtok for e in library.experts}
+    assert prices["gpt-x"] > prices["llama-y"] > 0
+
+
+def test_jsonl_losses_and_default_domains(tmp_path):
+    f = tmp_path / "evals.jsonl"
+    f.write_text(
+        '{"text": "hello", "model": "m1", "score": 2.5}\n'
+        '{"text": "hello", "model": "m2", "score": 1.5, "domain": "greet"}\n'
+    )
+    result = import_scores("jsonl", [f], tmp_path / "out", lower_is_better=True)
+    table = read_profile(result.profile)
+    assert not measure_of(table).higher_is_better
+    m = pivot(table, ["m1", "m2"])
+    assert m.losses.tolist() == [[2.5, 1.5]]
+    assert m.domains == ["evals"]  # the prompt's first row has no domain: the file's name
+
+
+@pytest.mark.parametrize(
+    ("fmt", "body", "message"),
+    [
+        ("jsonl", '{"text": "x", "score": 1}\n', "a row needs a string 'model'"),
+        ("jsonl", '{"text": "x", "model": "m", "score": "high"}\n', "is not a number"),
+        ("jsonl", "not json\n", "not JSON"),
+        ("routerdc", '{"question": "x"}', "expected a JSON list"),
+        ("routerbench", "a,b\n1,2\n", "not a RouterBench CSV"),
+    ],
+)
+def test_bad_files_name_the_file_and_row(tmp_path, fmt, body, message):
+    f = tmp_path / "bad.txt"
+    f.write_text(body)
+    with pytest.raises(DataError, match=message):
+        import_scores(fmt, [f], tmp_path / "out")
+
+
+def test_training_skips_missing_scores():
+    rng = np.random.default_rng(0)
+    emb = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
+    y = rng.normal(size=(64, 3))
+    y[::3, 1] = np.nan  # a third of expert 1's scores were never measured
+    head, epochs, err, _ = train_head(
+        emb[:48], y[:48], emb[48:], y[48:], ["a", "b", "c"], TrainConfig(max_epochs=5, hidden=8)
+    )
+    assert epochs == 5 and math.isfinite(err)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
