@@ -36,9 +36,17 @@ class HeadConfig:
     # Targets are standardised per expert while training: loss = out * std + mean.
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
-    # Neighbour evidence: the served prediction is (1 - knn_weight) * head + knn_weight * the
-    # mean loss of the knn_k profile prompts nearest the prompt (the checkpoint's reference),
-    # both chosen on validation by `tryage train`. 0: the head alone.
+    # The served prediction mixes three estimates of every expert's loss, with weights
+    # chosen on validation by `tryage train` (0 and 0: the MLP alone):
+    #   the MLP's: (1 - prior_weight - knn_weight)
+    #   the domain prior's, prior_weight: P(domain | prompt) from a linear classifier over
+    #     the profile's `domains`, times each domain's mean loss: what the profile says about
+    #     text of that kind, which carries to new sources of a domain better than a
+    #     regression on the embedding does;
+    #   neighbour evidence, knn_weight: the mean loss of the knn_k profile prompts nearest
+    #     the prompt (the checkpoint's reference).
+    domains: list[str] = field(default_factory=list)
+    prior_weight: float = 0.0
     knn_weight: float = 0.0
     knn_k: int = 0
 
@@ -63,14 +71,39 @@ class RouterHead(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(cfg.target_mean))  # (E,)
         self.register_buffer("std", torch.tensor(cfg.target_std))  # (E,)
+        if cfg.domains:
+            d, e = len(cfg.domains), len(cfg.experts)
+            self.domain = nn.Linear(cfg.embed_dim, d)  # the domain prior's classifier
+            self.register_buffer("domain_means", torch.zeros(d, e))  # (D, E) mean losses
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         """Standardised predictions (B, E); `predict` undoes the scaling."""
         return self.mlp(emb)
 
     def predict(self, emb: torch.Tensor) -> torch.Tensor:
-        """Predicted loss in bits per byte (B, E)."""
+        """The MLP's predicted loss (B, E), in the profile's units."""
         return self.forward(emb) * self.std + self.mean
+
+    def prior(self, emb: torch.Tensor) -> torch.Tensor:
+        """The domain prior (B, E): P(domain | prompt) @ each domain's mean loss."""
+        return torch.softmax(self.domain(emb), dim=1) @ self.domain_means
+
+
+def mix(
+    head: torch.Tensor,
+    prior: torch.Tensor | None,
+    knn: torch.Tensor | None,
+    prior_weight: float,
+    knn_weight: float,
+) -> torch.Tensor:
+    """The served prediction (HeadConfig): the MLP's, the domain prior's and the neighbours'
+    estimates, weighted; where the neighbours measured nothing (NaN) the MLP's stands in."""
+    out = head * (1 - prior_weight - knn_weight)
+    if prior_weight:
+        out = out + prior_weight * prior
+    if knn_weight:
+        out = out + knn_weight * torch.where(torch.isnan(knn), head, knn)
+    return out
 
 
 def save_head(head: RouterHead, folder: str | Path, encoder: str = "minilm") -> Path:
@@ -207,17 +240,19 @@ class LearnedRouter:
     @torch.no_grad()
     def predict(self, prompts: list[str]) -> list[dict[str, float]]:
         emb = self.encoder.encode(prompts).to(self.encoder.device)  # (B, H)
-        pred = self.head.predict(emb)  # (B, E)
-        if self.neighbours is not None:
-            cfg = self.head.cfg
-            pred = blend(pred, self.neighbours.mean_loss(emb, cfg.knn_k), cfg.knn_weight)
+        pred = predict_mixed(self.head, emb, self.neighbours)
         return [dict(zip(self.experts, row, strict=True)) for row in pred.cpu().tolist()]
 
 
-def blend(head: torch.Tensor, knn: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 - weight) * head + weight * knn; the head alone where the neighbours measured
-    nothing (NaN)."""
-    return torch.where(torch.isnan(knn), head, (1 - weight) * head + weight * knn)
+def predict_mixed(
+    head: RouterHead, emb: torch.Tensor, neighbours: Neighbours | None
+) -> torch.Tensor:
+    """The head's served prediction (B, E) for embeddings (B, H): its mix (HeadConfig) of the
+    MLP, the domain prior and the neighbours' evidence."""
+    cfg = head.cfg
+    prior = head.prior(emb) if cfg.prior_weight else None
+    knn = neighbours.mean_loss(emb, cfg.knn_k) if neighbours and cfg.knn_weight else None
+    return mix(head.predict(emb), prior, knn, cfg.prior_weight, cfg.knn_weight)
 
 
 class Neighbours:

@@ -136,6 +136,7 @@ class BuildResult:
     router: dict[str, Any]  # the router's training report
     seconds: dict[str, float] = field(default_factory=dict)  # per step, this run (0 = skipped)
     notes: list[str] = field(default_factory=list)  # what the check found, what was left out
+    grouped: dict[str, Any] = field(default_factory=dict)  # figures on unseen sources
 
     def table(self) -> str:
         """The summary printed at the end of a build."""
@@ -159,6 +160,18 @@ class BuildResult:
             f"regret {r['val']['regret']:.4f} bits/byte "
             f"(best single expert: top1 {r['val_best_single']['top1']:.3f}, "
             f"regret {r['val_best_single']['regret']:.4f})",
+        ]
+        if self.grouped:
+            g = self.grouped["overall"]
+            lines.append(
+                f"router on sources it never saw ({self.grouped['n']} prompts, "
+                f"{self.grouped['groups']} sources, {self.grouped['folds']} grouped folds): "
+                + ", ".join(
+                    f"{name} top1 {g[name]['top1']:.3f} regret {g[name]['regret']:.4f}"
+                    for name in ("router", "knn", "best_single")
+                )
+            )
+        lines += [
             *self.notes,
             "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()),
             f"wrote {self.library}",
@@ -636,11 +649,18 @@ def build_demo(
         lambda: _train_router(draft, table, profile_path, out / "router", train_cfg),
     )
 
+    # 7b. the router on sources it never saw: grouped cross-validation of the same training
+    grouped = steps.run(
+        "grouped",
+        _key(router_key, "grouped", 5),
+        lambda: _grouped(draft, table, profile_path, corpus, train_cfg, cfg),
+    )
+
     # 8. the library, last
     header = "# The demo library written by `tryage demo build`.\n"
     library = write_library(library_path, raw, header)
     load_library(library)  # it must load as any library does
-    result = BuildResult(library, domains, experts, losses, report, steps.seconds, notes)
+    result = BuildResult(library, domains, experts, losses, report, steps.seconds, notes, grouped)
     (out / "summary.json").write_text(
         json.dumps(
             {
@@ -649,6 +669,7 @@ def build_demo(
                 "heldout_bpb": losses,
                 "notes": notes,
                 "router_validation": report,
+                "router_grouped": grouped,
                 "split": split["counts"],
             },
             indent=1,
@@ -683,6 +704,24 @@ def _profile(
             progress=progress,
         )
     return {"rows": run.table.num_rows}
+
+
+def _grouped(
+    library: LibraryConfig, table: Any, profile_path: Path, corpus: Path, train_cfg: Any, cfg: Any
+) -> dict:
+    """The router's figures on sources it never trained on (serve_app.learn.grouped): the
+    profile's prompts grouped by their corpus source (the domain where a row has none)."""
+    from serve_app.learn.grouped import corpus_groups, cross_validate
+    from serve_app.learn.matrix import pivot
+    from serve_app.learn.train import embeddings
+    from serve_app.router import Encoder
+
+    matrix = pivot(table, library.names, complete=False)
+    by_id = corpus_groups(corpus, chars=(None, cfg.prompt_chars))
+    groups = [by_id.get(i, d) for i, d in zip(matrix.ids, matrix.domains, strict=True)]
+    encoder = Encoder(library.router.model, max_length=train_cfg.max_length)
+    emb = embeddings(encoder, matrix, profile_path.with_name(profile_path.name + ".embeddings"))
+    return dataclasses.asdict(cross_validate(matrix, emb, groups, train_cfg))
 
 
 def _train_router(

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve_app.config import LibraryError
 from serve_app.learn.data import cut_text, data_files, prompt_id
 from serve_app.learn.matrix import Matrix
 from serve_app.learn.metrics import choose, expected_random, summarize
-from serve_app.learn.train import TrainConfig, add_neighbours, train_head, validation_mask
-from serve_app.router import Neighbours, blend
+from serve_app.learn.train import TrainConfig, finish_head, train_head, validation_mask
+from serve_app.router import Neighbours, predict_mixed
 
 METHODS = ("router", "knn", "best_single", "oracle", "random")
 
@@ -77,7 +78,7 @@ class Grouped:
     n: int
     overall: dict[str, dict[str, float]]
     per_domain: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    knn_weights: list[float] = field(default_factory=list)  # chosen per fold
+    mixes: list[dict] = field(default_factory=list)  # the mix chosen in each fold
 
     def table(self) -> str:
         lines = [
@@ -102,10 +103,13 @@ def cross_validate(
     expert (see the module docstring); `emb` (N, H) are the matrix's prompt embeddings."""
     cfg = replace(cfg or TrainConfig(), group_by="group")
     assert len(groups) == len(matrix.ids) == len(emb), "one group and embedding per prompt"
+    if len(set(groups)) < 2:
+        raise LibraryError("grouped evaluation needs prompts of at least two groups")
+    folds = min(folds, len(set(groups)))
     fold = folds_of(groups, folds)
     n, e = matrix.losses.shape
     scores = {m: np.full((n, e), np.nan) for m in ("router", "knn", "best_single")}
-    weights = []
+    mixes: list[dict] = []
     for f in range(folds):
         test = fold == f
         if not test.any() or test.all():
@@ -113,7 +117,10 @@ def cross_validate(
         rest = matrix.subset(~test)
         rest_groups = [g for g, t in zip(groups, test, strict=True) if not t]
         rest_emb = emb[torch.from_numpy(~test)]
-        val = validation_mask(rest, cfg, rest_groups)
+        try:
+            val = validation_mask(rest, cfg, rest_groups)
+        except LibraryError:  # one group left to train on: validate on a share of prompts
+            val = validation_mask(rest, replace(cfg, group_by="prompt"))
         is_val = torch.from_numpy(val)
         head, _, _, _ = train_head(
             rest_emb[~is_val],
@@ -122,15 +129,14 @@ def cross_validate(
             rest.losses[val],
             matrix.experts,
             cfg,
+            domains=[d for d, v in zip(rest.domains, val, strict=True) if not v],
         )
-        weight, near_k, _, _ = add_neighbours(head, rest_emb, rest.losses, val, cfg)
-        weights.append(weight)
+        finish_head(head, rest_emb, rest, val, cfg)
+        mixes.append({"prior_weight": head.cfg.prior_weight, "knn_weight": head.cfg.knn_weight})
         test_emb = emb[torch.from_numpy(test)]
         neighbours = Neighbours(rest_emb, torch.tensor(rest.losses))
         with torch.no_grad():
-            pred = head.predict(test_emb)
-        if weight:
-            pred = blend(pred, neighbours.mean_loss(test_emb, near_k), weight)
+            pred = predict_mixed(head, test_emb, neighbours)
         scores["router"][test] = pred.numpy()
         scores["knn"][test] = neighbours.mean_loss(test_emb, k).numpy()
         scores["best_single"][test] = np.nanmean(rest.losses, 0)[None, :]
@@ -149,5 +155,5 @@ def cross_validate(
         n=n,
         overall=figures(np.ones(n, dtype=bool)),
         per_domain={d: figures(domains == d) for d in sorted(set(matrix.domains))},
-        knn_weights=weights,
+        mixes=mixes,
     )

@@ -42,8 +42,8 @@ from serve_app.router import (
     HeadConfig,
     Neighbours,
     RouterHead,
-    blend,
     embed,
+    mix,
     save_head,
 )
 
@@ -72,10 +72,12 @@ class TrainConfig:
     # (whole domains or given groups such as sources held out: settings that generalise to
     # text unlike the training text).
     group_by: str = "prompt"
-    # Neighbour evidence blended into the head's predictions (serve_app.router.blend): the
-    # pair with the lowest validation regret wins, neighbours drawn from the training split.
-    knn_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    # The served prediction mixes the MLP's, the domain prior's and the neighbours' estimates
+    # (serve_app.router.HeadConfig); the weights (from mix_weights, summing to at most 1) and
+    # the neighbours' k with the lowest validation regret win.
+    mix_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     knn_ks: tuple[int, ...] = (10, 25, 50, 100)
+    prior_steps: int = 300  # full-batch steps of the domain prior's classifier
 
 
 @dataclass
@@ -95,9 +97,10 @@ class Report:
     val_oracle: dict[str, float] = field(default_factory=dict)
     expert_mae: dict[str, float] = field(default_factory=dict)  # in the measure's units
     group_by: str = "prompt"  # how validation prompts were drawn
-    knn_weight: float = 0.0  # the neighbour evidence chosen on validation
+    prior_weight: float = 0.0  # the mix chosen on validation (serve_app.router.HeadConfig)
+    knn_weight: float = 0.0
     knn_k: int = 0
-    val_blends: list[dict] = field(default_factory=list)  # every (weight, k) tried: regret
+    val_mixes: list[dict] = field(default_factory=list)  # every setting tried, its figures
 
     def table(self) -> str:
         """A readable summary."""
@@ -118,9 +121,11 @@ class Report:
         ):
             shown = measure.shown(m["mean_loss"])
             lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {shown:>10.4f}")
+        mlp = 1 - self.prior_weight - self.knn_weight
         lines.append(
-            f"validation drawn by {self.group_by}; neighbour evidence: weight "
-            f"{self.knn_weight:g}" + (f", k {self.knn_k}" if self.knn_weight else "")
+            f"validation drawn by {self.group_by}; prediction = {mlp:g} MLP + "
+            f"{self.prior_weight:g} domain prior + {self.knn_weight:g} neighbours"
+            + (f" (k {self.knn_k})" if self.knn_weight else "")
         )
         lines += ["", f"per-expert mean absolute error ({measure.name}):"]
         lines += [f"  {name:<20} {mae:.4f}" for name, mae in self.expert_mae.items()]
@@ -183,45 +188,76 @@ def validation_mask(
     return np.array([g in held for g in groups])
 
 
-def choose_blend(
-    head_val: torch.Tensor,
-    neighbours: Neighbours,
-    val_emb: torch.Tensor,
-    val_y: np.ndarray,
+def fit_prior(
+    head: RouterHead, emb: torch.Tensor, domains: list[str], losses: np.ndarray, cfg: TrainConfig
+) -> None:
+    """Fit the head's domain prior on training prompts: a linear classifier of the domain
+    (full-batch AdamW, `prior_steps` steps) and each domain's mean loss per expert (the mean
+    over all training prompts where a domain never measured an expert)."""
+    names = head.cfg.domains
+    y = torch.tensor([names.index(d) for d in domains])
+    overall = np.nan_to_num(np.nanmean(losses, 0))
+    means = []
+    for name in names:
+        rows = losses[np.array(domains) == name]
+        m = np.nanmean(rows, 0) if len(rows) else np.full(losses.shape[1], np.nan)
+        means.append(np.where(np.isnan(m), overall, m))
+    head.domain_means.copy_(torch.tensor(np.array(means), dtype=torch.float32))
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(head.domain.parameters(), lr=0.05, weight_decay=cfg.weight_decay)
+    head.train()
+    for _ in range(cfg.prior_steps):
+        loss = torch.nn.functional.cross_entropy(head.domain(emb), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+
+
+def finish_head(
+    head: RouterHead, emb: torch.Tensor, matrix: Matrix, val_mask: np.ndarray, cfg: TrainConfig
+) -> tuple[list[dict], np.ndarray]:
+    """After the MLP: fit the domain prior on the training prompts, then choose the mix on
+    the validation prompts (choose_mix's return)."""
+    if head.cfg.domains:
+        train_domains = [d for d, v in zip(matrix.domains, val_mask, strict=True) if not v]
+        fit_prior(
+            head, emb[torch.from_numpy(~val_mask)], train_domains, matrix.losses[~val_mask], cfg
+        )
+    return choose_mix(head, emb, matrix.losses, val_mask, cfg)
+
+
+def choose_mix(
+    head: RouterHead,
+    emb: torch.Tensor,
+    losses: np.ndarray,
+    val_mask: np.ndarray,
     cfg: TrainConfig,
-) -> tuple[float, int, list[dict]]:
-    """The neighbour weight and k with the lowest validation regret (the head alone first:
-    a tie keeps it). Returns (weight, k, every pair tried with its figures)."""
-    tried = []
-    best = (float("inf"), 0.0, 0)
-    for weight in cfg.knn_weights:
-        for k in cfg.knn_ks if weight else (0,):
-            pred = head_val
-            if weight:
-                pred = blend(head_val, neighbours.mean_loss(val_emb, k), weight)
-            m = summarize(choose(pred.numpy()), val_y)
-            tried.append({"weight": weight, "k": k, **m})
-            if m["regret"] < best[0] - 1e-9:
-                best = (m["regret"], weight, k)
-    return best[1], best[2], tried
-
-
-def add_neighbours(
-    head: RouterHead, emb: torch.Tensor, losses: np.ndarray, val_mask: np.ndarray, cfg: TrainConfig
-) -> tuple[float, int, list[dict], np.ndarray]:
-    """Choose the neighbour evidence on the validation prompts (neighbours from the training
-    prompts only) and set it in the head's config. Returns (weight, k, every pair tried,
-    the blended validation predictions (n_val, E))."""
+) -> tuple[list[dict], np.ndarray]:
+    """Choose the weights of the MLP, the domain prior and neighbour evidence (and the
+    neighbours' k) with the lowest validation regret, neighbours drawn from the training
+    prompts only; set them in the head's config. The MLP alone is tried first (a tie keeps
+    it). Returns (every setting tried with its figures, the validation predictions)."""
     is_val = torch.from_numpy(val_mask)
+    val_emb, val_y = emb[is_val], losses[val_mask]
     neighbours = Neighbours(emb[~is_val], torch.tensor(losses[~val_mask]))
     with torch.no_grad():
-        head_val = head.predict(emb[is_val])
-    weight, k, blends = choose_blend(head_val, neighbours, emb[is_val], losses[val_mask], cfg)
-    head.cfg.knn_weight, head.cfg.knn_k = weight, k
-    pred = head_val
-    if weight:
-        pred = blend(head_val, neighbours.mean_loss(emb[is_val], k), weight)
-    return weight, k, blends, pred.numpy()
+        mlp = head.predict(val_emb)
+        prior = head.prior(val_emb) if head.cfg.domains else None
+    knn = {k: neighbours.mean_loss(val_emb, k) for k in cfg.knn_ks}
+    weights = sorted({0.0, *cfg.mix_weights})
+    tried: list[dict] = []
+    best = (float("inf"), 0.0, 0.0, 0, mlp)
+    for wp in weights if prior is not None else [0.0]:
+        for wk in (w for w in weights if wp + w <= 1 + 1e-9):
+            for k in cfg.knn_ks if wk else (0,):
+                pred = mix(mlp, prior, knn.get(k), wp, wk)
+                m = summarize(choose(pred.numpy()), val_y)
+                tried.append({"prior_weight": wp, "knn_weight": wk, "k": k, **m})
+                if m["regret"] < best[0] - 1e-9:
+                    best = (m["regret"], wp, wk, k, pred)
+    _, head.cfg.prior_weight, head.cfg.knn_weight, head.cfg.knn_k, pred = best
+    return tried, pred.numpy()
 
 
 def train_head(
@@ -231,9 +267,11 @@ def train_head(
     val_y: np.ndarray,
     experts: list[str],
     cfg: TrainConfig,
+    domains: list[str] | None = None,
 ) -> tuple[RouterHead, int, float, float]:
-    """Fit a head on fixed embeddings; returns (best head, epochs run, its validation error,
-    the untrained head's validation error)."""
+    """Fit a head's MLP on fixed embeddings (and give it a domain prior over `domains`, to
+    fit with fit_prior, when there are two or more); returns (best head, epochs run, its
+    validation error, the untrained head's validation error)."""
     torch.manual_seed(cfg.seed)
     mean = np.nan_to_num(np.nanmean(train_y, 0))
     std = np.maximum(np.nan_to_num(np.nanstd(train_y, 0)), 1e-3)
@@ -246,12 +284,13 @@ def train_head(
             max_length=cfg.max_length,
             target_mean=mean.tolist(),
             target_std=std.tolist(),
+            domains=sorted(set(domains)) if domains and len(set(domains)) > 1 else [],
         )
     )
     z_train = torch.tensor((train_y - mean) / std, dtype=torch.float32)  # (N, E)
     z_val = torch.tensor((val_y - mean) / std, dtype=torch.float32)
     untrained = _error(head, val_emb, z_val)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(head.mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def epoch() -> None:
@@ -353,10 +392,16 @@ def train(
         else:
             emb = embeddings(encoder, matrix, cache)  # (N, H), every prompt embedded once
             head, epochs, err, untrained = train_head(
-                emb[~is_val], train_m.losses, emb[is_val], val_m.losses, matrix.experts, cfg
+                emb[~is_val],
+                train_m.losses,
+                emb[is_val],
+                val_m.losses,
+                matrix.experts,
+                cfg,
+                domains=train_m.domains,
             )
             encoder_name = library.router.model
-        weight, k, blends, pred = add_neighbours(head, emb, matrix.losses, val_mask, cfg)
+        mixes, pred = finish_head(head, emb, matrix, val_mask, cfg)
         save_head(head, folder, encoder=encoder_name)
         # The knn and best_single baselines read the whole profile (training and validation
         # prompts: neither learns anything that needs holding out) from the checkpoint.
@@ -378,9 +423,10 @@ def train(
             val_oracle=summarize(choose(val_m.losses), val_m.losses),
             expert_mae=expert_errors(pred, val_m.losses, matrix.experts),
             group_by=cfg.group_by,
-            knn_weight=weight,
-            knn_k=k,
-            val_blends=blends,
+            prior_weight=head.cfg.prior_weight,
+            knn_weight=head.cfg.knn_weight,
+            knn_k=head.cfg.knn_k,
+            val_mixes=mixes,
         )
         (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
@@ -403,6 +449,7 @@ def finetune(
         val_m.losses,
         train_m.experts,
         cfg,
+        domains=train_m.domains,
     )
     accel = Accelerator(cpu=not torch.cuda.is_available())
     model = encoder.model

@@ -26,7 +26,7 @@ def test_pivot_keeps_prompts_measured_on_every_expert(library):
     matrix = pivot(table, library.names)
     assert len(matrix.ids) == 4
     assert matrix.losses.shape == (4, 4)
-    with pytest.raises(ValueError, match="no rows for expert"):
+    with pytest.raises(ValueError, match="no loss for expert"):
         pivot(table, [*library.names, "other"])
 
 
@@ -46,3 +46,18 @@ def test_finetuning_tunes_and_saves_the_encoder_the_checkpoint_names(library, tm
 def test_an_unknown_mode_is_refused(library):
     with pytest.raises(ValueError, match="unknown training mode 'fast'"):
         train(library, profile_table({"code": CODE}), "unused", TrainConfig(mode="fast"))
+
+
+def test_training_chooses_a_mix_on_validation_and_serving_applies_it(library, tmp_path):
+    table = profile_table({"code": CODE, "german": GERMAN})
+    out = tmp_path / "router"
+    report = train(library, table, out, TrainConfig(max_epochs=20, val_fraction=0.3))
+    meta = json.loads((out / "router.json").read_text())
+    assert meta["domains"] == ["code", "german"]  # two domains: the head has a domain prior
+    assert (meta["prior_weight"], meta["knn_weight"]) == (report.prior_weight, report.knn_weight)
+    # Every setting tried is reported, the chosen one with the lowest validation regret.
+    best = min(m["regret"] for m in report.val_mixes)
+    assert report.val["regret"] == pytest.approx(best)
+    router = LearnedRouter(library.router.model, out)
+    (pred,) = router.predict([CODE[0]])
+    assert set(pred) == set(library.names)

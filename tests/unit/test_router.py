@@ -108,3 +108,41 @@ def test_minilm_gives_normalised_384_dim_embeddings_that_place_meaning(minilm):
     # Padding in a batch does not change a short text's embedding (mean over real tokens).
     assert torch.allclose(minilm.encode(texts[:1])[0], emb[0], atol=1e-5)
     assert minilm.encode([]).shape == (0, 384)
+
+
+def test_the_served_prediction_mixes_mlp_domain_prior_and_neighbours(tmp_path):
+    from serve_app.router import Neighbours, mix, predict_mixed
+
+    torch.manual_seed(0)
+    cfg = HeadConfig(
+        experts=["a", "b"],
+        embed_dim=8,
+        hidden=16,
+        domains=["code", "prose"],
+        prior_weight=0.5,
+        knn_weight=0.25,
+        knn_k=2,
+    )
+    head = RouterHead(cfg).eval()
+    with torch.no_grad():
+        head.domain.weight.copy_(torch.tensor([[10.0] + [0.0] * 7, [-10.0] + [0.0] * 7]))
+        head.domain.bias.zero_()
+        head.domain_means.copy_(torch.tensor([[1.0, 3.0], [4.0, 2.0]]))
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.5] + [0.0] * 6]), dim=1)  # "code"
+    ref = torch.eye(8)[:3]  # three reference prompts: the first two are the nearest
+    losses = torch.tensor([[0.0, 8.0], [2.0, float("nan")], [9.0, 9.0]])
+    neighbours = Neighbours(ref, losses)
+    with torch.no_grad():
+        mlp = head.predict(emb)
+        got = predict_mixed(head, emb, neighbours)
+    prior = torch.tensor([[1.0, 3.0]])  # P(code) ~ 1: code's mean losses
+    knn = torch.tensor([[1.0, 8.0]])  # the mean of the 2 nearest, NaN left out
+    assert torch.allclose(got, 0.25 * mlp + 0.5 * prior + 0.25 * knn, atol=1e-4)
+    # Where the neighbours measured nothing, the MLP stands in for them.
+    nan = torch.full((1, 2), float("nan"))
+    assert torch.allclose(mix(mlp, prior, nan, 0.5, 0.25), 0.5 * mlp + 0.5 * prior)
+    # The prior survives a save and a load.
+    loaded = load_head(save_head(head, tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert torch.allclose(loaded.prior(emb), head.prior(emb))
+    assert loaded.cfg.prior_weight == 0.5 and loaded.cfg.domains == ["code", "prose"]
