@@ -171,6 +171,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         ],
         "heldout_bpb": summary["heldout_bpb"],
         "router_validation": summary["router_validation"],
+        "grouped": summary.get("router_grouped"),
     }
 
 
@@ -293,6 +294,38 @@ def _build_table(build: dict) -> str:
     return "\n".join(lines)
 
 
+GROUPED_METHODS = ("router", "knn", "best_single", "random", "oracle")
+
+
+def grouped_table(grouped: dict) -> str:
+    """Top-1 and regret on sources the router never trained on, overall and per domain."""
+    overall = grouped["overall"]
+    lines = [
+        "| method | top-1 | regret (bits/byte) |",
+        "|---|---:|---:|",
+    ]
+    for name in GROUPED_METHODS:
+        m = overall[name]
+        shown = f"**{name}**" if name == "router" else name
+        lines.append(f"| {shown} | {m['top1']:.3f} | {m['regret']:.4f} |")
+    rivals = ("router", "knn", "best_single")
+    lines += [
+        "",
+        "| domain | n | "
+        + " | ".join(f"{r} top-1" for r in rivals)
+        + " | "
+        + " | ".join(f"{r} regret" for r in rivals)
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(rivals)),
+    ]
+    for domain, figures in grouped["per_domain"].items():
+        n = figures["oracle"]["scored"]
+        top1 = " | ".join(f"{figures[r]['top1']:.3f}" for r in rivals)
+        regret = " | ".join(f"{figures[r]['regret']:.4f}" for r in rivals)
+        lines.append(f"| {domain} | {n} | {top1} | {regret} |")
+    return "\n".join(lines)
+
+
 def goal_line(evaluation: dict) -> str:
     """The goal and whether the figures meet it, in one sentence."""
     g = goal(evaluation)
@@ -355,6 +388,22 @@ def render(results: dict) -> str:
         "loss. `regret`: mean true loss of the chosen expert minus the lowest. Methods:",
         methods,
         goal_line(ev),
+        "## On sources the router never saw",
+        *(
+            [
+                f"The held-out documents above come from the same sources as the router's "
+                f"training prompts. Here the router's profile ({results['grouped']['n']} "
+                f"prompts) is cut into {results['grouped']['folds']} folds of whole sources "
+                f"({results['grouped']['groups']} groups: a corpus file, or a folder of one "
+                "such as a programming language or a patent format); each fold is routed by a "
+                "router trained, validated and tuned on the other folds only, beside kNN and "
+                "the best single expert fitted on the same folds (`serve_app.learn.grouped`). "
+                "A domain with one source is then a domain the router never saw.",
+                grouped_table(results["grouped"]),
+            ]
+            if results.get("grouped")
+            else ["(not measured in this run)"]
+        ),
         "## Per domain",
         "Top-1 (higher is better; the best method but the oracle in bold):",
         per_domain_table(ev, "top1", ".3f"),
@@ -394,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ev['n']} held-out prompts, {len(ev['experts'])} experts:")
     print(overall_table(ev))
     print(goal_line(ev).replace("**", ""))
+    if results.get("grouped"):
+        print("on sources the router never saw (grouped folds):")
+        print(grouped_table(results["grouped"]))
     print(f"wrote {args.results}, {page}, {args.docs / PNG}, {args.docs / CSV}")
     return 0
 

@@ -92,3 +92,51 @@ def test_the_cost_weight_moves_routing_off_the_priced_expert(mixed):
     assert r.json()["expert"] == "gen-m"
     assert ranking["remote-m"]["penalties"] == {"cost": 1000.0}
     assert ranking["gen-m"]["penalties"] == {"cost": 0.0}
+
+
+def test_imported_scores_route_among_remote_experts(mixed, serve_port, tmp_path):
+    """Remote experts profiled by imported scores (no model runs here): the router learns
+    from the scores which remote expert is good at what, and the service routes to it."""
+    import json
+
+    from serve_app.config import load_library
+    from serve_app.learn.profile import read_profile
+    from serve_app.learn.scores import import_scores
+    from serve_app.learn.train import TrainConfig, train
+
+    code = [f"def f{i}(x):\n    return x * {i} + {i + 1}" for i in range(24)]
+    prose = [
+        f"The weather on day {i} was mild, and the walk by the river was pleasant."
+        for i in range(24)
+    ]
+    rows = [
+        {"text": t, "model": m, "score": float((m == "gen-s") == (t in code)), "domain": d}
+        for d, texts in (("code", code), ("prose", prose))
+        for t in texts
+        for m in ("gen-s", "gen-m")
+    ]
+    scores = tmp_path / "evals.jsonl"
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    upstream = f"http://127.0.0.1:{serve_port}/upstream/v1"
+    result = import_scores("jsonl", [scores], tmp_path / "lib", base_url=upstream)
+    library = load_library(result.library, router=False)
+    train(
+        library, read_profile(result.profile), library.router.checkpoint, TrainConfig(max_epochs=30)
+    )
+    serve.run(
+        build_app({"library": str(result.library)}), name="imported", route_prefix="/imported"
+    )
+    try:
+        with client(serve_port, "/imported") as c:
+            assert (
+                c.post("/v1/route", json={"prompt": "def g(y):\n    return y - 1"}).json()["expert"]
+                == "gen-s"
+            )
+            r = c.post(
+                "/v1/infer",
+                json={"prompt": "It was a mild day by the river, and", "max_new_tokens": 4},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["expert"] == "gen-m" and r.json()["output"]
+    finally:
+        serve.delete("imported")

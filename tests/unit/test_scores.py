@@ -117,3 +117,46 @@ def test_training_skips_missing_scores():
     )
     assert epochs == 5 and math.isfinite(err)
     assert all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path):
+    """A RouterBench-style import with per-prompt costs: `tryage pareto --weight cost` draws
+    quality against the measured cost of the chosen answers, with no model run here."""
+    from serve_app.cli import main
+
+    lines = ["sample_id,prompt,eval_name,big,small,big|total_cost,small|total_cost"]
+    for i in range(40):
+        hard = i % 2 == 0  # the big model is right on hard prompts, both on easy ones
+        task = "Prove a theorem about primes" if hard else "Add 2 and 3"
+        text = f"{task}, item {i}"
+        lines.append(
+            f"s{i},{text},{'proofs' if hard else 'sums'},1.0,{0.0 if hard else 1.0},0.01,0.001"
+        )
+    csv = tmp_path / "rb.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "lib"
+    assert main(["scores", "import", "--format", "routerbench", str(csv), "--out", str(out)]) == 0
+    lib, profile = str(out / "library.yaml"), str(out / "profile.parquet")
+    assert main(["train", "--library", lib, "--profile", profile, "--max-epochs", "20"]) == 0
+    sweep = tmp_path / "sweep"
+    args = [
+        "pareto",
+        "--library",
+        lib,
+        "--profile",
+        profile,
+        "--weight",
+        "cost",
+        "--out",
+        str(sweep),
+    ]
+    assert main([*args, "--include-trained", "--values", "0", "100"]) == 0
+    rows = list(__import__("csv").DictReader((sweep / "pareto.csv").open()))
+    router = {float(r["weight"]): r for r in rows if r["kind"] == "router"}
+    # At weight 0 the router pays for the big model where it is needed; at 100 it always
+    # takes the cheap one: lower measured cost, lower accuracy.
+    assert float(router[100]["mean_cost"]) == pytest.approx(0.001)
+    assert float(router[0]["mean_cost"]) > float(router[100]["mean_cost"])
+    assert float(router[0]["mean_loss"]) < float(router[100]["mean_loss"])
+    assert (sweep / "pareto.png").stat().st_size > 0
+    assert "of the cost" in (sweep / "calibration.txt").read_text()
