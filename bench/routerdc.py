@@ -133,8 +133,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
     routed = route_data(library, data, decisions)
     by_name = {e.name: e.model for e in library.experts}
     chosen: dict[str, list[str]] = {t: [] for t in test_rows}
-    for line in decisions.read_text().splitlines():
-        row = json.loads(line)
+    with decisions.open(encoding="utf-8") as f:  # by "\n": a text may hold U+2028
+        decided = [json.loads(line) for line in f]
+    for row in decided:
         chosen[row["domain"]].append(by_name[row["expert"]])
     # 4. score, with the baselines
     models = list(by_name.values())

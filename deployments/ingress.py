@@ -45,6 +45,7 @@ from serve_app.protocol import (
     RouteResponse,
     Usage,
 )
+from serve_app.telemetry import Telemetry
 
 logger = logging.getLogger("ray.serve")
 api = create_api()
@@ -69,7 +70,9 @@ def _answered_by(response: Response, expert: str, skipped: list[str]) -> None:
     response.headers["x-tryage-fallback"] = "true" if skipped else "false"
 
 
-async def _sse(expert: str, kind: str, first: str | Generation, pieces: Any) -> AsyncIterator[str]:
+async def _sse(
+    expert: str, kind: str, first: str | Generation, pieces: Any, telemetry: Telemetry
+) -> AsyncIterator[str]:
     """OpenAI's stream: one `data: {chunk}` event per piece of text, a last chunk with the
     finish reason and usage, then `data: [DONE]`. Leaving early (the client disconnected)
     cancels the expert's stream, which stops its generation."""
@@ -93,6 +96,7 @@ async def _sse(expert: str, kind: str, first: str | Generation, pieces: Any) -> 
         item = first
         while True:
             if isinstance(item, Generation):
+                telemetry.tokens(expert, item.prompt_tokens, item.completion_tokens)
                 empty = {"text": ""} if kind == "text_completion" else {"delta": {}}
                 yield event(ChunkChoice(finish_reason=item.finish_reason, **empty), _usage(item))
                 break
@@ -138,6 +142,8 @@ class Ingress:
         self.task_of = {e.name: e.task for e in library.experts}
         # Checked before FastAPI reads a request (serve_app.api.GuardMiddleware). The keys come
         # from this replica's environment, which build_app fills from the runtime environment.
+        self.telemetry = Telemetry()
+        api.state.telemetry = self.telemetry  # the error handlers count rejections
         api.state.guard = Guard(
             max_body_bytes=self.limits.max_body_bytes,
             api_keys=Guard.keys_from(os.environ.get(API_KEYS_ENV)),
@@ -169,7 +175,13 @@ class Ingress:
             )
 
     async def _rank(
-        self, text: str, flags: dict, weights: dict | None, allow: list | None, task: str | None
+        self,
+        endpoint: str,
+        text: str,
+        flags: dict,
+        weights: dict | None,
+        allow: list | None,
+        task: str | None,
     ) -> tuple[list[objective.Ranked], dict[str, float]]:
         """Eligible experts, predicted losses and the objective: the routing decision, and the
         weights it used.
@@ -178,9 +190,13 @@ class Ingress:
         defaults."""
         self._count(weights, "weights")
         self._count(allow, "experts")
-        names, merged = objective.plan(self.library, flags, weights, allow, task, has_mask(text))
+        with self.telemetry.stage(endpoint, "objective"):
+            names, merged = objective.plan(
+                self.library, flags, weights, allow, task, has_mask(text)
+            )
         try:
-            predicted = await self.router.predict.remote(text)
+            with self.telemetry.stage(endpoint, "router"):
+                predicted = await self.router.predict.remote(text)
         except BackPressureError as err:
             raise Overloaded(
                 "the router is at its queue limit; retry shortly",
@@ -192,10 +208,12 @@ class Ingress:
             raise NoExpertAvailable("the router is unavailable; retry shortly") from None
         if isinstance(predicted, Failure):  # this prompt alone failed in the router's batch
             raise NoExpertAvailable("the router could not read this prompt; retry shortly")
-        return objective.rank(predicted, self.penalties, merged, names), merged
+        with self.telemetry.stage(endpoint, "objective"):
+            ranking = objective.rank(predicted, self.penalties, merged, names)
+        return ranking, merged
 
     async def _dispatch(
-        self, ranking: list[objective.Ranked], call: Callable[[str], Any]
+        self, endpoint: str, ranking: list[objective.Ranked], call: Callable[[str], Any]
     ) -> tuple[str, Any, list[str]]:
         """Run `call` (an expert's name -> an awaitable that can be cancelled: a deployment
         response, or a task) on the best expert; on failure or timeout the next, up to max_attempts,
@@ -209,22 +227,29 @@ class Ingress:
                 break
             response = call(ranked.expert)
             try:
-                answer = await asyncio.wait_for(response, min(left, self.limits.expert_timeout_s))
+                with self.telemetry.stage(endpoint, "expert"):
+                    wait = min(left, self.limits.expert_timeout_s)
+                    answer = await asyncio.wait_for(response, wait)
             except BackPressureError as err:
                 # The expert's queue is full (its max_queued_requests): the next one answers.
                 logger.info("expert %s is at its queue limit; trying the next", ranked.expert)
-                busy = err
+                busy, reason = err, "busy"
             except TimeoutError:
                 response.cancel()
                 logger.error("expert %s gave no answer in time; trying the next", ranked.expert)
+                reason = "timeout"
             except Exception as err:
                 logger.exception("expert %s failed; trying the next", ranked.expert, exc_info=err)
+                reason = "error"
             else:
                 if not isinstance(answer, Failure):
+                    self.telemetry.answered(endpoint, ranked.expert, ranked.predicted_loss)
                     return ranked.expert, answer, skipped
                 if answer.client:
                     raise BadRequest(answer.message, "messages")
                 logger.error("expert %s failed on this request: %s", ranked.expert, answer.message)
+                reason = "failed"
+            self.telemetry.fallback(ranked.expert, reason)
             skipped.append(ranked.expert)
         if busy is not None:
             raise Overloaded(
@@ -296,7 +321,11 @@ class Ingress:
     @api.post("/v1/route")
     async def route(self, body: RouteRequest) -> RouteResponse:
         text, flags = self._clean(body.prompt)
-        ranking, used = await self._rank(text, flags, body.weights, body.experts, body.task)
+        endpoint = "/v1/route"
+        ranking, used = await self._rank(
+            endpoint, text, flags, body.weights, body.experts, body.task
+        )
+        self.telemetry.answered(endpoint, ranking[0].expert, ranking[0].predicted_loss)
         return RouteResponse(
             expert=ranking[0].expert, ranking=_ranking(ranking, self.penalties, used)
         )
@@ -304,7 +333,10 @@ class Ingress:
     @api.post("/v1/infer")
     async def infer(self, body: InferRequest, response: Response) -> InferResponse:
         text, flags = self._clean(body.prompt)
-        ranking, used = await self._rank(text, flags, body.weights, body.experts, body.task)
+        endpoint = "/v1/infer"
+        ranking, used = await self._rank(
+            endpoint, text, flags, body.weights, body.experts, body.task
+        )
         asked = self._new_tokens(body.max_new_tokens)
         payload = ExpertRequest(
             prompt=text,
@@ -315,10 +347,12 @@ class Ingress:
             top_k=body.top_k,
             deadline=self._deadline(),
         )
-        expert, output, skipped = await self._dispatch(ranking, self._on_expert(payload))
+        expert, output, skipped = await self._dispatch(endpoint, ranking, self._on_expert(payload))
         task = self.task_of[expert]
         _answered_by(response, expert, skipped)
         generated = isinstance(output, Generation)
+        if generated:
+            self.telemetry.tokens(expert, output.prompt_tokens, output.completion_tokens)
         return InferResponse(
             expert=expert,
             task=task,
@@ -330,7 +364,9 @@ class Ingress:
             clamped=generated and output.max_new_tokens < asked,
         )
 
-    async def _openai_ranking(self, body: Any, raw: str) -> tuple[str, list[objective.Ranked]]:
+    async def _openai_ranking(
+        self, endpoint: str, body: Any, raw: str
+    ) -> tuple[str, list[objective.Ranked]]:
         """Route (or pin) an OpenAI request among text-generation experts: the text routed on
         (`raw`, the prompt or the last user message, its flags stripped) and the ranking."""
         text, flags = self._clean(raw)
@@ -342,11 +378,11 @@ class Ingress:
                 raise UnknownExpert(f"unknown model {body.model!r}; known: {known}", "model")
             allow = [body.model]
         weights = opts.weights if opts else None
-        ranking, _ = await self._rank(text, flags, weights, allow, "text-generation")
+        ranking, _ = await self._rank(endpoint, text, flags, weights, allow, "text-generation")
         return text, ranking
 
     async def _stream(
-        self, ranking: list[objective.Ranked], payload: ExpertRequest, kind: str
+        self, endpoint: str, ranking: list[objective.Ranked], payload: ExpertRequest, kind: str
     ) -> StreamingResponse:
         """Stream the best expert's answer as Server-Sent Events. Fallback (the same as for a
         whole answer, `_dispatch`) happens only before the first token: an expert is chosen
@@ -365,13 +401,13 @@ class Ingress:
             return first, pieces
 
         call = lambda name: asyncio.ensure_future(start(name))  # noqa: E731
-        expert, (first, pieces), skipped = await self._dispatch(ranking, call)
+        expert, (first, pieces), skipped = await self._dispatch(endpoint, ranking, call)
         headers = {
             "x-tryage-expert": expert,
             "x-tryage-fallback": "true" if skipped else "false",
             "cache-control": "no-cache",
         }
-        events = _sse(expert, kind, first, pieces)
+        events = _sse(expert, kind, first, pieces, self.telemetry)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     def _settings(self, body: Any, max_tokens: int | None) -> dict:
@@ -390,11 +426,13 @@ class Ingress:
         if len(prompts) != 1:
             raise BadRequest("send exactly one prompt per request", "prompt")
         settings = self._settings(body, body.max_tokens)
-        text, ranking = await self._openai_ranking(body, prompts[0])
+        endpoint = "/v1/completions"
+        text, ranking = await self._openai_ranking(endpoint, body, prompts[0])
         payload = ExpertRequest(prompt=text, **settings)
         if body.stream:
-            return await self._stream(ranking, payload, "text_completion")
-        expert, gen, skipped = await self._dispatch(ranking, self._on_expert(payload))
+            return await self._stream(endpoint, ranking, payload, "text_completion")
+        expert, gen, skipped = await self._dispatch(endpoint, ranking, self._on_expert(payload))
+        self.telemetry.tokens(expert, gen.prompt_tokens, gen.completion_tokens)
         _answered_by(response, expert, skipped)
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}",
@@ -427,10 +465,13 @@ class Ingress:
             messages[users[-1]]["content"] = text  # the routed message, flags stripped
             return ExpertRequest(messages=messages, **settings)
 
-        text, ranking = await self._openai_ranking(body, body.messages[users[-1]].content)
+        endpoint = "/v1/chat/completions"
+        text, ranking = await self._openai_ranking(endpoint, body, body.messages[users[-1]].content)
         if body.stream:
-            return await self._stream(ranking, build(text), "chat.completion.chunk")
-        expert, gen, skipped = await self._dispatch(ranking, self._on_expert(build(text)))
+            return await self._stream(endpoint, ranking, build(text), "chat.completion.chunk")
+        call = self._on_expert(build(text))
+        expert, gen, skipped = await self._dispatch(endpoint, ranking, call)
+        self.telemetry.tokens(expert, gen.prompt_tokens, gen.completion_tokens)
         _answered_by(response, expert, skipped)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",

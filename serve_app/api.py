@@ -183,8 +183,15 @@ def create_api() -> FastAPI:
     )
     api.add_middleware(GuardMiddleware)
 
+    def _count(request: Request, reason: str) -> None:
+        """A refused request, in the ingress's metrics (serve_app.telemetry)."""
+        telemetry = getattr(request.app.state, "telemetry", None)
+        if telemetry is not None:
+            telemetry.rejected(request.url.path, reason)
+
     @api.exception_handler(TryageError)
-    async def _tryage_error(_: Request, err: TryageError) -> JSONResponse:
+    async def _tryage_error(request: Request, err: TryageError) -> JSONResponse:
+        _count(request, err.code or err.type)
         headers = {}
         retry_after = getattr(err, "retry_after_s", None)
         if retry_after is not None:
@@ -192,7 +199,8 @@ def create_api() -> FastAPI:
         return error_response(err.status, err.message, err.type, err.param, err.code, headers)
 
     @api.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        _count(request, "invalid_value")
         first = err.errors()[0]
         if first.get("type") == "json_invalid":
             return error_response(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -47,8 +48,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:
-        with serving(app, host=args.host, port=args.port, log_to_driver=True) as url:
+        init = {"log_to_driver": True}
+        if args.metrics_port:
+            import ray
+
+            if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+                print(
+                    "tryage: --metrics-port applies to the local Ray this command starts; on a "
+                    "cluster, start Ray with `ray start --metrics-export-port N`",
+                    file=sys.stderr,
+                )
+            init["_metrics_export_port"] = args.metrics_port
+        with serving(app, host=args.host, port=args.port, **init) as url:
             print(f"tryage: serving {args.library} on {url} (Ctrl-C stops)", flush=True)
+            if args.metrics_port:
+                print(
+                    f"tryage: Prometheus metrics on http://127.0.0.1:{args.metrics_port}/metrics",
+                    flush=True,
+                )
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
@@ -296,6 +313,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--library", type=Path, default=DEFAULT_LIBRARY)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also expose Ray's Prometheus metrics (tryage's and Serve's) on 127.0.0.1:N/metrics",
+    )
     s.set_defaults(func=cmd_serve)
 
     def data_args(s: argparse.ArgumentParser, data_required: bool = True) -> None:
