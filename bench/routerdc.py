@@ -176,10 +176,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
         "published": {"routerdc": ROUTERDC_PUBLISHED},
         "best_single_model": best,
         "router": {
-            "encoder": library.router.model,
+            "encoder": "minilm (all-MiniLM-L6-v2, the packaged encoder)",
             "train_s": train_s,
             "import_s": import_s,
             "epochs": report.epochs,
+            "prior_weight": report.prior_weight,
             "knn_weight": report.knn_weight,
             "knn_k": report.knn_k,
             "val": report.val,
@@ -232,7 +233,12 @@ def render(results: dict) -> str:
         + " |" * len(tasks)
         + f" **{ROUTERDC_PUBLISHED:.2f}** |"
     )
+    gap = avg["router"] - ROUTERDC_PUBLISHED
     lines += [
+        "",
+        f"The router is {avg['router'] - avg['best_single']:+.2f} points from the best single "
+        f"model, {avg['router'] - avg['knn']:+.2f} from kNN and {gap:+.2f} from RouterDC's "
+        "published average.",
         "",
         f"Best single model (chosen on the train split): `{results['best_single_model']}`. "
         f"Rows: {sum(results['rows']['train'].values())} train, "
@@ -242,11 +248,13 @@ def render(results: dict) -> str:
         "",
         "## The router",
         "",
-        f"- Encoder `{r['encoder']}` (all-MiniLM-L6-v2, 22.7M parameters, frozen), an MLP head "
-        "predicting every model's accuracy on the prompt, and neighbour evidence blended in "
-        f"with weight {r['knn_weight']:g}"
-        + (f" (k {r['knn_k']})" if r["knn_weight"] else "")
-        + ", chosen on the train split's validation prompts.",
+        f"- Encoder `{r['encoder']}`: 22.7M parameters, frozen. The served prediction of "
+        "every model's accuracy on a prompt mixes the head's MLP, a domain prior (a linear "
+        "classifier of the task times each task's mean accuracy per model) and neighbour "
+        "evidence; validation on the train split chose "
+        f"{1 - r['prior_weight'] - r['knn_weight']:g} MLP + {r['prior_weight']:g} prior + "
+        f"{r['knn_weight']:g} neighbours "
+        f"(validation top-1 {r['val']['top1']:.3f}).",
         f"- Import {r['import_s']:.1f} s; training {r['train_s']:.1f} s ({r['epochs']} epochs, "
         "the embedding of the train split included unless cached).",
         f"- Routing cost: {r['route_ms_per_prompt']:.2f} ms a prompt over {r['routed']} test "

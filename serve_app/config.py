@@ -101,9 +101,12 @@ class Batching(_Strict):
 
 
 #: Batching defaults: experts batch 8 prompts, the router 32 (one encoder pass is cheap per
-#: prompt, so larger batches pay). The deployments' `@serve.batch` starts from these.
+#: prompt, so larger batches pay). The deployments' `@serve.batch` starts from these. The
+#: router does not wait for a batch to fill: a lone prompt runs at once, and under load the
+#: prompts that arrive while a batch runs form the next one (one batch runs at a time), so
+#: every decision that is not waiting for the encoder is on its way through it.
 EXPERT_BATCHING = Batching()
-ROUTER_BATCHING = Batching(max_batch_size=32)
+ROUTER_BATCHING = Batching(max_batch_size=32, batch_wait_timeout_s=0.0)
 
 
 #: Every prompt goes through the router, so it never scales to zero (no cold start on the

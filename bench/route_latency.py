@@ -1,0 +1,206 @@
+"""Route-latency benchmark: what `/v1/route` adds to the router's own encoder, in one run.
+
+    python -m bench.route_latency [--library FILE] [--requests N] [--clients C] [--seconds S]
+                                  [--out DIR]
+
+Serves the library (the smoke library, built in a temporary folder, when none is given; its
+router is the packaged all-MiniLM-L6-v2) on a local Ray, and measures on the same machine:
+
+floor     the encoder's own forward pass in this process, one prompt at a time (p50), and its
+          batched throughput (batches of C prompts, prompts a second)
+served    `/v1/route` over HTTP: one client sending N requests one after another (p50, p99),
+          then C clients at once for S seconds (decisions a second)
+
+and writes OUT/route_latency.json with the two figures the product aims at:
+
+    overhead_ms      = served p50 - encoder p50            (goal: at most 5 ms)
+    throughput_share = served decisions/s / encoder batched prompts/s   (goal: at least 0.7)
+
+The prompts are real text of several lengths (the standard library's docstrings), the same on
+both sides, so the decisions are those of the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from serve_app.session import machine_info, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERHEAD_GOAL_MS = 5.0
+SHARE_GOAL = 0.7
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.route_latency", description=__doc__.split("\n")[0])
+    p.add_argument("--library", type=Path, help="library.yaml (default: a fresh smoke library)")
+    p.add_argument("--requests", type=int, default=200, help="sequential requests (default 200)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--seconds", type=float, default=20, help="concurrent phase length")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="output folder")
+    return p.parse_args(argv)
+
+
+def prompts(n: int) -> list[str]:
+    """n real prompts of 100-600 characters, in a fixed order."""
+    from serve_app.learn.data import cut_text, stdlib_prompts
+
+    texts = [cut_text(p.text, 600) for p in stdlib_prompts(min_chars=100)]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float]:
+    """The encoder alone, in this process: p50 of one prompt, and prompts/s in batches."""
+    from serve_app.router import Encoder, read_head_config
+
+    head = read_head_config(library.router.checkpoint)
+    encoder = Encoder(library.router.model, max_length=head.max_length)
+    encoder.encode(texts[:batch])  # warm up
+    single = []
+    for t in texts:
+        start = time.perf_counter()
+        encoder.encode([t])
+        single.append(time.perf_counter() - start)
+    start, done = time.perf_counter(), 0
+    while time.perf_counter() - start < 10:
+        i = (done // batch) % max(1, len(texts) // batch)
+        encoder.encode(texts[i * batch : (i + 1) * batch])
+        done += batch
+    return {
+        "p50_ms": 1000 * statistics.median(single),
+        "p99_ms": 1000 * quantile(single, 0.99),
+        "batched_prompts_per_s": done / (time.perf_counter() - start),
+    }
+
+
+async def served(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    """/v1/route: sequential latency, then `clients` concurrent clients for `seconds`."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for t in texts[:10]:  # warm up
+            (await http.post("/v1/route", json={"prompt": t})).raise_for_status()
+        single, chosen = [], []
+        for t in texts:
+            start = time.perf_counter()
+            r = await http.post("/v1/route", json={"prompt": t})
+            single.append(time.perf_counter() - start)
+            r.raise_for_status()
+            chosen.append(r.json()["expert"])
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        stop = time.perf_counter() + seconds
+        latencies: list[float] = []
+        failures = 0
+
+        async def client(k: int) -> None:
+            nonlocal failures
+            i = k
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                r = await http.post("/v1/route", json={"prompt": texts[i % len(texts)]})
+                latencies.append(time.perf_counter() - start)
+                failures += r.status_code != 200
+                i += clients
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {
+        "p50_ms": 1000 * statistics.median(single),
+        "p99_ms": 1000 * quantile(single, 0.99),
+        "chosen": chosen,
+        "concurrent": {
+            "clients": clients,
+            "decisions": len(latencies),
+            "failures": failures,
+            "decisions_per_s": len(latencies) / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * quantile(latencies, 0.99),
+        },
+    }
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    from serve_app.app import build_app
+    from serve_app.config import load_library
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.library
+        if path is None:
+            from serve_app.demo.smoke import build_smoke_library
+
+            path = build_smoke_library(Path(tmp) / "smoke")
+        library = load_library(path)
+        texts = prompts(args.requests)
+        floor = encoder_floor(library, texts, args.clients)
+        with serving(build_app({"library": str(path)}), include_dashboard=False) as url:
+            service = asyncio.run(served(url, texts, args.clients, args.seconds))
+        # The same decisions offline (tryage route's code): nothing was traded for speed.
+        from serve_app.learn.route import decide
+        from serve_app.router import LearnedRouter
+
+        router = LearnedRouter(library.router.model, library.router.checkpoint)
+        offline = [r["expert"] for r in decide(library, router, [(t, "") for t in texts])]
+    chosen = service.pop("chosen")
+    overhead = service["p50_ms"] - floor["p50_ms"]
+    share = service["concurrent"]["decisions_per_s"] / floor["batched_prompts_per_s"]
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "command": " ".join(["python", "-m", "bench.route_latency", *argv]),
+        "library": str(args.library or "smoke library"),
+        "requests": len(texts),
+        "encoder": floor,
+        "served": service,
+        "overhead_ms": overhead,
+        "throughput_share": share,
+        "goals": {
+            "overhead_ms_at_most": OVERHEAD_GOAL_MS,
+            "overhead_met": overhead <= OVERHEAD_GOAL_MS,
+            "throughput_share_at_least": SHARE_GOAL,
+            "throughput_met": share >= SHARE_GOAL,
+        },
+        "same_decisions_as_offline": chosen == offline,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    results = run(args, argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "route_latency.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    e, s, c = results["encoder"], results["served"], results["served"]["concurrent"]
+    batched = e["batched_prompts_per_s"]
+    print(f"encoder alone:  p50 {e['p50_ms']:.1f} ms, batched {batched:.1f} prompts/s")
+    print(f"/v1/route:      p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (one client)")
+    print(
+        f"{c['clients']} clients:   {c['decisions_per_s']:.1f} decisions/s, "
+        f"p50 {c['p50_ms']:.0f} ms, {c['failures']} failures"
+    )
+    print(
+        f"overhead {results['overhead_ms']:.1f} ms (goal <= {OVERHEAD_GOAL_MS:g}); throughput "
+        f"{results['throughput_share']:.0%} of the encoder's (goal >= {SHARE_GOAL:.0%}); "
+        f"same decisions as offline: {results['same_decisions_as_offline']}"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
