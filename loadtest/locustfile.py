@@ -28,6 +28,34 @@ def _stages() -> list[shape.Stage]:
     return shape.scaled(stages, int(peak)) if peak else stages
 
 
+@events.request.add_listener
+def _log_request(request_type, name, response_time, exception, start_time=None, **_):
+    """Every request's start, name, latency and outcome, to TRYAGE_LOADTEST_OUT/requests.csv
+    (the report's per-phase percentiles)."""
+    log = _shared.get("log")
+    if log is None:
+        return
+    with _lock:
+        log.write(
+            f"{start_time or 0:.3f},{name},{response_time:.1f},{int(exception is not None)}\n"
+        )
+
+
+@events.test_start.add_listener
+def _open_log(environment, **_):
+    out = os.environ.get("TRYAGE_LOADTEST_OUT")
+    if out:
+        _shared["log"] = open(os.path.join(out, "requests.csv"), "w", buffering=1)  # noqa: SIM115
+        _shared["log"].write("start,name,response_ms,failed\n")
+
+
+@events.test_stop.add_listener
+def _close_log(environment, **_):
+    log = _shared.pop("log", None)
+    if log is not None:
+        log.close()
+
+
 @events.test_start.add_listener
 def _load_prompts(environment, **_):
     """Read the prompts once per Locust process, before any user starts."""

@@ -33,6 +33,7 @@ STATS = "locust_stats.csv"
 HISTORY = "locust_stats_history.csv"
 FAILURES = "locust_failures.csv"
 REPLICAS = "replicas.csv"
+REQUESTS = "requests.csv"  # one row per request (the locustfile writes it)
 RUN = "run.json"
 
 
@@ -123,6 +124,50 @@ def scaling(
     return replicas, up, down
 
 
+def phases(folder: Path, window: Window) -> list[dict[str, Any]]:
+    """Per stage of the run's profile (run.json): requests, failures and the p50/p99 of the
+    requests that started in it (requests.csv, one row per request)."""
+    run = json.loads((folder / RUN).read_text()) if (folder / RUN).is_file() else {}
+    rows = read_csv(folder / REQUESTS)
+    if not rows or not run.get("stages"):
+        return []
+    out, start = [], window.start
+    for stage in run["stages"]:
+        end = start + float(stage["duration_s"])
+        inside = [r for r in rows if start <= float(r["start"]) < end]
+        times = sorted(float(r["response_ms"]) for r in inside)
+        out.append(
+            {
+                "phase": stage["name"],
+                "from_s": round(start - window.start, 1),
+                "to_s": round(end - window.start, 1),
+                "requests": len(inside),
+                "failures": sum(int(r["failed"]) for r in inside),
+                "p50_ms": _quantile(times, 0.5),
+                "p99_ms": _quantile(times, 0.99),
+            }
+        )
+        start = end
+    return out
+
+
+def _quantile(values: list[float], q: float) -> int | None:
+    return round(values[min(len(values) - 1, int(q * len(values)))]) if values else None
+
+
+def timeline(rows: list[dict[str, str]], window: Window) -> dict[str, list[list[float]]]:
+    """Per deployment, [seconds since the load start, replicas] at every change of count."""
+    out = {}
+    for name, points in replica_series(rows).items():
+        changes, last = [], None
+        for t, n in points:
+            if n != last:
+                changes.append([round(t - window.start, 1), n])
+                last = n
+        out[name] = changes
+    return out
+
+
 def build_report(folder: str | Path) -> dict[str, Any]:
     """The report.json figures of a results folder (Locust CSVs + replicas.csv)."""
     folder = Path(folder)
@@ -131,7 +176,8 @@ def build_report(folder: str | Path) -> dict[str, Any]:
     if total is None:
         raise ValueError(f"{folder / STATS}: no Aggregated row; did Locust run?")
     window = load_window(read_csv(folder / HISTORY))
-    replicas, up, down = scaling(read_csv(folder / REPLICAS), window)
+    replica_rows = read_csv(folder / REPLICAS)
+    replicas, up, down = scaling(replica_rows, window)
     rejected = sum(int(r["Request Count"]) for r in stats if r["Name"].endswith(REJECTED))
     rerouted = sum(int(r["Request Count"]) for r in stats if r["Name"].endswith(REROUTED))
     return {
@@ -147,6 +193,8 @@ def build_report(folder: str | Path) -> dict[str, Any]:
         "scale_up_s": up,
         "scale_down_s": down,
         "load_s": round(window.end - window.start, 1),
+        "phases": phases(folder, window),
+        "timeline": timeline(replica_rows, window),
     }
 
 
@@ -195,6 +243,24 @@ def render_markdown(report: dict[str, Any], folder: Path) -> str:
         down = report["scale_down_s"].get(name, "–")
         down = "not within the run" if name in report["scale_down_s"] and down is None else down
         lines.append(f"| {name} | {counts['max']} | {counts['final']} | {up} | {down} |")
+    if report.get("phases"):
+        lines += [
+            "",
+            "## Phases",
+            "",
+            "| phase | from s | to s | requests | failures | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for ph in report["phases"]:
+            lines.append(
+                f"| {ph['phase']} | {ph['from_s']} | {ph['to_s']} | {ph['requests']} | "
+                f"{ph['failures']} | {ph['p50_ms']} | {ph['p99_ms']} |"
+            )
+    if report.get("timeline"):
+        lines += ["", "## Replica timeline", "", "Seconds since the load started: replicas.", ""]
+        for name, changes in report["timeline"].items():
+            steps = ", ".join(f"{t:g} s: {n}" for t, n in changes)
+            lines.append(f"- **{name}**: {steps}")
     lines += ["", DEFINITIONS]
     return "\n".join(lines) + "\n"
 

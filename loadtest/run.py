@@ -48,6 +48,24 @@ DOWNSCALE_S = {"short": 15.0, "long": None}
 #: users are routed to it at once; a limit of 2 sheds that load to the next expert in the
 #: ranking without refusing a steady stream.
 MAX_QUEUED = {"short": 2, "long": None}
+#: The short profile scales out, on purpose and within minutes (--no-scale-out keeps the
+#: library's own targets): the experts aim at half a request in flight per replica (up to
+#: 3 replicas) and the router at 2 (up to 2 replicas), reacting within a few seconds; a
+#: 2-core machine then shows an expert past one replica and a second router, and the scale
+#: back to zero and one within the idle window. Tiny experts on fractions of a CPU (the smoke
+#: library) fit; a real library's accelerators would be the limit instead.
+SCALE_OUT = {
+    "short": {
+        "expert": {"target_ongoing_requests": 0.5, "max_replicas": 3, "upscale_delay_s": 2.0},
+        "router": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 2.0,
+        },
+    },
+    "long": None,
+}
 #: The experts' look-back window in a derived library: longer than Serve's 10 s metrics push
 #: interval (a shorter window sees the gaps between pushes as idleness).
 LOOK_BACK_S = 15.0
@@ -71,6 +89,7 @@ OUTPUTS = (
     "report.json",
     "report.md",
     "report.png",
+    "requests.csv",
 )
 
 
@@ -93,6 +112,7 @@ def derive_library(
     downscale_s: float | None = None,
     max_queued: int | None = None,
     ingress_max_queued: int | None = None,
+    scale_out: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """A copy of `library` at `out` with the load test's settings; the original is untouched.
 
@@ -100,8 +120,10 @@ def derive_library(
     shortens their look-back window to LOOK_BACK_S (Serve's default is 30 s) so idleness is
     noticed sooner. `max_queued` sets every expert's max_queued_requests (requests waiting at
     the ingress for a replica of that expert) and `ingress_max_queued` the ingress's (waiting
-    at the HTTP proxy). None keeps the library's value. Relative model paths are made absolute
-    so the copy loads from anywhere.
+    at the HTTP proxy). `scale_out` (SCALE_OUT) merges autoscaling fields over the experts'
+    and the router's (the router's downscale delay and look-back follow `downscale_s` too).
+    None keeps the library's value. Relative model paths are made absolute so the copy loads
+    from anywhere.
     """
     from serve_app.config import MINILM, load_library, write_library
 
@@ -115,11 +137,19 @@ def derive_library(
     router = raw["router"]
     router["checkpoint"] = str((base / router["checkpoint"]).resolve())
     router["model"] = absolute(router.get("model", MINILM))
-    changes = []
+    changes: list[str] = []
+    if scale_out:
+        scaling = {**(router.get("autoscaling") or {}), **scale_out["router"]}
+        if downscale_s is not None:
+            scaling.update(downscale_delay_s=downscale_s, look_back_period_s=LOOK_BACK_S)
+        router["autoscaling"] = scaling
+        changes.append(f"scale-out targets {scale_out}")
     for expert in raw["experts"]:
         expert["model"] = absolute(expert["model"])
         if max_queued is not None:
             expert["max_queued_requests"] = max_queued
+        if scale_out:
+            expert["autoscaling"] = {**(expert.get("autoscaling") or {}), **scale_out["expert"]}
         if downscale_s is None:
             continue
         scaling = dict(expert.get("autoscaling") or {})
@@ -285,6 +315,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="the ingress's max_queued_requests in the served copy (default: the library's)",
     )
+    p.add_argument(
+        "--no-scale-out",
+        action="store_true",
+        help="keep the library's autoscaling targets (the short profile otherwise lowers them "
+        "so an expert and the router scale out within the run)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -308,14 +344,18 @@ def main(argv: list[str] | None = None) -> int:
             run["library"] = str(library)
             downscale = args.downscale_to_zero_s or DOWNSCALE_S[args.profile]
             max_queued = _given(args.max_queued, MAX_QUEUED[args.profile])
-            if (downscale, max_queued, args.ingress_max_queued) != (None, None, None):
+            scale_out = None if args.no_scale_out else SCALE_OUT[args.profile]
+            if (downscale, max_queued, args.ingress_max_queued, scale_out) != (None,) * 4:
                 library = derive_library(
                     library,
                     out / "served_library.yaml",
                     downscale,
                     max_queued,
                     args.ingress_max_queued,
+                    scale_out,
                 )
+            if scale_out:
+                run["scale_out"] = scale_out
             if downscale is not None:
                 run["downscale_to_zero_s"] = downscale
             run.update(queue_limits(library))
@@ -332,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         workers_import_checkout()  # Locust imports loadtest/ and serve_app/ from the checkout
         env = {
             **os.environ,
+            "TRYAGE_LOADTEST_OUT": str(out),
             "TRYAGE_LOADTEST_PROFILE": args.profile,
             "TRYAGE_LOADTEST_SEED": str(args.seed),
         }

@@ -25,8 +25,8 @@ class Stage:
 #: default for this profile); `long` keeps a library's own delays (300 s to zero by default).
 PROFILES: dict[str, list[Stage]] = {
     "short": [
-        Stage("ramp-up", 30, 8),
-        Stage("hold", 60, 8),
+        Stage("ramp-up", 30, 16),
+        Stage("hold", 60, 16),
         Stage("ramp-down", 20, 0),
         Stage("idle", 75, 0),
     ],

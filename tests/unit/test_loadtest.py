@@ -58,7 +58,7 @@ def test_user_count_never_jumps_and_tick_spawns_fast_enough():
     counts = [shape.users_at(stages, t / 2) for t in range(int(shape.total_s(stages)) * 2)]
     assert max(abs(a - b) for a, b in itertools.pairwise(counts)) <= 1
     users, rate = shape.tick(stages, 40)
-    assert users == 8 and rate >= 1
+    assert users == 16 and rate >= 1
 
 
 def test_scaled_profile_sets_the_peak():
@@ -312,3 +312,38 @@ def test_derived_library_sets_queue_limits_and_the_run_records_them(smoke, tmp_p
         **{e.name: 2 for e in library.experts},
     }
     assert limits["backpressure"] == {"status_code": 503, "retry_after_s": 1}
+
+
+def test_derived_library_scales_out_the_router_and_the_experts(smoke, tmp_path):
+    from loadtest.run import SCALE_OUT, derive_library
+    from serve_app.config import load_library
+
+    out = derive_library(smoke, tmp_path / "library.yaml", 15.0, scale_out=SCALE_OUT["short"])
+    library = load_library(out)
+    router = library.router.autoscaling
+    assert (router["min_replicas"], router["max_replicas"]) == (1, 2)
+    assert router["downscale_delay_s"] == 15.0
+    for expert in library.experts:
+        assert expert.autoscaling["max_replicas"] == 3
+        assert expert.autoscaling["target_ongoing_requests"] == 0.5
+        assert expert.autoscaling["min_replicas"] == 0
+
+
+def test_phases_and_timeline_come_from_the_request_log_and_replicas(tmp_path):
+    from loadtest.report import Window, phases, timeline
+
+    run = {"stages": [{"name": "up", "duration_s": 10}, {"name": "idle", "duration_s": 10}]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    lines = ["start,name,response_ms,failed"]
+    lines += [f"{100 + i},/v1/route,{10 * (i + 1)},0" for i in range(10)]  # 10..100 ms
+    lines += ["112,/v1/infer,500,1"]
+    (tmp_path / "requests.csv").write_text("\n".join(lines) + "\n")
+    got = phases(tmp_path, Window(100.0, 115.0))
+    assert [p["phase"] for p in got] == ["up", "idle"]
+    assert got[0]["requests"] == 10 and got[0]["p50_ms"] == 60 and got[0]["p99_ms"] == 100
+    assert got[1]["requests"] == 1 and got[1]["failures"] == 1
+    replicas = [
+        {"time": str(t), "deployment": "gen-s", "running": str(n)}
+        for t, n in [(100, 0), (101, 1), (102, 1), (105, 2), (130, 0)]
+    ]
+    assert timeline(replicas, Window(100.0, 115.0)) == {"gen-s": [[0, 0], [1, 1], [5, 2], [30, 0]]}
