@@ -128,7 +128,7 @@ def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path):
     for i in range(40):
         hard = i % 2 == 0  # the big model is right on hard prompts, both on easy ones
         task = "Prove a theorem about primes" if hard else "Add 2 and 3"
-        text = f"{task}, item {i}"
+        text = f'"{task}, item {i}"'  # quoted: the comma is part of the prompt
         lines.append(
             f"s{i},{text},{'proofs' if hard else 'sums'},1.0,{0.0 if hard else 1.0},0.01,0.001"
         )
