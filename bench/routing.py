@@ -400,6 +400,17 @@ def render(results: dict) -> str:
                 "the best single expert fitted on the same folds (`serve_app.learn.grouped`). "
                 "A domain with one source is then a domain the router never saw.",
                 grouped_table(results["grouped"]),
+                *(
+                    [
+                        "New sources of domains the router knows: within every domain with "
+                        "two or more groups, its groups held out in turn (the router trained on "
+                        "the domain's other sources; its validation holds out sources the same "
+                        "way); domains of one source always train:",
+                        grouped_table(results["grouped"]["within_domains"]),
+                    ]
+                    if results["grouped"].get("within_domains")
+                    else []
+                ),
             ]
             if results.get("grouped")
             else ["(not measured in this run)"]

@@ -44,11 +44,15 @@ class HeadConfig:
     #     text of that kind, which carries to new sources of a domain better than a
     #     regression on the embedding does;
     #   neighbour evidence, knn_weight: the mean loss of the knn_k profile prompts nearest
-    #     the prompt (the checkpoint's reference).
+    #     the prompt (the checkpoint's reference);
+    #   the base rate, base_weight: every expert's mean loss over the profile (what the best
+    #     single expert goes by), where nothing about the prompt carries to text unlike the
+    #     training text.
     domains: list[str] = field(default_factory=list)
     prior_weight: float = 0.0
     knn_weight: float = 0.0
     knn_k: int = 0
+    base_weight: float = 0.0
 
     def __post_init__(self):
         n = len(self.experts)
@@ -95,14 +99,19 @@ def mix(
     knn: torch.Tensor | None,
     prior_weight: float,
     knn_weight: float,
+    base: torch.Tensor | None = None,
+    base_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The served prediction (HeadConfig): the MLP's, the domain prior's and the neighbours'
-    estimates, weighted; where the neighbours measured nothing (NaN) the MLP's stands in."""
-    out = head * (1 - prior_weight - knn_weight)
+    """The served prediction (HeadConfig): the MLP's, the domain prior's, the neighbours' and
+    the base rate's estimates, weighted; where the neighbours measured nothing (NaN) the
+    MLP's stands in."""
+    out = head * (1 - prior_weight - knn_weight - base_weight)
     if prior_weight:
         out = out + prior_weight * prior
     if knn_weight:
         out = out + knn_weight * torch.where(torch.isnan(knn), head, knn)
+    if base_weight:
+        out = out + base_weight * base
     return out
 
 
@@ -252,7 +261,9 @@ def predict_mixed(
     cfg = head.cfg
     prior = head.prior(emb) if cfg.prior_weight else None
     knn = neighbours.mean_loss(emb, cfg.knn_k) if neighbours and cfg.knn_weight else None
-    return mix(head.predict(emb), prior, knn, cfg.prior_weight, cfg.knn_weight)
+    return mix(
+        head.predict(emb), prior, knn, cfg.prior_weight, cfg.knn_weight, head.mean, cfg.base_weight
+    )
 
 
 class Neighbours:

@@ -161,11 +161,17 @@ class BuildResult:
             f"(best single expert: top1 {r['val_best_single']['top1']:.3f}, "
             f"regret {r['val_best_single']['regret']:.4f})",
         ]
-        if self.grouped:
-            g = self.grouped["overall"]
+        for key, what in (
+            (None, "sources it never saw"),
+            ("within_domains", "new sources of domains it knows"),
+        ):
+            grouped = self.grouped.get(key) if key else self.grouped
+            if not grouped:
+                continue
+            g = grouped["overall"]
             lines.append(
-                f"router on sources it never saw ({self.grouped['n']} prompts, "
-                f"{self.grouped['groups']} sources, {self.grouped['folds']} grouped folds): "
+                f"router on {what} ({grouped['n']} prompts, {grouped['groups']} sources, "
+                f"{grouped['folds']} grouped folds): "
                 + ", ".join(
                     f"{name} top1 {g[name]['top1']:.3f} regret {g[name]['regret']:.4f}"
                     for name in ("router", "knn", "best_single")
@@ -652,7 +658,7 @@ def build_demo(
     # 7b. the router on sources it never saw: grouped cross-validation of the same training
     grouped = steps.run(
         "grouped",
-        _key(router_key, "grouped", 5),
+        _key(router_key, "grouped", 5, "within"),
         lambda: _grouped(draft, table, profile_path, corpus, train_cfg, cfg),
     )
 
@@ -721,7 +727,13 @@ def _grouped(
     groups = [by_id.get(i, d) for i, d in zip(matrix.ids, matrix.domains, strict=True)]
     encoder = Encoder(library.router.model, max_length=train_cfg.max_length)
     emb = embeddings(encoder, matrix, profile_path.with_name(profile_path.name + ".embeddings"))
-    return dataclasses.asdict(cross_validate(matrix, emb, groups, train_cfg))
+    out = dataclasses.asdict(cross_validate(matrix, emb, groups, train_cfg))
+    try:  # new sources of domains it knows, where a domain has more than one source
+        within = cross_validate(matrix, emb, groups, train_cfg, within_domains=True)
+        out["within_domains"] = dataclasses.asdict(within)
+    except LibraryError:  # every domain has one source: nothing to hold out within one
+        out["within_domains"] = None
+    return out
 
 
 def _train_router(

@@ -54,6 +54,19 @@ def corpus_groups(corpus: str | Path, chars: Iterable[int | None] = (None,)) -> 
     return out
 
 
+def folds_within_domains(groups: list[str], domains: list[str], folds: int) -> np.ndarray:
+    """Folds for unseen sources of seen domains: within every domain of two or more groups,
+    its groups cut into folds (folds_of); a domain of one group is never held out (-1), so
+    every held-out prompt's domain is one the router trained on, from other sources."""
+    out = np.full(len(groups), -1)
+    for domain in sorted(set(domains)):
+        idx = [i for i, d in enumerate(domains) if d == domain]
+        mine = [groups[i] for i in idx]
+        if len(set(mine)) >= 2:
+            out[idx] = folds_of(mine, min(folds, len(set(mine))))
+    return out
+
+
 def folds_of(groups: list[str], folds: int) -> np.ndarray:
     """A fold (0..folds-1) per prompt, whole groups together, folds of similar size: the
     largest groups first, each to the fold with the fewest prompts (ties by name)."""
@@ -98,15 +111,28 @@ def cross_validate(
     cfg: TrainConfig | None = None,
     folds: int = 5,
     k: int = 10,
+    within_domains: bool = False,
 ) -> Grouped:
     """Grouped cross-validation of the router against kNN (k neighbours) and the best single
-    expert (see the module docstring); `emb` (N, H) are the matrix's prompt embeddings."""
-    cfg = replace(cfg or TrainConfig(), group_by="group")
+    expert (see the module docstring); `emb` (N, H) are the matrix's prompt embeddings.
+
+    By default whole groups are held out, so a domain of one source is a domain the router
+    never saw; `within_domains` holds out only sources of domains that have others
+    (folds_within_domains), and judges only those prompts."""
+    # The validation inside each fold asks the fold's question: new sources of known domains
+    # ("source"), or new groups whatever their domain ("group").
+    cfg = replace(cfg or TrainConfig(), group_by="source" if within_domains else "group")
     assert len(groups) == len(matrix.ids) == len(emb), "one group and embedding per prompt"
     if len(set(groups)) < 2:
         raise LibraryError("grouped evaluation needs prompts of at least two groups")
     folds = min(folds, len(set(groups)))
-    fold = folds_of(groups, folds)
+    if within_domains:
+        fold = folds_within_domains(groups, matrix.domains, folds)
+        if (fold < 0).all():
+            raise LibraryError("no domain has two or more groups to hold one out")
+    else:
+        fold = folds_of(groups, folds)
+    judged = fold >= 0
     n, e = matrix.losses.shape
     scores = {m: np.full((n, e), np.nan) for m in ("router", "knn", "best_single")}
     mixes: list[dict] = []
@@ -132,7 +158,14 @@ def cross_validate(
             domains=[d for d, v in zip(rest.domains, val, strict=True) if not v],
         )
         finish_head(head, rest_emb, rest, val, cfg)
-        mixes.append({"prior_weight": head.cfg.prior_weight, "knn_weight": head.cfg.knn_weight})
+        cfg_h = head.cfg
+        mixes.append(
+            {
+                "prior_weight": cfg_h.prior_weight,
+                "knn_weight": cfg_h.knn_weight,
+                "base_weight": cfg_h.base_weight,
+            }
+        )
         test_emb = emb[torch.from_numpy(test)]
         neighbours = Neighbours(rest_emb, torch.tensor(rest.losses))
         with torch.no_grad():
@@ -144,6 +177,7 @@ def cross_validate(
     chosen["oracle"] = choose(matrix.losses)
 
     def figures(keep: np.ndarray) -> dict[str, dict[str, float]]:
+        keep = keep & judged
         out = {m: summarize(c[keep], matrix.losses[keep]) for m, c in chosen.items()}
         out["random"] = expected_random(matrix.losses[keep])
         return out
@@ -151,9 +185,9 @@ def cross_validate(
     domains = np.array(matrix.domains)
     return Grouped(
         folds=folds,
-        groups=len(set(groups)),
-        n=n,
+        groups=len({g for g, j in zip(groups, judged, strict=True) if j}),
+        n=int(judged.sum()),
         overall=figures(np.ones(n, dtype=bool)),
-        per_domain={d: figures(domains == d) for d in sorted(set(matrix.domains))},
+        per_domain={d: figures(domains == d) for d in sorted(set(domains[judged]))},
         mixes=mixes,
     )

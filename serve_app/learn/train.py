@@ -69,8 +69,8 @@ class TrainConfig:
     rank_temperature: float = 0.1  # bits per byte: loss gaps well under it count as ties
     max_length: int = 256  # encoder tokens read from a prompt
     # How validation prompts are drawn: "prompt" (a share of prompts), "domain" or "group"
-    # (whole domains or given groups such as sources held out: settings that generalise to
-    # text unlike the training text).
+    # (whole domains or given groups held out), or "source" (sources held out within their
+    # domains): settings that generalise to text unlike the training text (validation_mask).
     group_by: str = "prompt"
     # The served prediction mixes the MLP's, the domain prior's and the neighbours' estimates
     # (serve_app.router.HeadConfig); the weights (from mix_weights, summing to at most 1) and
@@ -100,6 +100,7 @@ class Report:
     prior_weight: float = 0.0  # the mix chosen on validation (serve_app.router.HeadConfig)
     knn_weight: float = 0.0
     knn_k: int = 0
+    base_weight: float = 0.0
     val_mixes: list[dict] = field(default_factory=list)  # every setting tried, its figures
 
     def table(self) -> str:
@@ -121,11 +122,12 @@ class Report:
         ):
             shown = measure.shown(m["mean_loss"])
             lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {shown:>10.4f}")
-        mlp = 1 - self.prior_weight - self.knn_weight
+        mlp = 1 - self.prior_weight - self.knn_weight - self.base_weight
         lines.append(
             f"validation drawn by {self.group_by}; prediction = {mlp:g} MLP + "
             f"{self.prior_weight:g} domain prior + {self.knn_weight:g} neighbours"
             + (f" (k {self.knn_k})" if self.knn_weight else "")
+            + f" + {self.base_weight:g} base rate"
         )
         lines += ["", f"per-expert mean absolute error ({measure.name}):"]
         lines += [f"  {name:<20} {mae:.4f}" for name, mae in self.expert_mae.items()]
@@ -171,13 +173,30 @@ def validation_mask(
     """Which prompts of the matrix validate (N,): drawn by prompt id, or by group so that
     whole groups are held out (at least one group stays on each side). The groups are the
     prompts' domains for group_by "domain", `groups` (one per prompt: their sources, say)
-    for "group"."""
+    for "group"; "source" holds out groups within every domain that has two or more (new
+    sources of known domains: what a router meets in service), the others all train."""
     if cfg.group_by == "prompt":
         return np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
     if cfg.group_by == "domain":
         groups = matrix.domains
-    elif cfg.group_by != "group" or groups is None:
-        raise ValueError(f"group_by {cfg.group_by!r}: use prompt, domain, or group with groups")
+    elif cfg.group_by not in ("group", "source") or groups is None:
+        raise ValueError(
+            f"group_by {cfg.group_by!r}: use prompt, domain, or group or source with groups"
+        )
+    if cfg.group_by == "source":  # unseen sources of seen domains
+        held_out = np.zeros(len(groups), dtype=bool)
+        for domain in sorted(set(matrix.domains)):
+            idx = np.array([d == domain for d in matrix.domains])
+            mine = [g for g, i in zip(groups, idx, strict=True) if i]
+            if len(set(mine)) >= 2:
+                held_out[idx] = _held(mine, cfg)
+        if held_out.any():
+            return held_out
+    return _held(groups, cfg)
+
+
+def _held(groups: list[str], cfg: TrainConfig) -> np.ndarray:
+    """Whole groups drawn for validation, at least one on each side."""
     names = sorted(set(groups))
     if len(names) < 2:
         raise LibraryError(f"validation by {cfg.group_by} needs at least two of them")
@@ -247,16 +266,19 @@ def choose_mix(
     knn = {k: neighbours.mean_loss(val_emb, k) for k in cfg.knn_ks}
     weights = sorted({0.0, *cfg.mix_weights})
     tried: list[dict] = []
-    best = (float("inf"), 0.0, 0.0, 0, mlp)
+    best = (float("inf"), 0.0, 0.0, 0, 0.0, mlp)
     for wp in weights if prior is not None else [0.0]:
         for wk in (w for w in weights if wp + w <= 1 + 1e-9):
-            for k in cfg.knn_ks if wk else (0,):
-                pred = mix(mlp, prior, knn.get(k), wp, wk)
-                m = summarize(choose(pred.numpy()), val_y)
-                tried.append({"prior_weight": wp, "knn_weight": wk, "k": k, **m})
-                if m["regret"] < best[0] - 1e-9:
-                    best = (m["regret"], wp, wk, k, pred)
-    _, head.cfg.prior_weight, head.cfg.knn_weight, head.cfg.knn_k, pred = best
+            for wb in (w for w in weights if wp + wk + w <= 1 + 1e-9):
+                for k in cfg.knn_ks if wk else (0,):
+                    pred = mix(mlp, prior, knn.get(k), wp, wk, head.mean, wb)
+                    m = summarize(choose(pred.numpy()), val_y)
+                    tried.append(
+                        {"prior_weight": wp, "knn_weight": wk, "k": k, "base_weight": wb, **m}
+                    )
+                    if m["regret"] < best[0] - 1e-9:
+                        best = (m["regret"], wp, wk, k, wb, pred)
+    _, head.cfg.prior_weight, head.cfg.knn_weight, head.cfg.knn_k, head.cfg.base_weight, pred = best
     return tried, pred.numpy()
 
 
@@ -426,6 +448,7 @@ def train(
             prior_weight=head.cfg.prior_weight,
             knn_weight=head.cfg.knn_weight,
             knn_k=head.cfg.knn_k,
+            base_weight=head.cfg.base_weight,
             val_mixes=mixes,
         )
         (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

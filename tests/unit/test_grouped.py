@@ -68,3 +68,25 @@ def test_every_prompt_is_judged_by_a_router_that_never_saw_its_source():
     assert overall["router"]["top1"] > 0.9 > overall["best_single"]["top1"]
     assert overall["oracle"]["top1"] == 1.0
     assert set(result.per_domain) == {"dom0", "dom1", "dom2"}
+
+
+def test_new_sources_of_known_domains_hold_out_only_domains_with_several_sources():
+    from serve_app.learn.grouped import folds_within_domains
+
+    m, e, groups = _synthetic()
+    # dom2 has one source only: it always trains, and is never judged.
+    groups = [g if not g.startswith("src2") else "src2-only" for g in groups]
+    fold = folds_within_domains(groups, m.domains, 3)
+    assert (fold[np.array(m.domains) == "dom2"] == -1).all()
+    assert (fold[np.array(m.domains) != "dom2"] >= 0).all()
+    result = cross_validate(m, e, groups, TrainConfig(max_epochs=40), folds=3, within_domains=True)
+    assert result.n == 160 and set(result.per_domain) == {"dom0", "dom1"}
+    assert result.overall["router"]["top1"] > 0.9 > result.overall["best_single"]["top1"]
+
+
+def test_validation_by_source_holds_out_sources_within_their_domains():
+    m, _, groups = _synthetic()
+    val = validation_mask(m, TrainConfig(group_by="source", val_fraction=0.25), groups)
+    for d in ("dom0", "dom1", "dom2"):  # every domain keeps a source to train on and gives one
+        mine = [(g, v) for g, v, dom in zip(groups, val, m.domains, strict=True) if dom == d]
+        assert {g for g, v in mine if v} and {g for g, v in mine if not v}
