@@ -183,6 +183,8 @@ def validation_mask(
         raise ValueError(
             f"group_by {cfg.group_by!r}: use prompt, domain, or group or source with groups"
         )
+    if len(set(groups)) < 2:  # one group: nothing to hold out whole; a share of prompts
+        return np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
     if cfg.group_by == "source":  # unseen sources of seen domains
         held_out = np.zeros(len(groups), dtype=bool)
         for domain in sorted(set(matrix.domains)):
@@ -381,8 +383,10 @@ def train(
     out: str | Path,
     cfg: TrainConfig | None = None,
     cache: Path | None = None,
+    groups: dict[str, str] | None = None,
 ) -> Report:
     """Train the router of `library` on a profile table; write the checkpoint folder `out`.
+    `groups` (prompt id -> source) serve validation by group or source (TrainConfig.group_by).
 
     The checkpoint is written beside `out` and renamed into place (serve_app.files): head,
     reference, report, the experts' measured verbosity and readability (`measures.json`) and,
@@ -395,7 +399,10 @@ def train(
     if cfg.mode not in ("frozen", "finetune"):
         raise ValueError(f"unknown training mode {cfg.mode!r}; known: frozen, finetune")
     matrix = pivot(table, library.names, complete=False)
-    val_mask = validation_mask(matrix, cfg)
+    # A prompt's group (its source, by prompt id) for group_by "group" and "source"; a
+    # prompt without one is a group of its domain.
+    by_prompt = [(groups or {}).get(i, d) for i, d in zip(matrix.ids, matrix.domains, strict=True)]
+    val_mask = validation_mask(matrix, cfg, by_prompt)
     train_m, val_m = matrix.subset(~val_mask), matrix.subset(val_mask)
     if len(train_m.ids) < 2 or len(val_m.ids) < 1:
         raise LibraryError(
