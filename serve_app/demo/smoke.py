@@ -74,7 +74,7 @@ def laptop_library(experts: list[dict], router_resources: dict) -> dict:
             "checkpoint": "router",
             "resources": router_resources,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
         },
         "experts": experts,
         "objective": {"weights": {"size": 0.0, "recency": 0.0}},

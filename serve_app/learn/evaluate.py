@@ -218,7 +218,7 @@ def evaluate(
             raise LibraryError(f"the library has no {task} expert")
     truth = pivot(table, experts or library.names, complete=False)
     if not truth.ids:
-        raise LibraryError("no prompt of the data was measured on every expert")
+        raise LibraryError("no prompt of the data was measured on any expert")
     scores = {name: predictions(r, truth) for name, r in routers(library, truth, k=k).items()}
     chosen = {name: choose(s) for name, s in scores.items()}
     return score_choices(chosen, truth), scores, truth

@@ -123,8 +123,8 @@ def cross_validate(
     # ("source"), or new groups whatever their domain ("group").
     cfg = replace(cfg or TrainConfig(), group_by="source" if within_domains else "group")
     assert len(groups) == len(matrix.ids) == len(emb), "one group and embedding per prompt"
-    if len(set(groups)) < 2:
-        raise LibraryError("grouped evaluation needs prompts of at least two groups")
+    if len(set(groups)) < 2 or folds < 2:
+        raise LibraryError("grouped evaluation needs two folds and two groups at least")
     folds = min(folds, len(set(groups)))
     if within_domains:
         fold = folds_within_domains(groups, matrix.domains, folds)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from serve_app import objective
 from serve_app.config import LibraryConfig
-from serve_app.errors import TryageError
+from serve_app.errors import BadRequest, TryageError
 from serve_app.experts import has_mask
 from serve_app.learn.data import read_rows
 from serve_app.router import LearnedRouter, Router
@@ -51,6 +51,22 @@ def _batches(rows: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[
         yield batch
 
 
+def check_prompt(library: LibraryConfig, prompt: str) -> tuple[str, dict[str, float]]:
+    """The prompt without its flags, and the weights they set; refused (BadRequest) where the
+    service refuses it: empty, over ingress.max_prompt_chars, or only flags."""
+    if not prompt.strip():
+        raise BadRequest("prompt is empty", "prompt")
+    limit = library.ingress.max_prompt_chars
+    if len(prompt) > limit:
+        raise BadRequest(f"prompt has {len(prompt)} characters; the limit is {limit}", "prompt")
+    if not library.policy.prompt_flags:
+        return prompt, {}
+    clean, flags = objective.parse_flags(prompt)
+    if not clean:
+        raise BadRequest("prompt is empty once its [flag: ...] markers are removed", "prompt")
+    return clean, flags
+
+
 def decide(
     library: LibraryConfig,
     router: Router,
@@ -65,12 +81,9 @@ def decide(
     todo: list[tuple[int, str, list[str], dict[str, float]]] = []
     for i, (text, domain) in enumerate(rows):
         try:
-            flags: dict[str, float] = {}
-            clean = text
-            if library.policy.prompt_flags:
-                clean, flags = objective.parse_flags(text)
+            clean, flags = check_prompt(library, text)
             names, merged = objective.plan(library, flags, weights, allow, task, has_mask(text))
-            todo.append((i, clean or text, names, merged))
+            todo.append((i, clean, names, merged))
         except TryageError as err:
             out[i] = {"text": text, "domain": domain, "expert": None, "error": str(err)}
     predicted = router.predict([t for _, t, _, _ in todo]) if todo else []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,9 +73,9 @@ class TrainConfig:
     # (whole domains or given groups held out), or "source" (sources held out within their
     # domains): settings that generalise to text unlike the training text (validation_mask).
     group_by: str = "prompt"
-    # The served prediction mixes the MLP's, the domain prior's and the neighbours' estimates
-    # (serve_app.router.HeadConfig); the weights (from mix_weights, summing to at most 1) and
-    # the neighbours' k with the lowest validation regret win.
+    # The served prediction mixes the MLP's, the domain prior's, the neighbours' and the base
+    # rate's estimates (serve_app.router.HeadConfig); the weights (from mix_weights, summing
+    # to at most 1) and the neighbours' k with the lowest validation regret win.
     mix_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     knn_ks: tuple[int, ...] = (10, 25, 50, 100)
     prior_steps: int = 300  # full-batch steps of the domain prior's classifier
@@ -262,6 +263,9 @@ def choose_mix(
     is_val = torch.from_numpy(val_mask)
     val_emb, val_y = emb[is_val], losses[val_mask]
     neighbours = Neighbours(emb[~is_val], torch.tensor(losses[~val_mask]))
+    # Settings compare on the same prompts: a choice is made among the measured experts of
+    # each validation prompt, so no setting gains by choosing unmeasured ones.
+    unmeasured = torch.from_numpy(np.isnan(val_y))
     with torch.no_grad():
         mlp = head.predict(val_emb)
         prior = head.prior(val_emb) if head.cfg.domains else None
@@ -274,7 +278,7 @@ def choose_mix(
             for wb in (w for w in weights if wp + wk + w <= 1 + 1e-9):
                 for k in cfg.knn_ks if wk else (0,):
                     pred = mix(mlp, prior, knn.get(k), wp, wk, head.mean, wb)
-                    m = summarize(choose(pred.numpy()), val_y)
+                    m = summarize(choose(pred.masked_fill(unmeasured, np.inf).numpy()), val_y)
                     tried.append(
                         {"prior_weight": wp, "knn_weight": wk, "k": k, "base_weight": wb, **m}
                     )
@@ -297,8 +301,14 @@ def train_head(
     fit with fit_prior, when there are two or more); returns (best head, epochs run, its
     validation error, the untrained head's validation error)."""
     torch.manual_seed(cfg.seed)
-    mean = np.nan_to_num(np.nanmean(train_y, 0))
-    std = np.maximum(np.nan_to_num(np.nanstd(train_y, 0)), 1e-3)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an expert never measured here
+        mean = np.nanmean(train_y, 0)
+        std = np.nanstd(train_y, 0)
+    # An expert with no training value gets the worst mean of the others (never the best
+    # by default) and unit scale.
+    mean = np.where(np.isnan(mean), np.nanmax(mean) if (~np.isnan(mean)).any() else 0.0, mean)
+    std = np.maximum(np.where(np.isnan(std), 1.0, std), 1e-3)
     head = RouterHead(
         HeadConfig(
             experts=experts,
@@ -406,7 +416,7 @@ def train(
     train_m, val_m = matrix.subset(~val_mask), matrix.subset(val_mask)
     if len(train_m.ids) < 2 or len(val_m.ids) < 1:
         raise LibraryError(
-            f"the profile has {len(matrix.ids)} prompt(s) measured on every expert; "
+            f"the profile has {len(matrix.ids)} prompt(s) measured on an expert; "
             "training needs at least a few dozen"
         )
     encoder = Encoder(library.router.model, max_length=cfg.max_length)
@@ -513,8 +523,9 @@ def finetune(
         with torch.no_grad():
             for idx, enc in batches(val_m.texts, list(range(len(val_m.texts)))):
                 out = head(embed(model, enc))
-                total += float(((out - z_val[idx].to(out)) ** 2).sum())
-        return total / z_val.numel()
+                err = (out - z_val[idx].to(out)) ** 2
+                total += float(err[~torch.isnan(err)].sum())  # measured cells only
+        return total / max(1, int((~torch.isnan(z_val)).sum()))
 
     gen = torch.Generator().manual_seed(cfg.seed)
 
