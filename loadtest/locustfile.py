@@ -20,6 +20,7 @@ from loadtest import prompts, shape
 
 _shared: dict = {}
 _lock = threading.Lock()
+_log_lock = threading.Lock()
 
 
 def _stages() -> list[shape.Stage]:
@@ -35,10 +36,10 @@ def _log_request(request_type, name, response_time, exception, start_time=None, 
     log = _shared.get("log")
     if log is None:
         return
-    with _lock:
-        log.write(
-            f"{start_time or 0:.3f},{name},{response_time:.1f},{int(exception is not None)}\n"
-        )
+    failed = int(exception is not None)
+    line = f"{start_time or 0:.3f},{name.replace(',', ' ')},{response_time:.1f},{failed}\n"
+    with _log_lock:  # not _lock: on_start holds that while its request fires this event
+        log.write(line)
 
 
 @events.test_start.add_listener
