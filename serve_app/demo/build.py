@@ -61,7 +61,7 @@ FIRST_RELEASE = dt.date(2024, 1, 15)  # release dates follow build order, a mont
 
 #: Bumped when training changes in ways TrainConfig's fields do not show (a new estimate in
 #: the router's mix): a resumed build then retrains its router instead of keeping the old one.
-ROUTER_RECIPE = 2
+ROUTER_RECIPE = 3
 
 
 class BuildError(LibraryError):
