@@ -43,10 +43,10 @@ def test_the_results_hold_the_evaluate_contract_and_the_run(ran):
     tmp, _ = ran
     results = json.loads((tmp / "routing.json").read_text())
     ev = results["evaluate"]
-    assert set(ev) == {"n", "experts", "router", "baselines", "per_domain"}
+    assert set(ev) == {"n", "experts", "measure", "router", "baselines", "per_domain"}
     assert set(ev["baselines"]) == set(BASELINES)
     for figures in (ev["router"], *ev["baselines"].values()):
-        assert set(figures) == {"top1", "regret", "mean_loss"}
+        assert set(figures) == {"top1", "regret", "mean_loss", "scored"}
     assert ev["baselines"]["oracle"]["top1"] == 1.0 and ev["baselines"]["oracle"]["regret"] == 0
     # PER_DOMAIN held-out documents a domain, nothing else.
     heldout = results["split"]["heldout"]

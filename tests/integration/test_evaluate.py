@@ -106,14 +106,20 @@ def test_evaluate_reports_every_baseline_with_the_known_answers(evaluated):
     assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
     b = out["baselines"]
     assert set(b) == {"oracle", "random", "best_single", "model_card", "knn"}
-    assert b["oracle"] == pytest.approx({"top1": 1.0, "regret": 0.0, "mean_loss": 1.1})
+    assert b["oracle"] == pytest.approx({"top1": 1.0, "regret": 0.0, "mean_loss": 1.1, "scored": 4})
     # Training means: gen-m (1.5 + 1.2) / 2 beats gen-s (1.0 + 2.5) / 2: right on German only.
-    assert b["best_single"] == pytest.approx({"top1": 0.5, "regret": 0.25, "mean_loss": 1.35})
+    assert b["best_single"] == pytest.approx(
+        {"top1": 0.5, "regret": 0.25, "mean_loss": 1.35, "scored": 4}
+    )
     # A uniform pick: code regrets (1, 0, .5, 2) / 4, German (.8, 1.3, 0, 1.8) / 4.
-    assert b["random"] == pytest.approx({"top1": 0.25, "regret": 0.925, "mean_loss": 2.025})
+    assert b["random"] == pytest.approx(
+        {"top1": 0.25, "regret": 0.925, "mean_loss": 2.025, "scored": 4}
+    )
     # The nearest training prompts and the closest model card are of the prompt's domain.
-    assert b["knn"] == pytest.approx({"top1": 1.0, "regret": 0.0, "mean_loss": 1.1})
-    assert b["model_card"] == pytest.approx({"top1": 1.0, "regret": 0.0, "mean_loss": 1.1})
+    assert b["knn"] == pytest.approx({"top1": 1.0, "regret": 0.0, "mean_loss": 1.1, "scored": 4})
+    assert b["model_card"] == pytest.approx(
+        {"top1": 1.0, "regret": 0.0, "mean_loss": 1.1, "scored": 4}
+    )
     # Twelve training prompts: the learned router must beat chance and the single best expert.
     assert out["router"]["top1"] >= b["best_single"]["top1"] > b["random"]["top1"]
     assert out["router"]["regret"] < b["random"]["regret"]

@@ -126,6 +126,7 @@ def burst_with_a_kill(
     }
 
 
+@pytest.mark.slow  # kills and waits for recovery six times: about 90 s on 2 CPUs (-m slow)
 def test_killed_replicas_cost_no_request_its_answer_and_the_service_recovers(api):
     def expert_answers() -> bool:
         body = {"prompt": "are you back?", "experts": [EXPERT], "max_new_tokens": 2}

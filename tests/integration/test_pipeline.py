@@ -108,7 +108,7 @@ def test_training_writes_the_checkpoint_the_library_points_at(pipeline, real_dat
     report = json.loads((folder / "lib" / "router" / "report.json").read_text())
     assert report["n_train"] + report["n_val"] == len(load_prompts(real_data))
     assert report["val_error"] < report["untrained_val_error"]
-    assert set(report["val"]) == {"top1", "regret", "mean_loss"}
+    assert set(report["val"]) == {"top1", "regret", "mean_loss", "scored"}
     assert set(report["expert_mae"]) == set(load_library(lib).names)
     raw = yaml.safe_load(lib.read_text())
     assert (lib.parent / raw["router"]["checkpoint"] / "reference.safetensors").is_file()
@@ -125,7 +125,7 @@ def test_evaluate_prints_the_contract_json(pipeline, real_data, capsys):
     prompts = load_prompts(real_data)
     assert out["n"] == len(prompts)
     assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
-    assert set(out["router"]) == {"top1", "regret", "mean_loss"}
+    assert set(out["router"]) == {"top1", "regret", "mean_loss", "scored"}
     assert set(out["baselines"]) == {"oracle", "random", "best_single", "model_card", "knn"}
     assert out["baselines"]["oracle"]["top1"] == 1.0
     assert out["baselines"]["oracle"]["regret"] == 0.0
