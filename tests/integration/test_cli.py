@@ -124,23 +124,23 @@ def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, t
         "ray_tryage_predicted_loss_bucket",
         "ray_serve_num_http_requests_total",
     )
+    # Every metric the Grafana dashboard in deploy/ queries must be one this service exports;
+    # tryage's own count events, so one with none yet (no fallback here) is defined only.
+    dashboard = (ROOT / "deploy" / "grafana" / "tryage-dashboard.json").read_text()
+    queried = set(re.findall(r"\b(ray_[a-z_]+?)(?:_bucket|_sum|_count)?\b", dashboard))
+    defined = re.findall(r'"(tryage_[a-z_]+)"', (ROOT / "serve_app" / "telemetry.py").read_text())
     end, text = time.monotonic() + 90, ""
-    while time.monotonic() < end:
+    while time.monotonic() < end:  # Ray's agent exports each metric on its own schedule
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         flat = "\n".join(_sorted_labels(line) for line in text.splitlines())
-        if all(w in flat for w in wanted):
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
+        exported |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported}
+        known = exported | {f"ray_{name}" for name in defined}
+        if all(w in flat for w in wanted) and not queried - known:
             break
         time.sleep(1)
     missing = [w for w in wanted if w not in flat]
     assert not missing, f"missing from /metrics: {missing}"
-    # Every metric the Grafana dashboard in deploy/ queries is one this service exports.
-    dashboard = (ROOT / "deploy" / "grafana" / "tryage-dashboard.json").read_text()
-    queried = set(re.findall(r"\b(ray_[a-z_]+?)(?:_bucket|_sum|_count)?\b", dashboard))
-    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
-    exported |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported}
-    # tryage's own metrics count events: one with none yet (no fallback here) is defined only.
-    defined = re.findall(r'"(tryage_[a-z_]+)"', (ROOT / "serve_app" / "telemetry.py").read_text())
-    known = exported | {f"ray_{name}" for name in defined}
     assert queried and not queried - known, f"dashboard queries unknown {queried - known}"
     assert "Prometheus metrics on" in output(proc)
     assert stop(proc) == 0

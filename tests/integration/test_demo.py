@@ -69,6 +69,7 @@ def test_a_rerun_skips_every_finished_step_and_writes_the_same_library(tiny, cap
     assert (tiny / "library.yaml").read_text() == before
 
 
+@pytest.mark.slow  # a second tiny build: about 25 s on 2 CPUs (-m slow)
 def test_a_build_whose_specialists_learnt_nothing_still_finishes_and_says_so(tiny, tmp_path):
     # A machine with other text (or a slower CPU) may train weaker experts: the build reports
     # what its check found and never fails for it.

