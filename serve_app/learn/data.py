@@ -88,7 +88,12 @@ def _rows(file: Path) -> list[dict]:
             raise DataError(f"{file}: no 'text' column; columns: {', '.join(table.column_names)}")
         keep = [c for c in ("text", "domain") if c in table.column_names]
         return table.select(keep).to_pylist()
-    rows = []
+    return [row for _, row in jsonl_rows(file)]
+
+
+def jsonl_rows(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of every non-blank line of a JSONL file whose row is an object with
+    a string `text`; DataError naming the file and line otherwise."""
     with file.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -99,8 +104,7 @@ def _rows(file: Path) -> list[dict]:
                 raise DataError(f"{file}:{n}: not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{file}:{n}: a row needs a string 'text'")
-            rows.append(row)
-    return rows
+            yield n, row
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, str]]:

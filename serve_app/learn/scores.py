@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from serve_app.config import MINILM, write_library
-from serve_app.learn.data import DataError, prompt_id
+from serve_app.learn.data import DataError, jsonl_rows, prompt_id
 from serve_app.learn.matrix import MEASURE_KEY, Measure
 
 FORMATS = ("routerdc", "routerbench", "jsonl")
@@ -129,26 +129,17 @@ def read_routerbench(path: Path) -> Iterator[Row]:
 
 def read_jsonl(path: Path) -> Iterator[Row]:
     """Rows of one plain JSONL file."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: not JSON ({err.msg})") from None
-            where = f"{path}:{n}"
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{where}: a row needs a string 'text'")
-            if not isinstance(row.get("model"), str) or not row["model"]:
-                raise DataError(f"{where}: a row needs a string 'model'")
-            yield Row(
-                row["text"],
-                str(row.get("domain") or path.stem),
-                row["model"],
-                _number(row.get("score"), f"{where}: score"),
-                _number(row.get("cost"), f"{where}: cost"),
-            )
+    for n, row in jsonl_rows(path):
+        where = f"{path}:{n}"
+        if not isinstance(row.get("model"), str) or not row["model"]:
+            raise DataError(f"{where}: a row needs a string 'model'")
+        yield Row(
+            row["text"],
+            str(row.get("domain") or path.stem),
+            row["model"],
+            _number(row.get("score"), f"{where}: score"),
+            _number(row.get("cost"), f"{where}: cost"),
+        )
 
 
 READERS = {"routerdc": read_routerdc, "routerbench": read_routerbench, "jsonl": read_jsonl}
