@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
     from serve_app.learn.route import route_data
     from serve_app.learn.scores import import_scores
     from serve_app.learn.train import TrainConfig, embeddings, train
-    from serve_app.router import Encoder, Neighbours
+    from serve_app.router import Encoder, LearnedRouter, Neighbours
 
     train_files, test_files = task_files(args.data, "train"), task_files(args.data, "test")
     if not train_files or not test_files:
@@ -130,7 +130,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
             for r in rows:
                 f.write(json.dumps({"text": r["question"], "domain": t}) + "\n")
     decisions = work / "test-routed.jsonl"
-    routed = route_data(library, data, decisions)
+    # One encoder for routing and the kNN baseline: it remembers the test prompts' embeddings,
+    # so kNN does not embed the 10,000 prompts a second time.
+    encoder = Encoder(library.router.model, max_length=TrainConfig().max_length, memo=True)
+    router = LearnedRouter(encoder, library.router.checkpoint)
+    routed = route_data(library, data, decisions, router=router)
     by_name = {e.name: e.model for e in library.experts}
     chosen: dict[str, list[str]] = {t: [] for t in test_rows}
     with decisions.open(encoding="utf-8") as f:  # by "\n": a text may hold U+2028
@@ -154,7 +158,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
     }
     # kNN over the train split's embeddings (cached by training) and its scores.
     matrix = pivot(table, library.names, complete=False)
-    encoder = Encoder(library.router.model, max_length=TrainConfig().max_length)
     ref = embeddings(encoder, matrix, cache)
     near = Neighbours(ref, torch.tensor(matrix.losses))
     knn_chosen: dict[str, list[str]] = {}
