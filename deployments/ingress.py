@@ -126,7 +126,8 @@ def _usage(gen: Generation) -> Usage:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    """Routes and dispatches; holds one handle per expert deployment."""
+    """Routes and dispatches; holds one handle per expert: its deployment's, or its pool's
+    with the expert as the multiplexed model id."""
 
     def __init__(
         self,
@@ -136,7 +137,11 @@ class Ingress:
     ):
         self.library = library
         self.router = router
-        self.experts = experts
+        pools = {e.name for e in library.experts if e.pool is not None}
+        self.experts = {
+            name: handle.options(multiplexed_model_id=name) if name in pools else handle
+            for name, handle in experts.items()
+        }
         self.penalties = objective.penalties(library.experts)
         self.limits = library.ingress
         self.policy = library.policy

@@ -15,6 +15,7 @@ from ray.serve import Application
 
 from deployments.expert import ExpertDeployment
 from deployments.ingress import Ingress
+from deployments.pool import PoolDeployment
 from deployments.remote import RemoteExpertDeployment
 from deployments.router import RouterDeployment
 from serve_app.api import API_KEYS_ENV
@@ -53,13 +54,29 @@ def _expert(e: ExpertConfig, library: LibraryConfig, load_experts: dict) -> Any:
     )
 
 
+def _pools(library: LibraryConfig, load_experts: dict) -> dict[str, Any]:
+    """One bound multiplexed deployment per pool, by the name of each expert it serves."""
+    out = {}
+    for name, (cfg, experts) in library.pooled().items():
+        specs = {
+            e.name: {"model": e.model, "task": e.task, "revision": e.revision} for e in experts
+        }
+        loads = {e.name: load_experts[e.name] for e in experts if e.name in load_experts}
+        pool = PoolDeployment.options(**cfg.serve_options(name, library.ingress)).bind(
+            experts=specs, max_models_per_replica=cfg.max_models_per_replica, loads=loads
+        )
+        out.update(dict.fromkeys(specs, pool))
+    return out
+
+
 def build_graph(
     library: LibraryConfig,
     *,
     load_router: Callable[..., Any] = LearnedRouter,
     load_experts: dict[str, Callable[[str, str], Any]] | None = None,
 ) -> Application:
-    """Bind router, one deployment per expert (named after it) and the ingress.
+    """Bind router, one deployment per expert (named after it) or per pool of experts
+    ("Pool-<name>"), and the ingress.
 
     `load_router` and `load_experts` (by expert name) replace the real model loaders; tests
     use them to bind tiny or failing engines.
@@ -69,6 +86,9 @@ def build_graph(
     router = RouterDeployment.options(**r.serve_options(library.ingress)).bind(
         encoder=r.model, checkpoint=str(r.checkpoint), load=load_router, revision=r.revision
     )
-    experts = {e.name: _expert(e, library, load_experts) for e in library.experts}
+    pooled = _pools(library, load_experts)
+    experts = {
+        e.name: pooled.get(e.name) or _expert(e, library, load_experts) for e in library.experts
+    }
     ingress = library.ingress.serve_options(api_keys=os.environ.get(API_KEYS_ENV))
     return Ingress.options(**ingress).bind(library, router, experts)

@@ -37,6 +37,8 @@ MINILM = "minilm"
 #: Deployment names of the router and the ingress; capitalised, so no expert name can clash.
 ROUTER_DEPLOYMENT = "Router"
 INGRESS_DEPLOYMENT = "Ingress"
+#: A pool's deployment is named "Pool-<pool name>", capitalised for the same reason.
+POOL_PREFIX = "Pool-"
 #: Files of a router checkpoint (the folder `tryage train` writes and router.checkpoint names).
 HEAD_META = "router.json"  # shapes, expert order, target scaling, the encoder it was trained on
 HEAD_WEIGHTS = "head.safetensors"
@@ -269,6 +271,12 @@ class ExpertConfig(_Strict):
         default_factory=lambda: EXPERT_BATCHING,
         description="Batching of generation, fill-mask and scoring (live: `user_config`).",
     )
+    pool: str | None = Field(
+        None,
+        description="Serve this expert from a shared multiplexed deployment (`pools.<name>`) "
+        "instead of its own: loaded on demand in one of the pool's replicas, evicted least "
+        "recently used. For the long tail of rarely routed experts.",
+    )
 
     def serve_options(self, ingress: IngressConfig) -> dict[str, Any]:
         """This expert's deployment `.options(...)`, named after the expert. A remote expert
@@ -296,6 +304,20 @@ class ExpertConfig(_Strict):
             raise ValueError("base_url and api_key_env are for engine 'openai' only")
         return self
 
+    @model_validator(mode="after")
+    def _pooled(self) -> ExpertConfig:
+        if self.pool is None:
+            return self
+        if self.engine == "openai":
+            raise ValueError("an expert with engine 'openai' holds no weights to pool; remove pool")
+        own = sorted(POOLED_BY_POOL & self.model_fields_set)
+        if own:
+            raise ValueError(
+                f"an expert in pool {self.pool!r} runs on the pool's replicas; set {own[0]!r} "
+                f"under pools.{self.pool}, not on the expert"
+            )
+        return self
+
     _actor = field_validator("resources")(_check_actor_options)
 
     @field_validator("autoscaling")
@@ -305,6 +327,68 @@ class ExpertConfig(_Strict):
         if "initial_replicas" not in value:  # Serve wants min <= initial: start at the minimum
             merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
         return _check_autoscaling(merged)
+
+
+#: Expert fields that a pooled expert takes from its pool.
+POOLED_BY_POOL = {
+    "resources",
+    "autoscaling",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "health_check_period_s",
+    "batching",
+}
+
+#: A pool's replicas scale like an expert's, but hold more requests at once (they serve many
+#: experts) and start scaling sooner than the one-replica-per-expert default would.
+POOL_AUTOSCALING_DEFAULTS: dict[str, Any] = {
+    **EXPERT_AUTOSCALING_DEFAULTS,
+    "max_replicas": 2,
+    "target_ongoing_requests": 4,
+}
+
+
+class PoolConfig(_Strict):
+    """A long-tail pool: one multiplexed deployment serving every expert marked `pool: NAME`."""
+
+    max_models_per_replica: int = Field(
+        8,
+        ge=1,
+        description="Experts one replica keeps loaded; loading one more evicts the least "
+        "recently used.",
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Ray actor options of the pool's replicas."
+    )
+    autoscaling: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Serve autoscaling_config fields; merged over the pool defaults "
+        "(scale to zero, at most 2 replicas).",
+    )
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica takes at once.")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests queued for the pool at each caller (-1: no limit)."
+    )
+    health_check_period_s: float = _health_check_period()
+    batching: Batching = Field(
+        default_factory=lambda: EXPERT_BATCHING,
+        description="Batching per expert: a batch holds requests for one expert only.",
+    )
+
+    _actor = field_validator("resources")(_check_actor_options)
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
+        merged = {**POOL_AUTOSCALING_DEFAULTS, **value}
+        if "initial_replicas" not in value:
+            merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
+        return _check_autoscaling(merged)
+
+    def serve_options(self, name: str, ingress: IngressConfig) -> dict[str, Any]:
+        """The pool deployment's `.options(...)`, named "Pool-<name>"."""
+        return _serve_options(self, ingress, name=POOL_PREFIX + name)
 
 
 class IngressConfig(_Strict):
@@ -384,9 +468,9 @@ class IngressConfig(_Strict):
 
 
 def _serve_options(
-    cfg: RouterConfig | ExpertConfig, ingress: IngressConfig, name: str
+    cfg: RouterConfig | ExpertConfig | PoolConfig, ingress: IngressConfig, name: str
 ) -> dict[str, Any]:
-    """Serve options of an autoscaled, batched deployment (router or expert)."""
+    """Serve options of an autoscaled, batched deployment (router, expert or pool)."""
     return {
         "name": name,
         "ray_actor_options": cfg.resources,
@@ -475,6 +559,19 @@ class LibraryConfig(_Strict):
         description="The operator's rules. Precedence: policy > request > prompt flags > "
         "library defaults.",
     )
+    pools: dict[str, PoolConfig] = Field(
+        default_factory=dict,
+        description="Long-tail pools by name (see `pools.<name>`); an expert joins one with "
+        "`pool: NAME`. A pool named by an expert but not listed here gets the defaults.",
+    )
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, pools: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
+        for name in pools:
+            if not _NAME.match(name):
+                raise ValueError(f"pool name {name!r} must match [a-z0-9-]+")
+        return pools
 
     @field_validator("experts")
     @classmethod
@@ -496,6 +593,15 @@ class LibraryConfig(_Strict):
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    def pooled(self) -> dict[str, tuple[PoolConfig, list[ExpertConfig]]]:
+        """Each pool that serves at least one expert: its config and its experts."""
+        out: dict[str, tuple[PoolConfig, list[ExpertConfig]]] = {}
+        for expert in self.experts:
+            if expert.pool is not None:
+                cfg = self.pools.get(expert.pool, PoolConfig())
+                out.setdefault(expert.pool, (cfg, []))[1].append(expert)
+        return out
 
 
 # --- loading -----------------------------------------------------------------------------

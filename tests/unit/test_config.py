@@ -172,6 +172,32 @@ def test_without_the_router_a_library_loads_before_any_training(smoke, tmp_path)
     assert load_library(path, router=False).names == [e[0] for e in SMOKE_EXPERTS]
 
 
+def _pooled(raw: dict) -> None:
+    """gen-xs and mask-s in a declared pool, gen-s in one left to the defaults."""
+    for name, pool in (("gen-xs", "longtail"), ("mask-s", "longtail"), ("gen-s", "spare")):
+        expert = _expert(raw, name)
+        expert.pop("resources")
+        expert["pool"] = pool
+    raw["pools"] = {"longtail": {"max_models_per_replica": 2, "autoscaling": {"max_replicas": 3}}}
+
+
+def test_pooled_experts_are_grouped_by_pool_with_the_pools_serve_options(variant):
+    library = load_library(variant(_pooled))
+    pooled = library.pooled()
+    assert {name: [e.name for e in experts] for name, (_, experts) in pooled.items()} == {
+        "longtail": ["gen-xs", "mask-s"],
+        "spare": ["gen-s"],
+    }
+    longtail, spare = pooled["longtail"][0], pooled["spare"][0]
+    assert longtail.max_models_per_replica == 2
+    options = longtail.serve_options("longtail", library.ingress)
+    assert options["name"] == "Pool-longtail"
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert options["autoscaling_config"]["min_replicas"] == 0  # scale to zero, as experts do
+    assert spare.max_models_per_replica == 8  # an undeclared pool gets the defaults
+    assert library.expert("gen-m").pool is None
+
+
 # --- every kind of mistake ---------------------------------------------------------------
 
 
@@ -270,6 +296,33 @@ BAD = [
         "checkpoint-missing-an-expert",
         _add_expert,
         ["router.checkpoint", "gen-xl", "retrain"],
+    ),
+    (
+        "pooled-expert-with-its-own-resources",
+        lambda raw: raw["experts"][0].update(pool="longtail"),
+        ["experts[0](gen-xs)", "'resources' under pools.longtail"],
+    ),
+    (
+        "pooled-remote-expert",
+        lambda raw: raw["experts"][0].update(
+            pool="longtail", engine="openai", base_url="http://x/v1", resources={}
+        ),
+        ["experts[0](gen-xs)", "no weights to pool"],
+    ),
+    (
+        "pool-name",
+        lambda raw: raw.update(pools={"Long_Tail": {}}),
+        ["pools", "'Long_Tail'", "[a-z0-9-]+"],
+    ),
+    (
+        "pool-key",
+        lambda raw: raw.update(pools={"longtail": {"max_models": 3}}),
+        ["pools.longtail.max_models"],
+    ),
+    (
+        "pool-autoscaling-key",
+        lambda raw: raw.update(pools={"longtail": {"autoscaling": {"max_replica": 3}}}),
+        ["pools.longtail.autoscaling", "'max_replica'"],
     ),
 ]
 
