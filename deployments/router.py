@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from ray import serve
 
 from serve_app.batch import DeviceHealth, isolated
@@ -23,9 +25,21 @@ class RouterDeployment(DeviceHealth):
         checkpoint: str,
         load: Callable[..., Router] = LearnedRouter,
         revision: str | None = None,
+        threads: int | None = None,
     ):
+        # Every torch call of the replica runs on this one thread. OpenMP gives each thread that
+        # starts parallel work a pool of its own, and once the pools' threads outnumber the
+        # cores, libgomp stops spinning between ops: encoding from a second thread measured
+        # 1.6x slower on 2 cores (docs/benchmarks.md, Route latency).
+        self.torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-torch")
         kwargs = {"revision": revision} if revision else {}
-        self.router = load(encoder=encoder, checkpoint=checkpoint, **kwargs)
+
+        def start() -> Router:
+            if threads is not None:  # else Ray's OMP_NUM_THREADS: the whole CPUs reserved, >= 1
+                torch.set_num_threads(threads)
+            return load(encoder=encoder, checkpoint=checkpoint, **kwargs)
+
+        self.router = self.torch.submit(start).result()
         self.batching: dict = {}
         self.batches = 0  # batches run, and prompts in them: their ratio is the mean batch size
         self.prompts = 0
@@ -45,13 +59,23 @@ class RouterDeployment(DeviceHealth):
         self.batches += 1
         self.prompts += len(prompts)
         run = lambda _, group: self.router.predict(group)  # noqa: E731
-        # A thread keeps the replica's event loop free (health checks, queueing the next batch).
-        return await asyncio.to_thread(isolated, prompts, lambda _: (), run, self._noticed)
+        # The torch thread keeps the replica's event loop free (health checks, queueing the
+        # next batch).
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.torch, isolated, prompts, lambda _: (), run, self._noticed
+        )
 
     async def ready(self) -> bool:
         """Whether this replica can route (for the ingress's /healthz)."""
         return self.fault is None
 
     async def stats(self) -> dict:
-        """Batches and prompts served by this replica, and its batching settings."""
-        return {"batches": self.batches, "prompts": self.prompts, "batching": self.batching}
+        """Batches and prompts served by this replica, its batching settings and torch's CPU
+        threads."""
+        return {
+            "batches": self.batches,
+            "prompts": self.prompts,
+            "batching": self.batching,
+            "threads": self.torch.submit(torch.get_num_threads).result(),
+        }

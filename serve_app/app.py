@@ -84,7 +84,11 @@ def build_graph(
     load_experts = load_experts or {}
     r = library.router
     router = RouterDeployment.options(**r.serve_options(library.ingress)).bind(
-        encoder=r.model, checkpoint=str(r.checkpoint), load=load_router, revision=r.revision
+        encoder=r.model,
+        checkpoint=str(r.checkpoint),
+        load=load_router,
+        revision=r.revision,
+        threads=r.threads,
     )
     pooled = _pools(library, load_experts)
     experts = {

@@ -151,6 +151,14 @@ class RouterConfig(_Strict):
         default_factory=lambda: ROUTER_BATCHING,
         description="Batching of router predictions (live: `user_config`).",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads of each router replica. Left out: Ray's rule, the whole "
+        "CPUs the replica reserves and at least 1, so a replica with `num_cpus: 0.5` encodes on "
+        "one thread. Every request waits for the encoder: on a CPU, give it the cores it may "
+        "share. No effect on a GPU's work.",
+    )
 
     _actor = field_validator("resources")(_check_actor_options)
     _scale = field_validator("autoscaling")(_check_autoscaling)
@@ -546,7 +554,8 @@ class LibraryConfig(_Strict):
 
     router: RouterConfig = Field(description="The perceptive router (see `router`).")
     experts: list[ExpertConfig] = Field(
-        min_length=1, description="The expert models, one deployment each (see `experts[]`)."
+        min_length=1,
+        description="The expert models, one deployment each or one pool's (see `experts[]`).",
     )
     objective: ObjectiveConfig = Field(
         default_factory=ObjectiveConfig, description="Default objective weights."

@@ -75,6 +75,9 @@ def laptop_library(experts: list[dict], router_resources: dict) -> dict:
             "resources": router_resources,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
             "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
+            # A fraction of a CPU reserved, but the encoder may use two cores: every request
+            # waits for it (Ray alone would give it one thread).
+            "threads": 2,
         },
         "experts": experts,
         "objective": {"weights": {"size": 0.0, "recency": 0.0}},
