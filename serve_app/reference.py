@@ -27,7 +27,11 @@ PAGES = {
             ("objective", config.ObjectiveConfig),
             ("ingress", config.IngressConfig),
             ("policy", config.PolicyConfig),
-            ("batching (router.batching, experts[].batching)", config.Batching),
+            ("pools.<name>", config.PoolConfig),
+            (
+                "batching (router.batching, experts[].batching, pools.<name>.batching)",
+                config.Batching,
+            ),
         ],
     ),
     "http.md": (

@@ -64,3 +64,26 @@ def test_pipeline_bench_times_every_stage(tmp_path, smoke_library, real_data):
     for stage in ("profile_s", "train_s", "evaluate_s"):
         assert report[stage] > 0
     assert "| profile |" in done.stdout
+
+
+@pytest.mark.slow  # a Ray of its own, 8 experts built, profiled, trained and served: ~2 min
+def test_pool_bench_serves_a_pool_and_writes_its_figures(tmp_path):
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.pool", "--experts", "8", "--slots", "2"),
+            *("--requests", "24", "--cold", "2", "--base-steps", "20", "--tune-steps", "3"),
+            *("--out", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "pool.json").read_text())
+    assert report["router"]["outputs"] == 8
+    traffic = report["traffic"]
+    assert traffic["failures"] == 0 and traffic["pool_requests"] == 24
+    assert 0 < traffic["hit_rate"] < 1  # 8 experts, 4 slots: some requests wait for a load
+    assert len(report["memory_mb"]) == 2  # both pool replicas answered
+    assert all(m["experts_held"] <= 2 for m in report["memory_mb"].values())
