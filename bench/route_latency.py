@@ -10,6 +10,8 @@ floor     the encoder's own forward pass in this process, one prompt at a time (
           batched throughput (batches of C prompts, prompts a second)
 served    `/v1/route` over HTTP: one client sending N requests one after another (p50, p99),
           then C clients at once for S seconds (decisions a second)
+where     the router's model inside its replica (mean a prompt, timed by the replica), and the
+          proxy and ingress with no model behind them (GET /v1/models, p50)
 
 and writes OUT/route_latency.json with the two figures the product aims at:
 
@@ -90,10 +92,14 @@ def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float
 async def served(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
     """/v1/route: sequential latency, then `clients` concurrent clients for `seconds`."""
     import httpx
+    from ray import serve
 
+    router = serve.get_deployment_handle("Router", app_name="tryage")
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         for t in texts[:10]:  # warm up
             (await http.post("/v1/route", json={"prompt": t})).raise_for_status()
+            (await http.get("/v1/models")).raise_for_status()
+        before = await router.stats.remote()
         single, chosen = [], []
         for t in texts:
             start = time.perf_counter()
@@ -101,6 +107,14 @@ async def served(url: str, texts: list[str], clients: int, seconds: float) -> di
             single.append(time.perf_counter() - start)
             r.raise_for_status()
             chosen.append(r.json()["expert"])
+        after = await router.stats.remote()
+        # The same proxy and ingress with no model behind them: GET /v1/models.
+        http_only = []
+        for _ in texts:
+            start = time.perf_counter()
+            (await http.get("/v1/models")).raise_for_status()
+            http_only.append(time.perf_counter() - start)
+    prompts_run = after["prompts"] - before["prompts"]
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         stop = time.perf_counter() + seconds
@@ -126,6 +140,10 @@ async def served(url: str, texts: list[str], clients: int, seconds: float) -> di
         "p50_ms": 1000 * statistics.median(single),
         "p99_ms": 1000 * quantile(single, 0.99),
         "chosen": chosen,
+        # Where the time goes, one client: the router's model inside its replica (mean per
+        # prompt), and proxy + ingress alone (p50 of GET /v1/models).
+        "router_model_ms": 1000 * (after["model_s"] - before["model_s"]) / max(1, prompts_run),
+        "http_only_p50_ms": 1000 * statistics.median(http_only),
         "concurrent": {
             "clients": clients,
             "decisions": len(latencies),
@@ -192,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     batched = e["batched_prompts_per_s"]
     print(f"encoder alone:  p50 {e['p50_ms']:.1f} ms, batched {batched:.1f} prompts/s")
     print(f"/v1/route:      p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (one client)")
+    print(
+        f"where it goes:  the router's model in its replica {s['router_model_ms']:.1f} ms a "
+        f"prompt; proxy + ingress with no model (GET /v1/models) {s['http_only_p50_ms']:.1f} ms"
+    )
     print(
         f"{c['clients']} clients:   {c['decisions_per_s']:.1f} decisions/s, "
         f"p50 {c['p50_ms']:.0f} ms, {c['failures']} failures"

@@ -10,7 +10,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from serve_app.config import EXPERT_BATCHING, Batching
+from serve_app.config import EXPERT_BATCHING
 from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls
@@ -36,13 +36,6 @@ class ExpertDeployment(ExpertCalls):
         self.load_s = time.perf_counter() - start  # model load, the part of a cold start we own
         self.fault: str | None = None  # set when the device broke: check_health reports it
         self.streaming = 0
-
-    def reconfigure(self, config: dict) -> None:
-        """Apply `user_config`: the batch size and wait of every batched method."""
-        batching = Batching.model_validate(config)
-        for method in (self.generate, self.fill_mask, self.score):
-            method.set_max_batch_size(batching.max_batch_size)
-            method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def generate(self, requests: list[ExpertRequest]) -> list[Generation | Failure]:

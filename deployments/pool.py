@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from serve_app.config import EXPERT_BATCHING, Batching
+from serve_app.config import EXPERT_BATCHING
 from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls, rss_bytes
@@ -81,6 +81,14 @@ class PoolDeployment(ExpertCalls):
 
         return _Resident(engine, evict)
 
+    async def _on_engine(self, run: Callable[[HFExpert, list], list], items: list) -> list:
+        """`run(engine, items)` on a thread with the engine of the batch's expert; each item
+        gets the Failure when that expert cannot be loaded."""
+        engine = await self._engine_for(len(items))
+        if isinstance(engine, Failure):
+            return [engine] * len(items)
+        return await asyncio.to_thread(run, engine, items)
+
     async def _engine_for(self, n: int) -> HFExpert | Failure:
         """The engine of the expert this batch (all for one expert) asks for."""
         name = serve.get_multiplexed_model_id()
@@ -96,22 +104,12 @@ class PoolDeployment(ExpertCalls):
             logger.exception("pooled expert %s could not be loaded", name, exc_info=err)
             return Failure(message=f"{type(err).__name__} while loading expert {name!r}")
 
-    def reconfigure(self, config: dict) -> None:
-        """Apply `user_config`: the batch size and wait of every batched method."""
-        batching = Batching.model_validate(config)
-        for method in (self.generate, self.fill_mask, self.score):
-            method.set_max_batch_size(batching.max_batch_size)
-            method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-
     # Serve splits every batch by multiplexed model id: a batch is for one expert.
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def generate(self, requests: list[ExpertRequest]) -> list[Generation | Failure]:
         """Continue prompts (or chats) on the requested expert."""
-        engine = await self._engine_for(len(requests))
-        if isinstance(engine, Failure):
-            return [engine] * len(requests)
-        return await asyncio.to_thread(self._generate, engine, requests)
+        return await self._on_engine(self._generate, requests)
 
     async def generate_stream(
         self, request: ExpertRequest
@@ -127,18 +125,12 @@ class PoolDeployment(ExpertCalls):
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def fill_mask(self, requests: list[ExpertRequest]) -> list[Filled | Failure]:
         """Top predictions for each mask of each prompt, on the requested expert."""
-        engine = await self._engine_for(len(requests))
-        if isinstance(engine, Failure):
-            return [engine] * len(requests)
-        return await asyncio.to_thread(self._fill_mask, engine, requests)
+        return await self._on_engine(self._fill_mask, requests)
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def score(self, texts: list[str]) -> list[Score | Failure]:
         """Loss of each text under the requested expert (bits per UTF-8 byte)."""
-        engine = await self._engine_for(len(texts))
-        if isinstance(engine, Failure):
-            return [engine] * len(texts)
-        return await asyncio.to_thread(self._score, engine, texts)
+        return await self._on_engine(self._score, texts)
 
     async def info(self) -> dict[str, Any]:
         """This replica: the experts it holds, its requests (and those that waited for a load:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,6 +44,7 @@ class RouterDeployment(DeviceHealth):
         self.batching: dict = {}
         self.batches = 0  # batches run, and prompts in them: their ratio is the mean batch size
         self.prompts = 0
+        self.model_s = 0.0  # time spent in the router's model (encoder, head), on its thread
         self.fault: str | None = None  # set when the device broke: check_health reports it
 
     def reconfigure(self, config: dict) -> None:
@@ -58,7 +60,14 @@ class RouterDeployment(DeviceHealth):
         that fails gets a Failure and the others their predictions."""
         self.batches += 1
         self.prompts += len(prompts)
-        run = lambda _, group: self.router.predict(group)  # noqa: E731
+
+        def run(_: tuple, group: list[str]) -> list[dict[str, float]]:
+            start = time.perf_counter()
+            try:
+                return self.router.predict(group)
+            finally:
+                self.model_s += time.perf_counter() - start
+
         # The torch thread keeps the replica's event loop free (health checks, queueing the
         # next batch).
         loop = asyncio.get_running_loop()
@@ -71,11 +80,12 @@ class RouterDeployment(DeviceHealth):
         return self.fault is None
 
     async def stats(self) -> dict:
-        """Batches and prompts served by this replica, its batching settings and torch's CPU
-        threads."""
+        """Batches and prompts served by this replica, the time its model took (model_s), its
+        batching settings and torch's CPU threads."""
         return {
             "batches": self.batches,
             "prompts": self.prompts,
+            "model_s": self.model_s,
             "batching": self.batching,
             "threads": self.torch.submit(torch.get_num_threads).result(),
         }

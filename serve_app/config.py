@@ -76,6 +76,14 @@ def _check_autoscaling(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _merge_autoscaling(value: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """An autoscaling config merged over `defaults`, validated."""
+    merged = {**defaults, **value}
+    if "initial_replicas" not in value:  # Serve wants min <= initial: start at the minimum
+        merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
+    return _check_autoscaling(merged)
+
+
 def _refuse_unknown(value: dict[str, Any], schema: type[BaseModel], what: str) -> None:
     """Ray's schemas ignore unknown keys; a typo there would be dropped or fail at deploy."""
     unknown = [key for key in value if key not in schema.model_fields]
@@ -331,10 +339,7 @@ class ExpertConfig(_Strict):
     @field_validator("autoscaling")
     @classmethod
     def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
-        merged = {**EXPERT_AUTOSCALING_DEFAULTS, **value}
-        if "initial_replicas" not in value:  # Serve wants min <= initial: start at the minimum
-            merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
-        return _check_autoscaling(merged)
+        return _merge_autoscaling(value, EXPERT_AUTOSCALING_DEFAULTS)
 
 
 #: Expert fields that a pooled expert takes from its pool.
@@ -389,10 +394,7 @@ class PoolConfig(_Strict):
     @field_validator("autoscaling")
     @classmethod
     def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
-        merged = {**POOL_AUTOSCALING_DEFAULTS, **value}
-        if "initial_replicas" not in value:
-            merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
-        return _check_autoscaling(merged)
+        return _merge_autoscaling(value, POOL_AUTOSCALING_DEFAULTS)
 
     def serve_options(self, name: str, ingress: IngressConfig) -> dict[str, Any]:
         """The pool deployment's `.options(...)`, named "Pool-<name>"."""

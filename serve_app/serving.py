@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from serve_app.batch import DeviceHealth, isolated
+from serve_app.config import Batching
 from serve_app.experts import Filled, Generation, HFExpert, Score, render_chat
 from serve_app.protocol import ExpertRequest, Failure
 
@@ -21,6 +22,14 @@ class ExpertCalls(DeviceHealth):
     """Generation, streaming, fill-mask and scoring on a given engine, for a deployment."""
 
     streaming = 0  # streamed generations still running (info() reports it)
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply `user_config`: the batch size and wait of every batched method (the
+        deployment's generate, fill_mask and score)."""
+        batching = Batching.model_validate(config)
+        for method in (self.generate, self.fill_mask, self.score):  # type: ignore[attr-defined]
+            method.set_max_batch_size(batching.max_batch_size)
+            method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     def _generate(
         self, engine: HFExpert, requests: list[ExpertRequest]

@@ -1,4 +1,4 @@
-"""The cold-start benchmark runs as the README shows and writes its figures (its own Ray)."""
+"""The benchmarks run as the docs show and write their figures (each with its own Ray)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from serve_app.learn.data import load_prompts
 from tests.integration.conftest import ROOT
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
+def bench(*args: str, module: str = "bench.cold_start") -> subprocess.CompletedProcess:
+    """Run a benchmark as the docs show: `python -m MODULE ARGS` from the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "bench.cold_start", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
 
 
@@ -46,15 +47,10 @@ def test_cold_start_bench_refuses_an_unknown_expert(tmp_path, smoke_library):
 
 @pytest.mark.slow  # a Ray of its own, profiling and evaluating: about a minute on 2 CPUs
 def test_pipeline_bench_times_every_stage(tmp_path, smoke_library, real_data):
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.pipeline", "--library", str(smoke_library)),
-            *("--data", str(real_data), "--per-domain", "2", "--out", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = bench(
+        *("--library", str(smoke_library), "--data", str(real_data)),
+        *("--per-domain", "2", "--out", str(tmp_path)),
+        module="bench.pipeline",
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "pipeline.json").read_text())
@@ -68,16 +64,10 @@ def test_pipeline_bench_times_every_stage(tmp_path, smoke_library, real_data):
 
 @pytest.mark.slow  # a Ray of its own, 8 experts built, profiled, trained and served: ~2 min
 def test_pool_bench_serves_a_pool_and_writes_its_figures(tmp_path):
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.pool", "--experts", "8", "--slots", "2"),
-            *("--requests", "24", "--cold", "2", "--base-steps", "20", "--tune-steps", "3"),
-            *("--out", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = bench(
+        *("--experts", "8", "--slots", "2", "--requests", "24", "--cold", "2"),
+        *("--base-steps", "20", "--tune-steps", "3", "--out", str(tmp_path)),
+        module="bench.pool",
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "pool.json").read_text())
@@ -87,3 +77,18 @@ def test_pool_bench_serves_a_pool_and_writes_its_figures(tmp_path):
     assert 0 < traffic["hit_rate"] < 1  # 8 experts, 4 slots: some requests wait for a load
     assert len(report["memory_mb"]) == 2  # both pool replicas answered
     assert all(m["experts_held"] <= 2 for m in report["memory_mb"].values())
+
+
+@pytest.mark.slow  # a Ray of its own and the smoke library served: about a minute
+def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path):
+    done = bench(
+        *("--requests", "20", "--clients", "4", "--seconds", "3", "--out", str(tmp_path)),
+        module="bench.route_latency",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "route_latency.json").read_text())
+    served = report["served"]
+    assert report["same_decisions_as_offline"] is True
+    assert served["p50_ms"] > served["router_model_ms"] > 0  # the model is part of a decision
+    assert served["p50_ms"] > served["http_only_p50_ms"] > 0
+    assert served["concurrent"]["failures"] == 0
