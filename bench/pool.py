@@ -7,7 +7,8 @@ Builds, on this machine and from text every Python has:
 
 1. `--experts` small GPT-2 experts, each a fine-tune of one shared base model on one
    standard-library source file (the long tail of a model hub: many fine-tunes of one base);
-2. their profile on held-out chunks of those files (the profile's own scorer, in-process);
+2. their profile on held-out chunks of those files (`tryage profile`'s code: the pool's
+   experts share the pool's actors, loaded on demand);
 3. a router trained on it, predicting every expert's loss (`tryage train`'s code);
 4. a library with every expert in one pool (`pool: longtail`) on `--replicas` replicas that
    hold `--slots` experts each, served on a local Ray.
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.route_latency import quantile
-from serve_app.session import machine_info, serving
+from serve_app.session import machine_info, ray_session, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "longtail"
@@ -110,6 +111,7 @@ def build_library(work: Path, files: list[Path], args: argparse.Namespace) -> tu
     from serve_app.demo.lm import LMConfig, ModelSize, Stream, new_model, train_lm, train_tokenizer
     from serve_app.demo.smoke import laptop_library
     from serve_app.learn.data import Prompt
+    from serve_app.learn.profile import ProfileConfig, profile
     from serve_app.learn.train import TrainConfig, train
 
     texts = [f.read_text(errors="replace") for f in files]
@@ -158,29 +160,18 @@ def build_library(work: Path, files: list[Path], args: argparse.Namespace) -> tu
             (train_prompts if k == 0 else test_prompts).append(prompt)
             origin[prompt.id] = expert_name(i)  # the expert tuned on the prompt's own file
     library = load_library(path, router=False)
-    table = profile_in_process(library, train_prompts)
+    with ray_session(include_dashboard=False):  # tryage profile's code: the pool's actors
+        table = profile(
+            library.experts,
+            train_prompts,
+            work / "profile.parquet",
+            ProfileConfig(generate=0),
+            pools=library.pools,
+        ).table
     start = time.perf_counter()
     report = train(library, table, work / "router", TrainConfig(seed=0))
     train_s = time.perf_counter() - start
     return path, test_prompts, origin, report, train_s
-
-
-def profile_in_process(library: Any, prompts: list) -> Any:
-    """Every expert's loss on every prompt, with the profile's own scorer (PROFILE_SCHEMA),
-    one expert at a time: hundreds of tiny experts load faster here than as Ray actors."""
-    import pyarrow as pa
-    from tqdm import tqdm
-
-    from serve_app.learn.data import prompts_table
-    from serve_app.learn.profile import ExpertScorer
-
-    base = prompts_table(prompts)
-    batch = base.append_column("generate", pa.array([False] * len(prompts), pa.bool_()))
-    parts = []
-    for expert in tqdm(library.experts, "profile"):
-        scorer = ExpertScorer(expert.name, expert.model, expert.task, new_tokens=0)
-        parts.append(scorer(batch))
-    return pa.concat_tables(parts)
 
 
 # --- serving -------------------------------------------------------------------------------

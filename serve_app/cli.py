@@ -102,7 +102,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     print(f"profiling {len(library.experts)} experts on {len(prompts)} prompts", file=sys.stderr)
     with ray_session():
-        run = profile(library.experts, prompts, args.out, cfg)
+        run = profile(library.experts, prompts, args.out, cfg, pools=library.pools)
     print(
         f"wrote {args.out}: {run.table.num_rows} rows "
         f"({run.measured} measured now, {run.reused} reused)"

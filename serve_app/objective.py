@@ -148,14 +148,19 @@ def parse_flags(prompt: str) -> tuple[str, dict[str, float]]:
 def user_layer(
     weights: Mapping[str, float] | None, settable: Sequence[str], source: str
 ) -> Mapping[str, float] | None:
-    """A request's (or its flags') weights, refused where the operator's policy fixes one."""
+    """A request's (or its flags') weights, refused where a name is unknown or the operator's
+    policy fixes one."""
+    param = "weights" if source == "the request" else "prompt"
+    unknown = [name for name in weights or {} if name not in WEIGHT_NAMES]
+    if unknown:
+        raise BadRequest(f"unknown weight {unknown[0]!r}; known: {', '.join(WEIGHT_NAMES)}", param)
     fixed = [name for name in weights or {} if name not in settable]
     if fixed:
         allowed = ", ".join(settable) or "none"
         raise BadRequest(
             f"{source} set weight {fixed[0]!r}, which the operator's policy fixes; a request "
             f"may set: {allowed}",
-            "weights" if source == "the request" else "prompt",
+            param,
         )
     return weights
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_app.config import ExpertConfig, LibraryError
+from serve_app.config import ExpertConfig, LibraryError, PoolConfig
 from serve_app.learn.data import Prompt, prompts_table
 
 PROFILE_SCHEMA = pa.schema(
@@ -157,6 +157,46 @@ class ExpertScorer:
         )
 
 
+class PoolScorer:
+    """A Ray Data actor for a long-tail pool: scores batches whose rows name their expert,
+    loading each expert on first use and keeping the `slots` most recently used, as the
+    pool's replicas do when serving. Hundreds of experts then share a few actors instead of
+    one actor pool each."""
+
+    def __init__(
+        self,
+        experts: dict[str, tuple[str, str]],
+        slots: int,
+        new_tokens: int,
+        load: Callable[[str, str], Any] | None = None,
+    ):
+        from collections import OrderedDict
+
+        self.experts = experts  # name -> (model, task)
+        self.slots = slots
+        self.new_tokens = new_tokens
+        self.load = load
+        self.held: OrderedDict[str, ExpertScorer] = OrderedDict()
+
+    def _scorer(self, name: str) -> ExpertScorer:
+        if name in self.held:
+            self.held.move_to_end(name)
+        else:
+            if len(self.held) >= self.slots:
+                self.held.popitem(last=False)  # the least recently used expert
+            model, task = self.experts[name]
+            self.held[name] = ExpertScorer(name, model, task, self.new_tokens, self.load)
+        return self.held[name]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names = batch["expert"].to_pylist()
+        parts = []
+        for name in dict.fromkeys(names):  # rows come grouped by expert: a few groups a batch
+            rows = pc.equal(batch["expert"], name)
+            parts.append(self._scorer(name)(batch.filter(rows).drop_columns(["expert"])))
+        return pa.concat_tables(parts)
+
+
 # --- resuming ----------------------------------------------------------------------------
 
 
@@ -248,8 +288,13 @@ def profile(
     *,
     progress: bool = True,
     load: Callable[[str, str], Any] | None = None,
+    pools: dict[str, PoolConfig] | None = None,
 ) -> ProfileRun:
     """Measure every expert on every prompt; write the profile table and return it.
+
+    Experts of a long-tail pool (`pool: NAME`; `pools` gives their settings, the defaults
+    otherwise) are measured by one actor pool per pool (PoolScorer, the pool's resources, as
+    many actors as its max_replicas), the others by an actor pool each.
 
     `cfg.generate` prompts (a seeded sample, the same for every expert) also get a greedy
     continuation of `cfg.new_tokens` tokens from each text-generation expert, for verbosity
@@ -297,8 +342,12 @@ def profile(
         ctx.issue_detectors_config.detectors = []
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         datasets = []
+        pooled: dict[str, list[ExpertConfig]] = {}
         for expert in experts:
             if expert.name not in todo:
+                continue
+            if expert.pool is not None:
+                pooled.setdefault(expert.pool, []).append(expert)
                 continue
             ds = ray.data.from_arrow(_chunks(todo[expert.name], batch_size * 4))
             datasets.append(
@@ -316,6 +365,31 @@ def profile(
                     compute=ray.data.ActorPoolStrategy(size=cfg.actors_per_expert),
                     udf_modifying_row_count=False,
                     **_data_resources(expert.resources),
+                )
+            )
+        for name, members in pooled.items():
+            pool = (pools or {}).get(name) or PoolConfig()
+            rows = pa.concat_tables(
+                todo[e.name].append_column(
+                    "expert", pa.array([e.name] * todo[e.name].num_rows, pa.string())
+                )
+                for e in members
+            )
+            ds = ray.data.from_arrow(_chunks(rows, batch_size * 4))
+            datasets.append(
+                ds.map_batches(
+                    PoolScorer,
+                    fn_constructor_kwargs={
+                        "experts": {e.name: (e.model, e.task) for e in members},
+                        "slots": pool.max_models_per_replica,
+                        "new_tokens": new_tokens,
+                        "load": load,
+                    },
+                    batch_size=batch_size,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=pool.autoscaling["max_replicas"]),
+                    udf_modifying_row_count=False,
+                    **_data_resources(pool.resources),
                 )
             )
         job = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

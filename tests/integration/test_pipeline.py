@@ -198,3 +198,33 @@ def test_the_served_library_uses_the_measured_verbosity_and_readability(pipeline
             assert r.json()["expert"] == max(known, key=lambda e: e.readability).name
     finally:
         serve.delete("profiled")
+
+
+def test_pooled_experts_are_profiled_by_their_pool_with_the_same_losses(pipeline, tmp_path):
+    # gen-xs and mask-s in a pool whose one actor holds one expert at a time: both are loaded
+    # on demand by the same actor, and measure what their own actors measured.
+    folder, lib, _, profile_args = pipeline
+    raw = yaml.safe_load(lib.read_text())
+    for expert in raw["experts"]:
+        if expert["name"] in ("gen-xs", "mask-s"):
+            expert.pop("resources")
+            expert["pool"] = "longtail"
+    raw["pools"] = {"longtail": {"max_models_per_replica": 1, "autoscaling": {"max_replicas": 1}}}
+    pooled = lib.with_name("library-pooled.yaml")
+    pooled.write_text(yaml.safe_dump(raw, sort_keys=False))
+    args = [*profile_args]
+    args[args.index("--library") + 1] = str(pooled)
+    args[args.index("--out") + 1] = str(tmp_path / "pooled.parquet")
+    assert main(args) == 0
+
+    def rows(path) -> dict:
+        return {(r["prompt_id"], r["expert"]): r for r in read_profile(path).to_pylist()}
+
+    own, by_pool = rows(folder / "profile.parquet"), rows(tmp_path / "pooled.parquet")
+    assert by_pool.keys() == own.keys()
+    for key, row in by_pool.items():
+        assert row["loss"] == pytest.approx(own[key]["loss"], rel=1e-6), key
+        assert row["bytes"] == own[key]["bytes"], key
+        if row["output"] is not None:  # an earlier test may have sampled more prompts there
+            assert row["output"] == own[key]["output"], key
+    assert sum(r["output"] is not None for r in by_pool.values()) == GENERATE * 3  # 3 writers

@@ -388,3 +388,9 @@ def test_the_cost_penalty_ranks_by_price_and_an_expert_without_one_is_free():
 def test_a_cheapest_flag_sets_the_cost_weight():
     _, weights = objective.parse_flags("[flag: cheapest] hi")
     assert weights == {"cost": objective.FLAG_WEIGHT}
+
+
+def test_an_unknown_weight_is_named_as_unknown_not_as_fixed_by_the_policy():
+    with pytest.raises(BadRequest, match=r"unknown weight 'sise'; known: size, .*cost") as err:
+        objective.user_layer({"sise": 1.0}, ("size", "recency"), "the request")
+    assert err.value.param == "weights"
