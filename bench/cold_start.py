@@ -120,6 +120,8 @@ def run(library_path: Path, names: list[str], repeats: int, deadline_s: float) -
 
     library = load_library(library_path)
     experts = [library.expert(n) for n in names] if names else library.experts
+    # A pooled expert has no deployment of its own to cold-start (bench.pool measures loads).
+    experts = [e for e in experts if e.pool is None]
     fast = [e.model_copy(update={"autoscaling": {**e.autoscaling, **FAST_IDLE}}) for e in experts]
     others = [e for e in library.experts if e.name not in {x.name for x in fast}]
     library = library.model_copy(update={"experts": fast + others})

@@ -41,6 +41,7 @@ class RouterDeployment(DeviceHealth):
             return load(encoder=encoder, checkpoint=checkpoint, **kwargs)
 
         self.router = self.torch.submit(start).result()
+        self.threads = self.torch.submit(torch.get_num_threads).result()
         self.batching: dict = {}
         self.batches = 0  # batches run, and prompts in them: their ratio is the mean batch size
         self.prompts = 0
@@ -87,5 +88,5 @@ class RouterDeployment(DeviceHealth):
             "prompts": self.prompts,
             "model_s": self.model_s,
             "batching": self.batching,
-            "threads": self.torch.submit(torch.get_num_threads).result(),
+            "threads": self.threads,
         }

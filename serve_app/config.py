@@ -320,6 +320,13 @@ class ExpertConfig(_Strict):
             raise ValueError("base_url and api_key_env are for engine 'openai' only")
         return self
 
+    @field_validator("pool")
+    @classmethod
+    def _pool_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"pool name {value!r} must match [a-z0-9-]+")
+        return value
+
     @model_validator(mode="after")
     def _pooled(self) -> ExpertConfig:
         if self.pool is None:
@@ -583,6 +590,18 @@ class LibraryConfig(_Strict):
             if not _NAME.match(name):
                 raise ValueError(f"pool name {name!r} must match [a-z0-9-]+")
         return pools
+
+    @model_validator(mode="after")
+    def _pools_used(self) -> LibraryConfig:
+        used = {e.pool for e in self.experts}
+        unused = [name for name in self.pools if name not in used]
+        if unused:  # most likely a typo in an expert's pool: it would get a default pool
+            named = ", ".join(sorted(used - {None})) or "none"  # type: ignore[arg-type]
+            raise ValueError(
+                f"pools.{unused[0]} serves no expert (experts name the pools: {named}); "
+                "set pool: " + unused[0] + " on its experts or remove it"
+            )
+        return self
 
     @field_validator("experts")
     @classmethod

@@ -23,11 +23,14 @@ class ExpertCalls(DeviceHealth):
 
     streaming = 0  # streamed generations still running (info() reports it)
 
+    def _batched(self) -> tuple:
+        """The deployment's `@serve.batch` methods."""
+        return (self.generate, self.fill_mask, self.score)  # type: ignore[attr-defined]
+
     def reconfigure(self, config: dict) -> None:
-        """Apply `user_config`: the batch size and wait of every batched method (the
-        deployment's generate, fill_mask and score)."""
+        """Apply `user_config`: the batch size and wait of every batched method."""
         batching = Batching.model_validate(config)
-        for method in (self.generate, self.fill_mask, self.score):  # type: ignore[attr-defined]
+        for method in self._batched():
             method.set_max_batch_size(batching.max_batch_size)
             method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 

@@ -387,7 +387,9 @@ def profile(
                     },
                     batch_size=batch_size,
                     batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=pool.autoscaling["max_replicas"]),
+                    compute=ray.data.ActorPoolStrategy(
+                        size=min(pool.autoscaling["max_replicas"], len(members))
+                    ),
                     udf_modifying_row_count=False,
                     **_data_resources(pool.resources),
                 )

@@ -85,3 +85,8 @@ class DeviceFaultOnce(HFExpert):
 
 def load_device_fault_once(model: str, task: str) -> DeviceFaultOnce:
     return DeviceFaultOnce(model, task)
+
+
+def load_unloadable(model: str, task: str) -> HFExpert:
+    """An expert whose weights cannot be loaded (a corrupt or missing file)."""
+    raise OSError(f"simulated unreadable weights at {model}")

@@ -320,6 +320,20 @@ BAD = [
         ["pools.longtail.max_models"],
     ),
     (
+        "expert-pool-name",
+        lambda raw: raw["experts"][0].update(pool="Big Pool!", resources={}),
+        ["experts[0](gen-xs).pool", "'Big Pool!'", "[a-z0-9-]+"],
+    ),
+    (
+        "pool-serving-no-expert",
+        lambda raw: (
+            raw["experts"][0].pop("resources"),
+            raw["experts"][0].update(pool="long-tail"),
+            raw.update(pools={"longtail": {}}),
+        ),
+        ["pools.longtail serves no expert", "long-tail"],
+    ),
+    (
         "pool-autoscaling-key",
         lambda raw: raw.update(pools={"longtail": {"autoscaling": {"max_replica": 3}}}),
         ["pools.longtail.autoscaling", "'max_replica'"],
