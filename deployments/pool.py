@@ -120,6 +120,11 @@ class PoolDeployment(ExpertCalls):
             return [Failure(message=f"{type(err).__name__} while loading the expert")] * len(items)
         return await asyncio.to_thread(run, engine, items)
 
+    async def _answer(self, batched: Callable[[Any], Any], item: Any) -> Any:
+        """The expert loaded first (_ready), then `item` through its batched method."""
+        failure = await self._ready(1)
+        return failure if failure is not None else await batched(item)
+
     def _batched(self) -> tuple:
         return (self._generate_batch, self._fill_mask_batch, self._score_batch)
 
@@ -127,8 +132,7 @@ class PoolDeployment(ExpertCalls):
 
     async def generate(self, request: ExpertRequest) -> Generation | Failure:
         """Continue a prompt (or chat) on the requested expert."""
-        failure = await self._ready(1)
-        return failure if failure is not None else await self._generate_batch(request)
+        return await self._answer(self._generate_batch, request)
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def _generate_batch(self, requests: list[ExpertRequest]) -> list[Generation | Failure]:
@@ -148,8 +152,7 @@ class PoolDeployment(ExpertCalls):
 
     async def fill_mask(self, request: ExpertRequest) -> Filled | Failure:
         """Top predictions for each mask of the prompt, on the requested expert."""
-        failure = await self._ready(1)
-        return failure if failure is not None else await self._fill_mask_batch(request)
+        return await self._answer(self._fill_mask_batch, request)
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def _fill_mask_batch(self, requests: list[ExpertRequest]) -> list[Filled | Failure]:
@@ -157,8 +160,7 @@ class PoolDeployment(ExpertCalls):
 
     async def score(self, text: str) -> Score | Failure:
         """Loss of a text under the requested expert (bits per UTF-8 byte)."""
-        failure = await self._ready(1)
-        return failure if failure is not None else await self._score_batch(text)
+        return await self._answer(self._score_batch, text)
 
     @serve.batch(**EXPERT_BATCHING.model_dump())
     async def _score_batch(self, texts: list[str]) -> list[Score | Failure]:
