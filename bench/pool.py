@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.route_latency import quantile
+from bench.route_latency import quantile, timed_routes
 from serve_app.session import machine_info, ray_session, serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,9 @@ def replicas_info(app: str, want: int, tries: int = 60) -> dict[str, dict]:
     """Every pool replica's info (calls go to a replica at random: ask until all answered)."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(f"Pool-{POOL}", app_name=app)
+    from serve_app.config import POOL_PREFIX
+
+    handle = serve.get_deployment_handle(POOL_PREFIX + POOL, app_name=app)
     seen: dict[str, dict] = {}
     for _ in range(tries):
         info = handle.info.remote().result()
@@ -244,16 +246,14 @@ def timed_infer(http: Any, text: str, expert: str) -> float:
     return time.perf_counter() - start
 
 
-def route_latency(http: Any, texts: list[str]) -> dict[str, Any]:
-    for t in texts[:10]:  # warm up
-        http.post("/v1/route", json={"prompt": t}).raise_for_status()
-    times, chosen = [], []
-    for t in texts:
-        start = time.perf_counter()
-        r = http.post("/v1/route", json={"prompt": t})
-        times.append(time.perf_counter() - start)
-        r.raise_for_status()
-        chosen.append(r.json()["expert"])
+async def route_latency(url: str, texts: list[str]) -> dict[str, Any]:
+    """`/v1/route` one request after another (bench.route_latency's loop)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        for t in texts[:10]:  # warm up
+            (await http.post("/v1/route", json={"prompt": t})).raise_for_status()
+        times, chosen = await timed_routes(http, texts)
     return {
         "p50_ms": 1000 * statistics.median(times),
         "p99_ms": 1000 * quantile(times, 0.99),
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         ) as url:
             empty = replicas_info("pool", args.replicas)
             with httpx.Client(base_url=url, timeout=120) as http:
-                routing = route_latency(http, texts)
+                routing = asyncio.run(route_latency(url, texts))
                 load = asyncio.run(
                     traffic(
                         url, [p.text for p in zipf_prompts(prompts, args.requests)], args.clients

@@ -89,6 +89,19 @@ def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float
     }
 
 
+async def timed_routes(http: Any, texts: list[str]) -> tuple[list[float], list[str]]:
+    """`/v1/route` for each text, one after another: each request's seconds, and the expert
+    it chose."""
+    times, chosen = [], []
+    for t in texts:
+        start = time.perf_counter()
+        r = await http.post("/v1/route", json={"prompt": t})
+        times.append(time.perf_counter() - start)
+        r.raise_for_status()
+        chosen.append(r.json()["expert"])
+    return times, chosen
+
+
 async def served(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
     """/v1/route: sequential latency, then `clients` concurrent clients for `seconds`."""
     import httpx
@@ -100,13 +113,7 @@ async def served(url: str, texts: list[str], clients: int, seconds: float) -> di
             (await http.post("/v1/route", json={"prompt": t})).raise_for_status()
             (await http.get("/v1/models")).raise_for_status()
         before = await router.stats.remote()
-        single, chosen = [], []
-        for t in texts:
-            start = time.perf_counter()
-            r = await http.post("/v1/route", json={"prompt": t})
-            single.append(time.perf_counter() - start)
-            r.raise_for_status()
-            chosen.append(r.json()["expert"])
+        single, chosen = await timed_routes(http, texts)
         after = await router.stats.remote()
         # The same proxy and ingress with no model behind them: GET /v1/models.
         http_only = []

@@ -349,16 +349,6 @@ class ExpertConfig(_Strict):
         return _merge_autoscaling(value, EXPERT_AUTOSCALING_DEFAULTS)
 
 
-#: Expert fields that a pooled expert takes from its pool.
-POOLED_BY_POOL = {
-    "resources",
-    "autoscaling",
-    "max_ongoing_requests",
-    "max_queued_requests",
-    "health_check_period_s",
-    "batching",
-}
-
 #: A pool's replicas scale like an expert's, but hold more requests at once (they serve many
 #: experts) and start scaling sooner than the one-replica-per-expert default would.
 POOL_AUTOSCALING_DEFAULTS: dict[str, Any] = {
@@ -406,6 +396,10 @@ class PoolConfig(_Strict):
     def serve_options(self, name: str, ingress: IngressConfig) -> dict[str, Any]:
         """The pool deployment's `.options(...)`, named "Pool-<name>"."""
         return _serve_options(self, ingress, name=POOL_PREFIX + name)
+
+
+#: Expert fields that a pooled expert takes from its pool: the pool's own replica settings.
+POOLED_BY_POOL = set(PoolConfig.model_fields) - {"max_models_per_replica"}
 
 
 class IngressConfig(_Strict):

@@ -341,6 +341,26 @@ def profile(
         # Memory per actor is the library's to set (resources.memory); no periodic advice.
         ctx.issue_detectors_config.detectors = []
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+        def scored(
+            rows: pa.Table,
+            scorer: type,
+            kwargs: dict,
+            actors: int,
+            owner: ExpertConfig | PoolConfig,
+        ) -> Any:
+            """`rows` streamed through an actor pool of `scorer`, with the resources of its
+            owner (an expert, or a pool)."""
+            return ray.data.from_arrow(_chunks(rows, batch_size * 4)).map_batches(
+                scorer,
+                fn_constructor_kwargs={**kwargs, "new_tokens": new_tokens, "load": load},
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                udf_modifying_row_count=False,
+                **_data_resources(owner.resources),
+            )
+
         datasets = []
         pooled: dict[str, list[ExpertConfig]] = {}
         for expert in experts:
@@ -349,23 +369,9 @@ def profile(
             if expert.pool is not None:
                 pooled.setdefault(expert.pool, []).append(expert)
                 continue
-            ds = ray.data.from_arrow(_chunks(todo[expert.name], batch_size * 4))
+            kwargs = {"name": expert.name, "model": expert.model, "task": expert.task}
             datasets.append(
-                ds.map_batches(
-                    ExpertScorer,
-                    fn_constructor_kwargs={
-                        "name": expert.name,
-                        "model": expert.model,
-                        "task": expert.task,
-                        "new_tokens": new_tokens,
-                        "load": load,
-                    },
-                    batch_size=batch_size,
-                    batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=cfg.actors_per_expert),
-                    udf_modifying_row_count=False,
-                    **_data_resources(expert.resources),
-                )
+                scored(todo[expert.name], ExpertScorer, kwargs, cfg.actors_per_expert, expert)
             )
         for name, members in pooled.items():
             pool = (pools or {}).get(name) or PoolConfig()
@@ -375,25 +381,12 @@ def profile(
                 )
                 for e in members
             )
-            ds = ray.data.from_arrow(_chunks(rows, batch_size * 4))
-            datasets.append(
-                ds.map_batches(
-                    PoolScorer,
-                    fn_constructor_kwargs={
-                        "experts": {e.name: (e.model, e.task) for e in members},
-                        "slots": pool.max_models_per_replica,
-                        "new_tokens": new_tokens,
-                        "load": load,
-                    },
-                    batch_size=batch_size,
-                    batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(
-                        size=min(pool.autoscaling["max_replicas"], len(members))
-                    ),
-                    udf_modifying_row_count=False,
-                    **_data_resources(pool.resources),
-                )
-            )
+            kwargs = {
+                "experts": {e.name: (e.model, e.task) for e in members},
+                "slots": pool.max_models_per_replica,
+            }
+            actors = min(pool.autoscaling["max_replicas"], len(members))
+            datasets.append(scored(rows, PoolScorer, kwargs, actors, pool))
         job = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         parts.mkdir(parents=True, exist_ok=True)
         n = len(list(parts.glob("*.parquet")))
