@@ -9,7 +9,8 @@ router is the packaged all-MiniLM-L6-v2) on a local Ray, and measures on the sam
 floor     the encoder's own forward pass in this process, one prompt at a time (p50), and its
           batched throughput (batches of C prompts, prompts a second)
 served    `/v1/route` over HTTP: one client sending N requests one after another (p50, p99),
-          then C clients at once for S seconds (decisions a second)
+          then C clients at once for S seconds (decisions a second), once the router has
+          scaled out to its max_replicas under that load (at most --warmup seconds)
 where     the router's model inside its replica (mean a prompt, timed by the replica), and the
           proxy and ingress with no model behind them (GET /v1/models, p50)
 
@@ -47,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=200, help="sequential requests (default 200)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     p.add_argument("--seconds", type=float, default=20, help="concurrent phase length")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=60,
+        help="most seconds of load waiting for the router "
+        "to scale out before the concurrent phase (default 60; 0: none)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="output folder")
     return p.parse_args(argv)
 
@@ -102,8 +110,19 @@ async def timed_routes(http: Any, texts: list[str]) -> tuple[list[float], list[s
     return times, chosen
 
 
-async def served(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
-    """/v1/route: sequential latency, then `clients` concurrent clients for `seconds`."""
+def router_replicas() -> int:
+    """The router deployment's running replicas."""
+    from ray import serve
+
+    status = serve.status().applications["tryage"].deployments["Router"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+async def served(
+    url: str, texts: list[str], clients: int, seconds: float, replicas: int, warmup: float
+) -> dict[str, Any]:
+    """/v1/route: sequential latency, then `clients` concurrent clients for `seconds`, once
+    the router has scaled out to `replicas` under the same load (or `warmup` s have passed)."""
     import httpx
     from ray import serve
 
@@ -124,24 +143,32 @@ async def served(url: str, texts: list[str], clients: int, seconds: float) -> di
     prompts_run = after["prompts"] - before["prompts"]
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-        stop = time.perf_counter() + seconds
         latencies: list[float] = []
         failures = 0
 
-        async def client(k: int) -> None:
+        async def client(k: int, stop: float, record: bool) -> None:
             nonlocal failures
             i = k
             while time.perf_counter() < stop:
                 start = time.perf_counter()
                 r = await http.post("/v1/route", json={"prompt": texts[i % len(texts)]})
-                if r.status_code == 200:  # a refused request is no decision
+                if r.status_code != 200:  # a refused request is no decision
+                    failures += record
+                elif record:
                     latencies.append(time.perf_counter() - start)
-                else:
-                    failures += 1
                 i += clients
 
+        # Warm-up under the same load until the router has scaled out (Serve's autoscaler
+        # hears of the load every few seconds): the figure is the steady state.
+        warm_start = time.perf_counter()
+        while router_replicas() < replicas and time.perf_counter() - warm_start < warmup:
+            await asyncio.gather(
+                *(client(k, time.perf_counter() + 2, False) for k in range(clients))
+            )
+        warmup_s = time.perf_counter() - warm_start
+        scaled = router_replicas()
         start = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(clients)))
+        await asyncio.gather(*(client(k, start + seconds, True) for k in range(clients)))
         elapsed = time.perf_counter() - start
     return {
         "p50_ms": 1000 * statistics.median(single),
@@ -153,6 +180,8 @@ async def served(url: str, texts: list[str], clients: int, seconds: float) -> di
         "http_only_p50_ms": 1000 * statistics.median(http_only),
         "concurrent": {
             "clients": clients,
+            "router_replicas": scaled,
+            "warmup_s": warmup_s,
             "decisions": len(latencies),
             "failures": failures,
             "decisions_per_s": len(latencies) / elapsed,
@@ -176,7 +205,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         texts = prompts(args.requests)
         floor = encoder_floor(library, texts, args.clients)
         with serving(build_app({"library": str(path)}), include_dashboard=False) as url:
-            service = asyncio.run(served(url, texts, args.clients, args.seconds))
+            replicas = int(library.router.autoscaling.get("max_replicas", 1))
+            service = asyncio.run(
+                served(url, texts, args.clients, args.seconds, replicas, args.warmup)
+            )
         # The same decisions offline (tryage route's code): nothing was traded for speed.
         from serve_app.learn.route import decide
         from serve_app.router import LearnedRouter
@@ -223,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{c['clients']} clients:   {c['decisions_per_s']:.1f} decisions/s, "
-        f"p50 {c['p50_ms']:.0f} ms, {c['failures']} failures"
+        f"p50 {c['p50_ms']:.0f} ms, {c['failures']} failures, {c['router_replicas']} router "
+        f"replica(s) (after {c['warmup_s']:.0f} s of warm-up)"
     )
     print(
         f"overhead {results['overhead_ms']:.1f} ms (goal <= {OVERHEAD_GOAL_MS:g}); throughput "

@@ -165,7 +165,9 @@ class RouterConfig(_Strict):
         description="torch CPU threads of each router replica. Left out: Ray's rule, the whole "
         "CPUs the replica reserves and at least 1, so a replica with `num_cpus: 0.5` encodes on "
         "one thread. Every request waits for the encoder: on a CPU, give it the cores it may "
-        "share. No effect on a GPU's work.",
+        "share, but keep threads x replicas on a node within its cores (more, and OpenMP's "
+        "threads spin for cores another replica holds: several times slower). No effect on a "
+        "GPU's work.",
     )
 
     _actor = field_validator("resources")(_check_actor_options)

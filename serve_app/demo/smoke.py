@@ -66,18 +66,26 @@ def build_expert(task: str, vocab: int, width: int, layers: int, seed: int):
 
 
 def laptop_library(experts: list[dict], router_resources: dict) -> dict:
-    """A library mapping with one router replica on the packaged MiniLM, its head in
-    `router/`, short batching waits and no default weights (smoke and demo libraries)."""
+    """A library mapping with a router on the packaged MiniLM (one replica, two under load,
+    one torch thread each), its head in `router/`, short batching waits and no default
+    weights (smoke and demo libraries)."""
     return {
         "router": {
             "model": MINILM,
             "checkpoint": "router",
             "resources": router_resources,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            # Under load a second replica takes the second core: two one-thread replicas route
+            # 16 clients about 1.4x faster than one two-thread replica, and two two-thread
+            # replicas on 2 cores collapse (OpenMP threads spinning for cores the other holds:
+            # docs/benchmarks.md, Route latency). A lone prompt pays one thread's speed.
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 4,
+                "upscale_delay_s": 2.0,
+            },
             "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
-            # A fraction of a CPU reserved, but the encoder may use two cores: every request
-            # waits for it (Ray alone would give it one thread).
-            "threads": 2,
+            "threads": 1,
         },
         "experts": experts,
         "objective": {"weights": {"size": 0.0, "recency": 0.0}},

@@ -82,7 +82,8 @@ def test_pool_bench_serves_a_pool_and_writes_its_figures(tmp_path):
 @pytest.mark.slow  # a Ray of its own and the smoke library served: about a minute
 def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path):
     done = bench(
-        *("--requests", "20", "--clients", "4", "--seconds", "3", "--out", str(tmp_path)),
+        *("--requests", "20", "--clients", "4", "--seconds", "3", "--warmup", "0"),
+        *("--out", str(tmp_path)),
         module="bench.route_latency",
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -92,3 +93,4 @@ def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path)
     assert served["p50_ms"] > served["router_model_ms"] > 0  # the model is part of a decision
     assert served["p50_ms"] > served["http_only_p50_ms"] > 0
     assert served["concurrent"]["failures"] == 0
+    assert served["concurrent"]["router_replicas"] >= 1

@@ -102,7 +102,12 @@ def test_expert_autoscaling_fields_are_merged_over_the_defaults(variant):
 
 def test_router_autoscaling_and_resources_are_kept_as_written(smoke):
     router = load_library(smoke).router
-    assert router.autoscaling == {"min_replicas": 1, "max_replicas": 1}
+    assert router.autoscaling == {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 4,
+        "upscale_delay_s": 2.0,
+    }
     assert router.resources == {"num_cpus": 0.5}
 
 

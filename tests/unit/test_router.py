@@ -146,3 +146,19 @@ def test_the_served_prediction_mixes_mlp_domain_prior_and_neighbours(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.prior(emb), head.prior(emb))
     assert loaded.cfg.prior_weight == 0.5 and loaded.cfg.domains == ["code", "prose"]
+
+
+def test_router_replica_runs_torch_with_the_librarys_thread_count(smoke):
+    """router.threads reaches the replica's torch thread (Ray alone would give a replica with
+    half a CPU one thread; the smoke library's own value is 1, so this asks for 2)."""
+    import asyncio
+
+    from deployments.router import RouterDeployment
+    from serve_app.config import load_library
+
+    router = load_library(smoke).router
+    replica = RouterDeployment.func_or_class(
+        encoder=router.model, checkpoint=str(router.checkpoint), threads=2
+    )
+    assert asyncio.run(replica.stats())["threads"] == 2
+    replica.torch.shutdown()
