@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import objective
 from serve_app.api import API_KEYS_ENV, Guard, create_api
-from serve_app.config import LibraryConfig
+from serve_app.config import POOL_PREFIX, LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.experts import Generation, has_mask
 from serve_app.learn.route import check_prompt
@@ -146,6 +146,10 @@ class Ingress:
         self.limits = library.ingress
         self.policy = library.policy
         self.task_of = {e.name: e.task for e in library.experts}
+        # The Serve deployment that answers each expert: its pool's, or its own.
+        self.deployment_of = {
+            e.name: POOL_PREFIX + e.pool if e.pool is not None else e.name for e in library.experts
+        }
         # Checked before FastAPI reads a request (serve_app.api.GuardMiddleware). The keys come
         # from this replica's environment, which build_app fills from the runtime environment.
         self.telemetry = Telemetry()
@@ -212,14 +216,25 @@ class Ingress:
     ) -> tuple[str, Any, list[str]]:
         """Run `call` (an expert's name -> an awaitable that can be cancelled: a deployment
         response, or a task) on the best expert; on failure or timeout the next, up to max_attempts,
-        all within ingress.request_timeout_s. A client-caused failure is a 400 at once."""
+        all within ingress.request_timeout_s. A client-caused failure is a 400 at once.
+
+        An expert whose deployment already refused this request for a full queue (a pool's
+        other experts) is passed over without spending an attempt: it would be refused too."""
         end = time.monotonic() + self.limits.request_timeout_s
         skipped: list[str] = []
         busy: BackPressureError | None = None
-        for ranked in ranking[: self.limits.max_attempts]:
+        full: set[str] = set()  # deployments at their queue limit, as found by this request
+        attempts = 0
+        for ranked in ranking:
             left = end - time.monotonic()
-            if left <= 0:
+            if attempts >= self.limits.max_attempts or left <= 0:
                 break
+            deployment = self.deployment_of.get(ranked.expert, ranked.expert)
+            if deployment in full:
+                self.telemetry.fallback(ranked.expert, "busy")
+                skipped.append(ranked.expert)
+                continue
+            attempts += 1
             response = call(ranked.expert)
             try:
                 with self.telemetry.stage(endpoint, "expert"):
@@ -229,6 +244,7 @@ class Ingress:
                 # The expert's queue is full (its max_queued_requests): the next one answers.
                 logger.info("expert %s is at its queue limit; trying the next", ranked.expert)
                 busy, reason = err, "busy"
+                full.add(deployment)
             except TimeoutError:
                 response.cancel()
                 logger.error("expert %s gave no answer in time; trying the next", ranked.expert)

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import yaml
 from ray import serve
 
 from serve_app.app import build_graph
@@ -72,3 +73,41 @@ def test_a_busy_expert_is_skipped_for_the_next_in_the_ranking(api):
     assert all([x["expert"] for x in b["ranking"]] == ["gen-xs", "gen-s"] for b in bodies)
     by = [(b["expert"], b["skipped"]) for b in bodies]
     assert set(map(str, by)) == {str(("gen-xs", [])), str(("gen-s", ["gen-xs"]))}, by
+
+
+@pytest.fixture(scope="module")
+def pooled_api(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
+    # gen-xs and gen-s in one pool whose one replica takes one request at a time (gen-xs
+    # pauses 3 s) and queues one more; gen-m has its own deployment; two attempts a request.
+    raw = yaml.safe_load(smoke_library.read_text())
+    for expert in raw["experts"]:
+        if expert["name"] in ("gen-xs", "gen-s"):
+            expert.pop("resources")
+            expert["pool"] = "busy"
+    raw["pools"] = {
+        "busy": {
+            "resources": {"num_cpus": 0},
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            "batching": {"max_batch_size": 1},
+        }
+    }
+    raw["ingress"] = {"max_attempts": 2}
+    path = smoke_library.with_name("library-busy-pool.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    app = build_graph(load_library(path), load_experts={"gen-xs": load_pausing})
+    serve.run(app, name="busy-pool", route_prefix="/busy-pool")
+    with client(serve_port, "/busy-pool") as c:
+        yield c
+    serve.delete("busy-pool")
+
+
+def test_a_full_pool_costs_one_attempt_not_one_per_pooled_expert(pooled_api):
+    # The ranking is gen-xs, gen-s (both in the full pool), gen-m; with two attempts, the
+    # second goes to gen-m: gen-s would be refused by the same full queue.
+    answers = burst(pooled_api, ["gen-xs", "gen-s", "gen-m"], 5, weights={"size": 50})
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    by = [(b["expert"], b["skipped"]) for b in (r.json() for r in answers)]
+    assert ("gen-m", ["gen-xs", "gen-s"]) in by, by
+    assert set(map(str, by)) <= {str(("gen-xs", [])), str(("gen-m", ["gen-xs", "gen-s"]))}, by
