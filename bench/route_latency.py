@@ -73,17 +73,34 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float]:
-    """The encoder alone, in this process: p50 of one prompt, and prompts/s in batches."""
+    """The encoder alone, in this process with torch's threads (the machine's cores): p50 of
+    one prompt, and prompts/s in batches; and the p50 with the router's own `threads`, where
+    the library sets them (p50_ms_router_threads)."""
+    import torch
+
     from serve_app.router import Encoder, read_head_config
 
     head = read_head_config(library.router.checkpoint)
     encoder = Encoder(library.router.model, max_length=head.max_length)
     encoder.encode(texts[:batch])  # warm up
-    single = []
-    for t in texts:
-        start = time.perf_counter()
-        encoder.encode([t])
-        single.append(time.perf_counter() - start)
+
+    def one_by_one() -> list[float]:
+        times = []
+        for t in texts:
+            start = time.perf_counter()
+            encoder.encode([t])
+            times.append(time.perf_counter() - start)
+        return times
+
+    own: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    if library.router.threads and library.router.threads != threads:
+        torch.set_num_threads(library.router.threads)
+        try:
+            own["p50_ms_router_threads"] = 1000 * statistics.median(one_by_one())
+        finally:
+            torch.set_num_threads(threads)
+    single = one_by_one()
     start, done, i = time.perf_counter(), 0, 0
     while time.perf_counter() - start < 10:
         chunk = texts[i * batch : (i + 1) * batch]
@@ -91,9 +108,11 @@ def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float
         done += len(chunk)
         i = (i + 1) % max(1, len(texts) // batch)
     return {
+        "threads": threads,
         "p50_ms": 1000 * statistics.median(single),
         "p99_ms": 1000 * quantile(single, 0.99),
         "batched_prompts_per_s": done / (time.perf_counter() - start),
+        **own,
     }
 
 
@@ -160,11 +179,16 @@ async def served(
 
         # Warm-up under the same load until the router has scaled out (Serve's autoscaler
         # hears of the load every few seconds): the figure is the steady state.
+        async def load(s: float) -> None:
+            await asyncio.gather(
+                *(client(k, time.perf_counter() + s, False) for k in range(clients))
+            )
+
         warm_start = time.perf_counter()
         while router_replicas() < replicas and time.perf_counter() - warm_start < warmup:
-            await asyncio.gather(
-                *(client(k, time.perf_counter() + 2, False) for k in range(clients))
-            )
+            await load(2)
+        if warmup and replicas > 1 and router_replicas() >= replicas:
+            await load(3)  # the new replica's first batches (allocations, caches) are not timed
         warmup_s = time.perf_counter() - warm_start
         scaled = router_replicas()
         start = time.perf_counter()
@@ -181,6 +205,7 @@ async def served(
         "concurrent": {
             "clients": clients,
             "router_replicas": scaled,
+            "scaled_out": scaled >= replicas,
             "warmup_s": warmup_s,
             "decisions": len(latencies),
             "failures": failures,
@@ -217,6 +242,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         offline = [r["expert"] for r in decide(library, router, [(t, "") for t in texts])]
     chosen = service.pop("chosen")
     overhead = service["p50_ms"] - floor["p50_ms"]
+    if "p50_ms_router_threads" in floor:  # the part of the overhead that is the thread count
+        service["overhead_vs_router_threads_ms"] = (
+            service["p50_ms"] - floor["p50_ms_router_threads"]
+        )
     share = service["concurrent"]["decisions_per_s"] / floor["batched_prompts_per_s"]
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -247,7 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     e, s, c = results["encoder"], results["served"], results["served"]["concurrent"]
     batched = e["batched_prompts_per_s"]
-    print(f"encoder alone:  p50 {e['p50_ms']:.1f} ms, batched {batched:.1f} prompts/s")
+    print(
+        f"encoder alone:  p50 {e['p50_ms']:.1f} ms, batched {batched:.1f} prompts/s "
+        f"({e['threads']} torch threads)"
+    )
+    if "p50_ms_router_threads" in e:
+        print(
+            f"                p50 {e['p50_ms_router_threads']:.1f} ms with the router's "
+            f"threads: /v1/route is {s['overhead_vs_router_threads_ms']:.1f} ms above that"
+        )
     print(f"/v1/route:      p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (one client)")
     print(
         f"where it goes:  the router's model in its replica {s['router_model_ms']:.1f} ms a "
@@ -258,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         f"p50 {c['p50_ms']:.0f} ms, {c['failures']} failures, {c['router_replicas']} router "
         f"replica(s) (after {c['warmup_s']:.0f} s of warm-up)"
     )
+    if not c["scaled_out"]:
+        print("warning: the router did not reach its max_replicas; measured with fewer")
     print(
         f"overhead {results['overhead_ms']:.1f} ms (goal <= {OVERHEAD_GOAL_MS:g}); throughput "
         f"{results['throughput_share']:.0%} of the encoder's (goal >= {SHARE_GOAL:.0%}); "

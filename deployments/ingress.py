@@ -219,7 +219,9 @@ class Ingress:
         all within ingress.request_timeout_s. A client-caused failure is a 400 at once.
 
         An expert whose deployment already refused this request for a full queue (a pool's
-        other experts) is passed over without spending an attempt: it would be refused too."""
+        other experts) is passed over without spending an attempt, since it would be refused
+        too; it is not tried, so it is neither in `skipped` nor counted as a fallback (a pool
+        of hundreds would otherwise list them all)."""
         end = time.monotonic() + self.limits.request_timeout_s
         skipped: list[str] = []
         busy: BackPressureError | None = None
@@ -230,9 +232,7 @@ class Ingress:
             if attempts >= self.limits.max_attempts or left <= 0:
                 break
             deployment = self.deployment_of.get(ranked.expert, ranked.expert)
-            if deployment in full:
-                self.telemetry.fallback(ranked.expert, "busy")
-                skipped.append(ranked.expert)
+            if deployment in full:  # not tried: not in `skipped`, nor counted as a fallback
                 continue
             attempts += 1
             response = call(ranked.expert)

@@ -122,7 +122,9 @@ class InferResponse(RouteResponse):
     task: str = Field(description="The answering expert's task.")
     output: Any = Field(description="Generated text, or the fill-mask predictions.")
     skipped: list[str] = Field(
-        default_factory=list, description="Experts ranked higher that failed and were passed over."
+        default_factory=list,
+        description="Experts ranked higher that were tried and failed, were busy or gave no "
+        "answer in time (not those of a pool that had already refused the request).",
     )
     fallback: bool = Field(
         False, description="Whether an expert below the first of the ranking answered."

@@ -66,19 +66,22 @@ def build_expert(task: str, vocab: int, width: int, layers: int, seed: int):
 
 
 def laptop_library(experts: list[dict], router_resources: dict) -> dict:
-    """A library mapping with a router on the packaged MiniLM (one replica, two under load,
-    one torch thread each), its head in `router/`, short batching waits and no default
-    weights (smoke and demo libraries)."""
+    """A library mapping with a router on the packaged MiniLM (on CPUs one replica, two under
+    load, one torch thread each; on a GPU one replica), its head in `router/`, short batching
+    waits and no default weights (smoke and demo libraries)."""
     return {
         "router": {
             "model": MINILM,
             "checkpoint": "router",
             "resources": router_resources,
-            # Under load a second replica takes the second core: two one-thread replicas route
-            # 16 clients about 1.4x faster than one two-thread replica, and two two-thread
-            # replicas on 2 cores collapse (OpenMP threads spinning for cores the other holds:
-            # docs/benchmarks.md, Route latency). A lone prompt pays one thread's speed.
-            "autoscaling": {
+            # On CPUs a second replica takes the second core under load: two one-thread
+            # replicas route 16 clients about 1.4x faster than one two-thread replica, and two
+            # two-thread replicas on 2 cores collapse (OpenMP threads spinning for cores the
+            # other holds: docs/benchmarks.md, Route latency). A lone prompt pays one thread's
+            # speed. On a GPU one replica does, and leaves the other GPUs to the experts.
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1}
+            if router_resources.get("num_gpus")
+            else {
                 "min_replicas": 1,
                 "max_replicas": 2,
                 "target_ongoing_requests": 4,

@@ -93,4 +93,7 @@ def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path)
     assert served["p50_ms"] > served["router_model_ms"] > 0  # the model is part of a decision
     assert served["p50_ms"] > served["http_only_p50_ms"] > 0
     assert served["concurrent"]["failures"] == 0
-    assert served["concurrent"]["router_replicas"] >= 1
+    assert isinstance(served["concurrent"]["scaled_out"], bool)
+    encoder = report["encoder"]
+    # The smoke router runs one torch thread: the floor is also measured at that count.
+    assert encoder["threads"] == 1 or encoder["p50_ms_router_threads"] > encoder["p50_ms"] > 0

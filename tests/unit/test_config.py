@@ -111,6 +111,14 @@ def test_router_autoscaling_and_resources_are_kept_as_written(smoke):
     assert router.resources == {"num_cpus": 0.5}
 
 
+def test_the_smoke_router_keeps_one_replica_on_a_gpu():
+    from serve_app.demo.smoke import laptop_library
+
+    router = laptop_library([], {"num_gpus": 1})["router"]
+    assert router["autoscaling"] == {"min_replicas": 1, "max_replicas": 1}
+    assert laptop_library([], {"num_cpus": 0.5})["router"]["autoscaling"]["max_replicas"] == 2
+
+
 def test_expert_resources_are_passed_through(variant):
     resources = {"num_gpus": 1, "resources": {"big-memory": 1}, "memory": 2**30}
     path = variant(lambda raw: _expert(raw, "gen-m").update(resources=resources))

@@ -160,5 +160,7 @@ def test_router_replica_runs_torch_with_the_librarys_thread_count(smoke):
     replica = RouterDeployment.func_or_class(
         encoder=router.model, checkpoint=str(router.checkpoint), threads=2
     )
-    assert asyncio.run(replica.stats())["threads"] == 2
-    replica.torch.shutdown()
+    try:
+        assert asyncio.run(replica.stats())["threads"] == 2
+    finally:
+        replica.torch.shutdown()
