@@ -164,3 +164,23 @@ def test_router_replica_runs_torch_with_the_librarys_thread_count(smoke):
         assert asyncio.run(replica.stats())["threads"] == 2
     finally:
         replica.torch.shutdown()
+
+
+def test_finetuning_batches_hold_prompts_of_similar_length_each_once():
+    from serve_app.learn.train import length_batches
+
+    counts = [(i * 37) % 256 + 1 for i in range(1000)]  # token counts, scattered
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    batches = length_batches(counts, order, 16, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert sorted(len(b) for b in batches) == [1000 % 16] + [16] * (1000 // 16)
+    padded = sum(len(b) * max(counts[i] for i in b) for b in batches)
+    shuffled = sum(  # the same order cut into batches as it comes
+        len(order[i : i + 16]) * max(counts[j] for j in order[i : i + 16])
+        for i in range(0, 1000, 16)
+    )
+    assert padded < 0.7 * shuffled  # one window of 800: most of the padding is gone
+    # shuffled batches: not in length order
+    assert [max(counts[i] for i in b) for b in batches] != sorted(
+        max(counts[i] for i in b) for b in batches
+    )
