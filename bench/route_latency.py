@@ -201,6 +201,7 @@ async def served(
         # Where the time goes, one client: the router's model inside its replica (mean per
         # prompt), and proxy + ingress alone (p50 of GET /v1/models).
         "router_model_ms": 1000 * (after["model_s"] - before["model_s"]) / max(1, prompts_run),
+        "router_threads": after["threads"],  # torch threads of the replica that answered
         "http_only_p50_ms": 1000 * statistics.median(http_only),
         "concurrent": {
             "clients": clients,
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"/v1/route:      p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (one client)")
     print(
         f"where it goes:  the router's model in its replica {s['router_model_ms']:.1f} ms a "
-        f"prompt; proxy + ingress with no model (GET /v1/models) {s['http_only_p50_ms']:.1f} ms"
+        f"prompt ({s['router_threads']} torch threads); proxy + ingress with no model "
+        f"(GET /v1/models) {s['http_only_p50_ms']:.1f} ms"
     )
     print(
         f"{c['clients']} clients:   {c['decisions_per_s']:.1f} decisions/s, "

@@ -91,6 +91,7 @@ def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path)
     served = report["served"]
     assert report["same_decisions_as_offline"] is True
     assert served["p50_ms"] > served["router_model_ms"] > 0  # the model is part of a decision
+    assert served["router_threads"] == 1  # the smoke library's router.threads
     assert served["p50_ms"] > served["http_only_p50_ms"] > 0
     assert served["concurrent"]["failures"] == 0
     assert isinstance(served["concurrent"]["scaled_out"], bool)
