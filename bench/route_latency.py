@@ -11,7 +11,8 @@ floor     the encoder's own forward pass in this process, one prompt at a time (
 served    `/v1/route` over HTTP: one client sending N requests one after another (p50, p99),
           then C clients at once for S seconds (decisions a second), once the router has
           scaled out to its max_replicas under that load (at most --warmup seconds)
-where     the router's model inside its replica (mean a prompt, timed by the replica), and the
+where     the router's model inside its replica (mean a prompt, timed by the replica), the
+          encoder alone inside a Ray worker with the floor's threads (p50), and the
           proxy and ingress with no model behind them (GET /v1/models, p50)
 
 and writes OUT/route_latency.json with the two figures the product aims at:
@@ -217,6 +218,34 @@ async def served(
     }
 
 
+def encoder_in_ray(library: Any, texts: list[str], threads: int) -> float:
+    """p50 (ms) of the same encoder, one prompt at a time, in a Ray worker that reserves no
+    CPU (as the router's replica does) with `threads` torch threads: what running inside Ray
+    costs the model on this machine, before any HTTP or handle."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def timed(model: str, max_length: int) -> float:
+        import torch
+
+        from serve_app.router import Encoder
+
+        torch.set_num_threads(threads)
+        encoder = Encoder(model, max_length=max_length)
+        encoder.encode(texts[:16])  # warm up
+        times = []
+        for t in texts:
+            start = time.perf_counter()
+            encoder.encode([t])
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    from serve_app.router import read_head_config
+
+    head = read_head_config(library.router.checkpoint)
+    return ray.get(timed.remote(library.router.model, head.max_length))
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from serve_app.app import build_app
     from serve_app.config import load_library
@@ -235,6 +264,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             service = asyncio.run(
                 served(url, texts, args.clients, args.seconds, replicas, args.warmup)
             )
+            floor["p50_ms_in_ray"] = encoder_in_ray(library, texts, floor["threads"])
         # The same decisions offline (tryage route's code): nothing was traded for speed.
         from serve_app.learn.route import decide
         from serve_app.router import LearnedRouter
@@ -286,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             f"                p50 {e['p50_ms_router_threads']:.1f} ms with the router's "
             f"threads: /v1/route is {s['overhead_vs_router_threads_ms']:.1f} ms above that"
         )
+    print(
+        f"                p50 {e['p50_ms_in_ray']:.1f} ms in a Ray worker with the same threads "
+        "(no HTTP, no handle)"
+    )
     print(f"/v1/route:      p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (one client)")
     print(
         f"where it goes:  the router's model in its replica {s['router_model_ms']:.1f} ms a "

@@ -96,5 +96,6 @@ def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path)
     assert served["concurrent"]["failures"] == 0
     assert isinstance(served["concurrent"]["scaled_out"], bool)
     encoder = report["encoder"]
+    assert encoder["p50_ms_in_ray"] > 0  # the same encoder inside a Ray worker
     # The smoke router runs one torch thread: the floor is also measured at that count.
     assert encoder["threads"] == 1 or encoder["p50_ms_router_threads"] > encoder["p50_ms"] > 0
