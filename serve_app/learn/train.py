@@ -545,23 +545,18 @@ def finetune(
     z_train = torch.tensor((train_m.losses - head.mean.cpu().numpy()) / head.std.cpu().numpy())
     z_val = torch.tensor((val_m.losses - head.mean.cpu().numpy()) / head.std.cpu().numpy())
 
-    def token_counts(texts: list[str]) -> list[int]:
+    def tokenized(texts: list[str]) -> list[dict]:
+        """Each prompt's tokens, once: batches only pad them (tokenizer.pad)."""
         enc = encoder.tokenizer(texts, truncation=True, max_length=cfg.max_length)
-        return [len(ids) for ids in enc["input_ids"]]
+        return [{k: enc[k][j] for k in enc} for j in range(len(texts))]
 
-    counts = {"train": token_counts(train_m.texts), "val": token_counts(val_m.texts)}
+    tokens = {"train": tokenized(train_m.texts), "val": tokenized(val_m.texts)}
+    counts = {split: [len(t["input_ids"]) for t in rows] for split, rows in tokens.items()}
 
     def batches(split: str, order: list[int], gen: torch.Generator | None = None):
-        texts = train_m.texts if split == "train" else val_m.texts
         for idx in length_batches(counts[split], order, cfg.batch_size, gen):
-            enc = encoder.tokenizer(
-                [texts[j] for j in idx],
-                padding=True,
-                truncation=True,
-                max_length=cfg.max_length,
-                return_tensors="pt",
-            ).to(accel.device)
-            yield idx, enc
+            rows = [tokens[split][j] for j in idx]
+            yield idx, encoder.tokenizer.pad(rows, return_tensors="pt").to(accel.device)
 
     def val_error() -> float:
         model.eval()
