@@ -73,6 +73,16 @@ def quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def one_by_one(encoder: Any, texts: list[str]) -> list[float]:
+    """Seconds the encoder takes on each text, one at a time."""
+    times = []
+    for t in texts:
+        start = time.perf_counter()
+        encoder.encode([t])
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float]:
     """The encoder alone, in this process with torch's threads (the machine's cores): p50 of
     one prompt, and prompts/s in batches; and the p50 with the router's own `threads`, where
@@ -84,24 +94,15 @@ def encoder_floor(library: Any, texts: list[str], batch: int) -> dict[str, float
     head = read_head_config(library.router.checkpoint)
     encoder = Encoder(library.router.model, max_length=head.max_length)
     encoder.encode(texts[:batch])  # warm up
-
-    def one_by_one() -> list[float]:
-        times = []
-        for t in texts:
-            start = time.perf_counter()
-            encoder.encode([t])
-            times.append(time.perf_counter() - start)
-        return times
-
     own: dict[str, float] = {}
     threads = torch.get_num_threads()
     if library.router.threads and library.router.threads != threads:
         torch.set_num_threads(library.router.threads)
         try:
-            own["p50_ms_router_threads"] = 1000 * statistics.median(one_by_one())
+            own["p50_ms_router_threads"] = 1000 * statistics.median(one_by_one(encoder, texts))
         finally:
             torch.set_num_threads(threads)
-    single = one_by_one()
+    single = one_by_one(encoder, texts)
     start, done, i = time.perf_counter(), 0, 0
     while time.perf_counter() - start < 10:
         chunk = texts[i * batch : (i + 1) * batch]
@@ -233,12 +234,7 @@ def encoder_in_ray(library: Any, texts: list[str], threads: int) -> float:
         torch.set_num_threads(threads)
         encoder = Encoder(model, max_length=max_length)
         encoder.encode(texts[:16])  # warm up
-        times = []
-        for t in texts:
-            start = time.perf_counter()
-            encoder.encode([t])
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+        return 1000 * statistics.median(one_by_one(encoder, texts))
 
     from serve_app.router import read_head_config
 
