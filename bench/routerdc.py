@@ -195,6 +195,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
             "knn_weight": report.knn_weight,
             "base_weight": report.base_weight,
             "knn_k": report.knn_k,
+            "mix_folds": report.mix_folds,
             "val": report.val,
             "route_ms_per_prompt": routed.ms_per_prompt,
             "routed": routed.rows,
@@ -264,11 +265,17 @@ def render(results: dict) -> str:
         f"- Encoder `{r['encoder']}`: 22.7M parameters, frozen. The served prediction of "
         "every model's accuracy on a prompt mixes the head's MLP, a domain prior (a linear "
         "classifier of the task times each task's mean accuracy per model) and neighbour "
-        "evidence; validation on the train split chose "
-        f"{1 - r['prior_weight'] - r['knn_weight'] - r.get('base_weight', 0):g} MLP + "
+        "evidence; "
+        + (
+            f"out-of-fold predictions over {r['mix_folds']} folds of the train split chose "
+            if r.get("mix_folds")
+            else "validation on the train split chose "
+        )
+        + f"{1 - r['prior_weight'] - r['knn_weight'] - r.get('base_weight', 0):g} MLP + "
         f"{r['prior_weight']:g} prior + {r['knn_weight']:g} neighbours + "
         f"{r.get('base_weight', 0):g} base rate "
-        f"(validation top-1 {r['val']['top1']:.3f}).",
+        f"({'out-of-fold' if r.get('mix_folds') else 'validation'} top-1 "
+        f"{r['val']['top1']:.3f}).",
         f"- Import {r['import_s']:.1f} s; training {r['train_s']:.1f} s ({r['epochs']} epochs, "
         "the embedding of the train split included unless cached).",
         f"- Routing cost: {r['route_ms_per_prompt']:.2f} ms a prompt over {r['routed']} test "

@@ -79,6 +79,11 @@ class TrainConfig:
     mix_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     knn_ks: tuple[int, ...] = (10, 25, 50, 100)
     prior_steps: int = 300  # full-batch steps of the domain prior's classifier
+    # Frozen mode with validation by prompt, given at least 20 prompts a fold: the mix is
+    # chosen on out-of-fold predictions over `mix_folds` folds of every prompt (each fold's
+    # head trained as this one is, on the other folds), not on the validation prompts alone,
+    # and the domain prior is then fit on every prompt (choose_mix_folds). 0 or 1: off.
+    mix_folds: int = 5
 
 
 @dataclass
@@ -103,6 +108,10 @@ class Report:
     knn_k: int = 0
     base_weight: float = 0.0
     val_mixes: list[dict] = field(default_factory=list)  # every setting tried, its figures
+    # Folds the mix was chosen over (choose_mix_folds); then `val`, `val_best_single`,
+    # `val_oracle` and `expert_mae` are out-of-fold figures over every prompt. 0: over the
+    # n_val validation prompts.
+    mix_folds: int = 0
 
     def table(self) -> str:
         """A readable summary."""
@@ -124,6 +133,11 @@ class Report:
             shown = measure.shown(m["mean_loss"])
             lines.append(f"{name:<12} {m['top1']:>6.3f} {m['regret']:>8.4f} {shown:>10.4f}")
         mlp = 1 - self.prior_weight - self.knn_weight - self.base_weight
+        if self.mix_folds:
+            lines.append(
+                f"figures out of fold over all {self.n_train + self.n_val} prompts "
+                f"({self.mix_folds} folds), the mix chosen on them"
+            )
         lines.append(
             f"validation drawn by {self.group_by}; prediction = {mlp:g} MLP + "
             f"{self.prior_weight:g} domain prior + {self.knn_weight:g} neighbours"
@@ -259,28 +273,51 @@ def choose_mix(
     """Choose the weights of the MLP, the domain prior, neighbour evidence and the base rate
     (and the neighbours' k) on the validation prompts, neighbours drawn from the training
     prompts only; set them in the head's config. Returns (every setting tried with its
-    figures, the validation predictions).
-
-    The MLP alone is the default. Another setting replaces it only where its validation
-    regret is lower by more than one standard error of the paired difference (prompt by
-    prompt): with a few dozen validation prompts, dozens of settings tried would otherwise
-    pick one that won by chance. Among those, the lowest regret wins."""
+    figures, the validation predictions)."""
     is_val = torch.from_numpy(val_mask)
-    val_emb, val_y = emb[is_val], losses[val_mask]
     neighbours = Neighbours(emb[~is_val], torch.tensor(losses[~val_mask]))
-    # Settings compare on the same prompts: a choice is made among the measured experts of
-    # each validation prompt, so no setting gains by choosing unmeasured ones.
-    unmeasured = torch.from_numpy(np.isnan(val_y))
-    best_true = np.nanmin(val_y, axis=1)
-    rows = np.arange(len(val_y))
+    parts = _parts(head, neighbours, emb[is_val], cfg.knn_ks)
+    return _search_mix(head, parts, losses[val_mask], cfg)
+
+
+def _parts(
+    head: RouterHead, neighbours: Neighbours, emb: torch.Tensor, ks: tuple[int, ...]
+) -> dict:
+    """What a mix is made of, for prompts (B, H): the MLP's, the domain prior's (the base
+    rate's where the head has no prior: it saw one domain, whose mean that is), the base
+    rate's and, for every k, the neighbours' predicted losses (B, E)."""
     with torch.no_grad():
-        mlp = head.predict(val_emb)
-        prior = head.prior(val_emb) if head.cfg.domains else None
-    knn = {k: neighbours.mean_loss(val_emb, k) for k in cfg.knn_ks}
+        base = head.mean.expand(len(emb), -1)
+        return {
+            "mlp": head.predict(emb),
+            "prior": head.prior(emb) if head.cfg.domains else base,
+            "base": base,
+            "knn": {k: neighbours.mean_loss(emb, k) for k in ks},
+        }
+
+
+def _search_mix(
+    head: RouterHead, parts: dict, losses: np.ndarray, cfg: TrainConfig
+) -> tuple[list[dict], np.ndarray]:
+    """Try every mix of `parts` (_parts) against the true losses (N, E) and set the winner in
+    the head's config; returns (every setting tried with its regret, the winner's
+    predictions).
+
+    The MLP alone is the default. Another setting replaces it only where its regret is lower
+    by more than one standard error of the paired difference (prompt by prompt): with a few
+    dozen validation prompts, dozens of settings tried would otherwise pick one that won by
+    chance. Among those, the lowest regret wins."""
+    # Settings compare on the same prompts: a choice is made among the measured experts of
+    # each prompt, so no setting gains by choosing unmeasured ones.
+    unmeasured = torch.from_numpy(np.isnan(losses))
+    best_true = np.nanmin(losses, axis=1)
+    rows = np.arange(len(losses))
+    mlp, knn = parts["mlp"], parts["knn"]
+    prior = parts["prior"] if head.cfg.domains else None
 
     def regrets(pred: torch.Tensor) -> np.ndarray:
         picked = choose(pred.masked_fill(unmeasured, np.inf).numpy())
-        return val_y[rows, picked] - best_true  # (n_val,)
+        return losses[rows, picked] - best_true  # (N,)
 
     default = regrets(mlp)
     weights = sorted({0.0, *cfg.mix_weights})
@@ -290,7 +327,7 @@ def choose_mix(
         for wk in (w for w in weights if wp + w <= 1 + 1e-9):
             for wb in (w for w in weights if wp + wk + w <= 1 + 1e-9):
                 for k in cfg.knn_ks if wk else (0,):
-                    pred = mix(mlp, prior, knn.get(k), wp, wk, head.mean, wb)
+                    pred = mix(mlp, prior, knn.get(k), wp, wk, parts["base"], wb)
                     r = regrets(pred)
                     gain = default - r
                     se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else np.inf
@@ -309,6 +346,71 @@ def choose_mix(
                         best = (float(r.mean()), wp, wk, k, wb, pred)
     _, head.cfg.prior_weight, head.cfg.knn_weight, head.cfg.knn_k, head.cfg.base_weight, pred = best
     return tried, pred.numpy()
+
+
+def folds_apply(matrix: Matrix, cfg: TrainConfig) -> bool:
+    """Whether the mix is chosen over folds (TrainConfig.mix_folds) for this profile."""
+    return (
+        cfg.mode == "frozen"
+        and cfg.group_by == "prompt"
+        and cfg.mix_folds >= 2
+        and len(matrix.ids) >= 20 * cfg.mix_folds
+    )
+
+
+def choose_mix_folds(
+    head: RouterHead, emb: torch.Tensor, matrix: Matrix, cfg: TrainConfig
+) -> tuple[list[dict], np.ndarray, np.ndarray] | None:
+    """Choose the mix (as choose_mix does) on out-of-fold predictions over `cfg.mix_folds`
+    folds of every prompt, drawn by prompt id: each fold's parts come from a head trained
+    the way `head` was (its MLP on the other folds' training prompts, stopped on their
+    validation prompts; its prior and neighbours on all the other folds' prompts). A choice
+    made on every prompt instead of the validation fifth is less a matter of which prompts
+    fell in that fifth. Then the head's domain prior is fit on every prompt: no prompt is
+    left to hold out of it. Returns (every setting tried, the out-of-fold predictions of the
+    winner (N, E), of the base rate (N, E): what the best single expert goes by), or None
+    where a fold left no prompt to stop its MLP on."""
+    k = cfg.mix_folds
+    fold = np.array([min(int(unit_draw(i, cfg.seed, "mix fold") * k), k - 1) for i in matrix.ids])
+    parts: dict = {}
+    knn: dict[int, torch.Tensor] = {}
+    for f in range(k):
+        out = fold == f
+        if not out.any():
+            continue
+        rest = matrix.subset(~out)
+        rest_emb = emb[torch.from_numpy(~out)]
+        val = validation_mask(rest, cfg)
+        if val.all() or not val.any():
+            return None
+        is_val = torch.from_numpy(val)
+        fold_head, *_ = train_head(
+            rest_emb[~is_val],
+            rest.losses[~val],
+            rest_emb[is_val],
+            rest.losses[val],
+            matrix.experts,
+            cfg,
+            domains=[d for d, v in zip(rest.domains, val, strict=True) if not v],
+        )
+        if fold_head.cfg.domains:
+            fit_prior(fold_head, rest_emb, rest.domains, rest.losses, cfg)
+        mine = _parts(
+            fold_head,
+            Neighbours(rest_emb, torch.tensor(rest.losses)),
+            emb[torch.from_numpy(out)],
+            cfg.knn_ks,
+        )
+        at = torch.from_numpy(np.flatnonzero(out))
+        for name in ("mlp", "prior", "base"):
+            parts.setdefault(name, torch.full(matrix.losses.shape, np.nan))[at] = mine[name]
+        for j, got in mine["knn"].items():
+            knn.setdefault(j, torch.full(matrix.losses.shape, np.nan))[at] = got
+    parts["knn"] = knn
+    if head.cfg.domains:
+        fit_prior(head, emb, matrix.domains, matrix.losses, cfg)
+    tried, pred = _search_mix(head, parts, matrix.losses, cfg)
+    return tried, pred, parts["base"].numpy()
 
 
 def train_head(
@@ -463,14 +565,20 @@ def train(
                 domains=train_m.domains,
             )
             encoder_name = library.router.model
-        mixes, pred = finish_head(head, emb, matrix, val_mask, cfg)
+        folded = choose_mix_folds(head, emb, matrix, cfg) if folds_apply(matrix, cfg) else None
+        if folded:  # figures out of fold over every prompt
+            mixes, pred, base = folded
+            scored, single = matrix.losses, choose(base)
+        else:  # figures over the validation prompts
+            mixes, pred = finish_head(head, emb, matrix, val_mask, cfg)
+            scored = val_m.losses
+            single = np.full(len(scored), int(np.nanargmin(np.nanmean(train_m.losses, 0))))
         save_head(head, folder, encoder=encoder_name)
         # The knn and best_single baselines read the whole profile (training and validation
         # prompts: neither learns anything that needs holding out) from the checkpoint.
         save_reference(folder, emb, matrix)
         measured = {name: m for name, m in measures(table).items() if name in library.names}
         (folder / MEASURES).write_text(json.dumps(measured, indent=2) + "\n")
-        best_single = int(np.nanargmin(np.nanmean(train_m.losses, 0)))
         report = Report(
             mode=cfg.mode,
             experts=matrix.experts,
@@ -480,16 +588,17 @@ def train(
             epochs=epochs,
             val_error=err,
             untrained_val_error=untrained,
-            val=summarize(choose(pred), val_m.losses),
-            val_best_single=summarize(np.full(len(val_m.ids), best_single), val_m.losses),
-            val_oracle=summarize(choose(val_m.losses), val_m.losses),
-            expert_mae=expert_errors(pred, val_m.losses, matrix.experts),
+            val=summarize(choose(pred), scored),
+            val_best_single=summarize(single, scored),
+            val_oracle=summarize(choose(scored), scored),
+            expert_mae=expert_errors(pred, scored, matrix.experts),
             group_by=cfg.group_by,
             prior_weight=head.cfg.prior_weight,
             knn_weight=head.cfg.knn_weight,
             knn_k=head.cfg.knn_k,
             base_weight=head.cfg.base_weight,
             val_mixes=mixes,
+            mix_folds=cfg.mix_folds if folded else 0,
         )
         (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

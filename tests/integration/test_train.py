@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from serve_app.config import load_library
@@ -63,6 +64,41 @@ def test_training_chooses_a_mix_on_validation_and_serving_applies_it(library, tm
     clear = [m for m in report.val_mixes if m["clear_of_mlp"]]
     best = min(m["regret"] for m in [alone, *clear])
     assert report.val["regret"] == pytest.approx(best)
+    # 16 prompts are too few for folds of 20: the mix is chosen on the validation prompts.
+    assert report.mix_folds == 0 and report.val["scored"] == report.n_val
     router = LearnedRouter(library.router.model, out)
     (pred,) = router.predict([CODE[0]])
     assert set(pred) == set(library.names)
+
+
+def test_with_enough_prompts_the_mix_is_chosen_out_of_fold_and_the_prior_sees_every_prompt(
+    library, tmp_path
+):
+    # 48 prompts, each with losses of its own: three variants of every code and German text.
+    texts = {
+        "code": [f"{t}\n# variant {v}" for t in CODE for v in range(3)],
+        "german": [f"{t} (Fassung {v})" for t in GERMAN for v in range(3)],
+    }
+    table = profile_table(texts)
+    jitter = np.array([0.05 * (i % 7) for i in range(table.num_rows)])
+    table = table.set_column(
+        table.schema.get_field_index("loss"), "loss", [table["loss"].to_numpy() + jitter]
+    )
+    out = tmp_path / "router"
+    report = train(library, table, out, TrainConfig(max_epochs=20, mix_folds=2))
+    assert report.mix_folds == 2
+    # The figures are out of fold over every prompt, and the winner is the setting that
+    # choose_mix's rule picks among those tried on them.
+    assert report.val["scored"] == report.n_train + report.n_val == 48
+    alone = next(
+        m for m in report.val_mixes if m["prior_weight"] == m["knn_weight"] == m["base_weight"] == 0
+    )
+    best = min(m["regret"] for m in [alone, *(m for m in report.val_mixes if m["clear_of_mlp"])])
+    assert report.val["regret"] == pytest.approx(best)
+    # The domain prior's means are every prompt's, validation prompts included.
+    matrix = pivot(table, library.names)
+    head = LearnedRouter(library.router.model, out).head
+    for row, domain in enumerate(head.cfg.domains):
+        mine = matrix.losses[np.array(matrix.domains) == domain]
+        np.testing.assert_allclose(head.domain_means[row].numpy(), mine.mean(0), rtol=1e-5)
+    assert report.val_oracle["regret"] == 0
