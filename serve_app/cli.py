@@ -133,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_epochs=args.max_epochs,
         patience=args.patience,
+        mix_folds=args.mix_folds,
     )
     cache = args.profile.with_name(args.profile.name + ".embeddings")
     report = train(library, read_profile(args.profile), out, cfg, cache=cache)
@@ -378,6 +379,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=tcfg.seed)
     s.add_argument("--max-epochs", type=int, default=tcfg.max_epochs)
     s.add_argument("--patience", type=int, default=tcfg.patience)
+    s.add_argument(
+        "--mix-folds",
+        type=int,
+        default=tcfg.mix_folds,
+        help="frozen mode: choose the mix on out-of-fold predictions over this many folds of "
+        "every prompt (at least 20 prompts a fold); 0: on the validation prompts",
+    )
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="the router against the baselines on a data path")
