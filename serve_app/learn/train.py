@@ -229,8 +229,14 @@ def fit_prior(
 ) -> None:
     """Fit the head's domain prior on training prompts: a linear classifier of the domain
     (full-batch AdamW, `prior_steps` steps) and each domain's mean loss per expert (the mean
-    over all training prompts where a domain never measured an expert)."""
+    over all training prompts where a domain never measured an expert). Prompts of a domain
+    the head does not know (one whose prompts all validated when its MLP trained) are left
+    out."""
     names = head.cfg.domains
+    known = np.isin(domains, names)
+    if not known.all():
+        emb, losses = emb[torch.from_numpy(known)], losses[known]
+        domains = [d for d, k in zip(domains, known, strict=True) if k]
     y = torch.tensor([names.index(d) for d in domains])
     overall = np.nan_to_num(np.nanmean(losses, 0))
     means = []

@@ -6,9 +6,14 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from serve_app.cli import main
 from serve_app.config import load_library
+from serve_app.learn.data import in_split, prompt_id
+from serve_app.learn.profile import PROFILE_SCHEMA
 from serve_app.learn.train import TrainConfig, pivot, train
 from serve_app.router import LearnedRouter
 from tests.integration.test_evaluate import CODE, GERMAN, profile_table
@@ -71,19 +76,24 @@ def test_training_chooses_a_mix_on_validation_and_serving_applies_it(library, tm
     assert set(pred) == set(library.names)
 
 
-def test_with_enough_prompts_the_mix_is_chosen_out_of_fold_and_the_prior_sees_every_prompt(
-    library, tmp_path
-):
-    # 48 prompts, each with losses of its own: three variants of every code and German text.
+def _many_prompts(extra: dict[str, str] | None = None) -> pa.Table:
+    """48 prompts, each with losses of its own: three variants of every code and German text;
+    `extra` (text -> domain) adds German-like prompts of other domains."""
     texts = {
         "code": [f"{t}\n# variant {v}" for t in CODE for v in range(3)],
         "german": [f"{t} (Fassung {v})" for t in GERMAN for v in range(3)],
     }
-    table = profile_table(texts)
-    jitter = np.array([0.05 * (i % 7) for i in range(table.num_rows)])
-    table = table.set_column(
-        table.schema.get_field_index("loss"), "loss", [table["loss"].to_numpy() + jitter]
-    )
+    rows = profile_table({**texts, "german": texts["german"] + list(extra or {})}).to_pylist()
+    for i, row in enumerate(rows):
+        row["loss"] += 0.05 * (i % 7)
+        row["domain"] = (extra or {}).get(row["text"], row["domain"])
+    return pa.Table.from_pylist(rows, schema=PROFILE_SCHEMA)
+
+
+def test_with_enough_prompts_the_mix_is_chosen_out_of_fold_and_the_prior_sees_every_prompt(
+    library, tmp_path
+):
+    table = _many_prompts()
     out = tmp_path / "router"
     report = train(library, table, out, TrainConfig(max_epochs=20, mix_folds=2))
     assert report.mix_folds == 2
@@ -102,3 +112,30 @@ def test_with_enough_prompts_the_mix_is_chosen_out_of_fold_and_the_prior_sees_ev
         mine = matrix.losses[np.array(matrix.domains) == domain]
         np.testing.assert_allclose(head.domain_means[row].numpy(), mine.mean(0), rtol=1e-5)
     assert report.val_oracle["regret"] == 0
+
+
+def test_a_domain_whose_prompts_all_validate_does_not_stop_the_prior_s_refit(library, tmp_path):
+    # One prompt of a third domain, drawn into validation: the MLP's training prompts, and so
+    # the head's domains, lack it; the prior fit on every prompt leaves it out.
+    text = next(
+        t
+        for t in (f"Ein Gedicht über den Herbst, Nummer {i}." for i in range(100))
+        if in_split(prompt_id(t), 0.2)
+    )
+    report = train(
+        library, _many_prompts({text: "poetry"}), tmp_path / "router", TrainConfig(mix_folds=2)
+    )
+    assert report.mix_folds == 2 and report.val["scored"] == 49
+    head = LearnedRouter(library.router.model, tmp_path / "router").head
+    assert head.cfg.domains == ["code", "german"]
+
+
+def test_tryage_train_passes_mix_folds(library, tmp_path):
+    pq.write_table(_many_prompts(), tmp_path / "profile.parquet")
+    for folds in ("2", "0"):
+        out = tmp_path / f"router-{folds}"
+        lib = tmp_path / "lib" / "library.yaml"  # the fixture's copy
+        args = ["train", "--library", str(lib), "--profile", str(tmp_path / "profile.parquet")]
+        args += ["--out", str(out), "--max-epochs", "20", "--mix-folds", folds]
+        assert main(args) == 0
+        assert json.loads((out / "report.json").read_text())["mix_folds"] == int(folds)
