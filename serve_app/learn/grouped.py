@@ -23,7 +23,7 @@ from serve_app.config import LibraryError
 from serve_app.learn.data import cut_text, data_files, prompt_id
 from serve_app.learn.matrix import Matrix
 from serve_app.learn.metrics import choose, expected_random, summarize
-from serve_app.learn.train import TrainConfig, finish_head, train_head, validation_mask
+from serve_app.learn.train import TrainConfig, finish_head, train_head_split, validation_mask
 from serve_app.router import Neighbours, predict_mixed
 
 METHODS = ("router", "knn", "best_single", "oracle", "random")
@@ -147,16 +147,7 @@ def cross_validate(
             val = validation_mask(rest, cfg, rest_groups)
         except LibraryError:  # one group left to train on: validate on a share of prompts
             val = validation_mask(rest, replace(cfg, group_by="prompt"))
-        is_val = torch.from_numpy(val)
-        head, _, _, _ = train_head(
-            rest_emb[~is_val],
-            rest.losses[~val],
-            rest_emb[is_val],
-            rest.losses[val],
-            matrix.experts,
-            cfg,
-            domains=[d for d, v in zip(rest.domains, val, strict=True) if not v],
-        )
+        head, _, _, _ = train_head_split(rest_emb, rest, val, cfg)
         finish_head(head, rest_emb, rest, val, cfg)
         cfg_h = head.cfg
         mixes.append(

@@ -389,16 +389,7 @@ def choose_mix_folds(
         val = validation_mask(rest, cfg)
         if val.all() or not val.any():
             return None
-        is_val = torch.from_numpy(val)
-        fold_head, *_ = train_head(
-            rest_emb[~is_val],
-            rest.losses[~val],
-            rest_emb[is_val],
-            rest.losses[val],
-            matrix.experts,
-            cfg,
-            domains=[d for d, v in zip(rest.domains, val, strict=True) if not v],
-        )
+        fold_head, *_ = train_head_split(rest_emb, rest, val, cfg)
         if fold_head.cfg.domains:
             fit_prior(fold_head, rest_emb, rest.domains, rest.losses, cfg)
         mine = _parts(
@@ -470,6 +461,24 @@ def train_head(
         epoch, lambda: _error(head, val_emb, z_val), [head], cfg.max_epochs, cfg.patience
     )
     return head.eval(), epochs, best, untrained
+
+
+def train_head_split(
+    emb: torch.Tensor, matrix: Matrix, val_mask: np.ndarray, cfg: TrainConfig
+) -> tuple[RouterHead, int, float, float]:
+    """train_head on a matrix's prompts (emb: their embeddings, N x H): the MLP on those
+    outside `val_mask`, stopped on those in it; the domain prior over the training prompts'
+    domains."""
+    is_val = torch.from_numpy(val_mask)
+    return train_head(
+        emb[~is_val],
+        matrix.losses[~val_mask],
+        emb[is_val],
+        matrix.losses[val_mask],
+        matrix.experts,
+        cfg,
+        domains=[d for d, v in zip(matrix.domains, val_mask, strict=True) if not v],
+    )
 
 
 def fit(
@@ -551,7 +560,6 @@ def train(
             "training needs at least a few dozen"
         )
     encoder = Encoder(library.router.model, max_length=cfg.max_length)
-    is_val = torch.from_numpy(val_mask)  # (N,) bool, in the matrix's order
     with new_folder(out) as folder:
         if cfg.mode == "finetune":
             head, epochs, err, untrained = finetune(
@@ -561,15 +569,7 @@ def train(
             emb = embeddings(encoder, matrix, None)  # the tuned encoder embeds anew
         else:
             emb = embeddings(encoder, matrix, cache)  # (N, H), every prompt embedded once
-            head, epochs, err, untrained = train_head(
-                emb[~is_val],
-                train_m.losses,
-                emb[is_val],
-                val_m.losses,
-                matrix.experts,
-                cfg,
-                domains=train_m.domains,
-            )
+            head, epochs, err, untrained = train_head_split(emb, matrix, val_mask, cfg)
             encoder_name = library.router.model
         folded = choose_mix_folds(head, emb, matrix, cfg) if folds_apply(matrix, cfg) else None
         if folded:  # figures out of fold over every prompt
