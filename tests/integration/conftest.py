@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,21 @@ def wait_for(condition: Callable[[], Any], deadline_s: float, what: str) -> None
         if time.monotonic() > end:
             pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
         time.sleep(0.1)
+
+
+def warm(experts: dict[str, Iterable[str]]) -> None:
+    """Start the replicas of `experts` ({app: expert names}) all at once and wait for them, so
+    a module whose tests are about answers pays its cold starts together, not one a test
+    (test_cold_start.py is where requests at zero replicas are tested)."""
+    from ray import serve
+
+    calls = [
+        serve.get_deployment_handle(name, app_name=app).score.remote("warm")
+        for app, names in experts.items()
+        for name in names
+    ]
+    for call in calls:
+        call.result()
 
 
 def with_autoscaling(library: Path, **fields: Any) -> Path:

@@ -10,7 +10,7 @@ from ray import serve
 
 from serve_app.app import build_graph
 from serve_app.config import load_library
-from tests.integration.conftest import client, wait_for
+from tests.integration.conftest import client, wait_for, warm
 from tests.integration.engines import (
     fault_marker,
     load_broken,
@@ -42,9 +42,8 @@ def api(serve_port, smoke_library) -> httpx.Client:
         },
     )
     serve.run(app, name="fallback", route_prefix="/fallback")
-    # Start gen-s and gen-m now, so the short timeout measures answers, not cold starts.
-    for name in ("gen-s", "gen-m"):
-        serve.get_deployment_handle(name, app_name="fallback").score.remote("warm").result()
+    # Start the generators now, so the short timeout measures answers, not cold starts.
+    warm({"fallback": ("gen-xs", "gen-s", "gen-m")})
     with client(serve_port, "/fallback") as c:
         yield c
     serve.delete("fallback")

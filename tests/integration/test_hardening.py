@@ -15,7 +15,7 @@ import yaml
 from ray import serve
 
 from serve_app.app import build_app
-from tests.integration.conftest import client
+from tests.integration.conftest import client, warm
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -42,6 +42,7 @@ def guarded(serve_port, smoke_library, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("TRYAGE_API_KEYS", f"other-key,{KEY}")
     app = build_app({"library": str(folder / "library.yaml")})
     serve.run(app, name="guarded", route_prefix="/guarded")
+    warm({"guarded": ("gen-xs", "gen-m")})  # the generators its tests call
     with client(serve_port, "/guarded") as c:
         yield c
     serve.delete("guarded")

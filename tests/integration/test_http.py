@@ -13,7 +13,7 @@ from ray import serve
 
 from serve_app.app import build_app
 from serve_app.config import load_library
-from tests.integration.conftest import client
+from tests.integration.conftest import client, warm
 
 TEXT_GEN = {"gen-xs", "gen-s", "gen-m"}
 
@@ -27,6 +27,7 @@ def api(serve_port, smoke_library) -> httpx.Client:
     path = smoke_library.with_name("library-one-router.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     serve.run(build_app({"library": str(path)}), name="main", route_prefix="/")
+    warm({"main": load_library(path).names})
     with client(serve_port) as c:
         yield c
     serve.delete("main")

@@ -13,7 +13,7 @@ from ray import serve
 
 from serve_app.app import build_app
 from serve_app.router import HeadConfig, RouterHead, read_head_config, save_head
-from tests.integration.conftest import client
+from tests.integration.conftest import client, warm
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,8 @@ def mixed(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
     serve.run(
         build_app({"library": str(folder / "library.yaml")}), name="mixed", route_prefix="/mixed"
     )
+    # gen-m here and behind remote-m (the tests' generators), started together.
+    warm({"mixed": ["gen-m"], "upstream": ["gen-m"]})
     with client(serve_port, "/mixed") as c:
         yield c
     serve.delete("mixed")
