@@ -87,6 +87,8 @@ def test_a_build_whose_specialists_learnt_nothing_still_finishes_and_says_so(tin
 
 def test_the_demo_serves_and_routes_held_out_documents_to_their_specialist(tiny, serve_port):
     serve.run(build_app({"library": str(tiny / "library.yaml")}), name="demo", route_prefix="/demo")
+    # general-l, the one expert of another shape (below), starts while the router is tested.
+    larger = serve.get_deployment_handle("general-l", app_name="demo").score.remote("warm")
     held = load_prompts(tiny / "data" / "heldout")
     try:
         with client(serve_port, "/demo") as c:
@@ -113,8 +115,9 @@ def test_the_demo_serves_and_routes_held_out_documents_to_their_specialist(tiny,
 
             # At the cap (512 new tokens) on the demo's experts, whose context is far shorter:
             # the answer fits the context and says how many tokens it allowed. One expert of
-            # each shape (size and context), the warm one first: the specialists share
-            # general-s's, and each other expert would cost a cold start (about 7 s).
+            # each shape (size and context), the warm ones: the specialists share general-s's,
+            # and each other expert would cost a cold start (about 7 s).
+            larger.result()
             shapes = {}
             experts = load_library(tiny / "library.yaml").experts
             for expert in sorted(experts, key=lambda e: e.name != chosen[code.id][0]):
