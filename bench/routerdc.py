@@ -12,9 +12,12 @@
 
 Beside the router: the best single model (by train-split accuracy averaged like the
 headline), kNN (mean train-split score of the 20 nearest train prompts, as the issue's probe),
-the oracle, and RouterDC's published figure. Writes RESULTS (bench/results/routerdc.json) and
-DOCS/routerdc.md with DOCS/routerdc.png. The data stays in ../shared/routing (research use):
-nothing of it is copied into the project. Without it the benchmark says so and exits 0.
+the oracle, and RouterDC's published figure; every average with its standard error from the
+draw of test prompts, and the router's lead over each method with its own, paired prompt by
+prompt (RouterDC publishes no choices per prompt to pair with). Writes RESULTS
+(bench/results/routerdc.json) and DOCS/routerdc.md with DOCS/routerdc.png. The data stays
+in ../shared/routing (research use): nothing of it is copied into the project. Without it the
+benchmark says so and exits 0.
 """
 
 from __future__ import annotations
@@ -75,18 +78,34 @@ def load_rows(files: dict[str, Path], limit: int | None) -> dict[str, list[dict]
     return {t: json.loads(f.read_text())[:limit] for t, f in files.items()}
 
 
-def accuracy(rows: dict[str, list[dict]], chosen: dict[str, list[str]]) -> dict[str, float]:
-    """Accuracy % per task of the chosen model of every row (RouterDC's definition)."""
+def counts(rows: dict[str, list[dict]], chosen: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """What the chosen model of every row counts (RouterDC's definition), by task."""
     return {
-        t: 100
-        * float(np.mean([counted(t, r["scores"][m]) for r, m in zip(rs, chosen[t], strict=True)]))
+        t: np.array([counted(t, r["scores"][m]) for r, m in zip(rs, chosen[t], strict=True)])
         for t, rs in rows.items()
     }
+
+
+def accuracy(counted_rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """Accuracy % per task: the mean of what its rows count."""
+    return {t: 100 * float(np.mean(v)) for t, v in counted_rows.items()}
 
 
 def headline(acc: dict[str, float]) -> float:
     """The mean over RouterDC's Table 1 tasks."""
     return float(np.mean([acc[t] for t in TABLE1 if t in acc]))
+
+
+def headline_se(counted_rows: dict[str, np.ndarray]) -> float:
+    """Standard error (points) of the headline from the draw of test prompts: each Table 1
+    task's standard error of the mean, the tasks independent, averaged like the headline.
+    Given a difference of two methods' counts row by row, it is the paired difference's."""
+    se = [
+        np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.nan
+        for t, v in counted_rows.items()
+        if t in TABLE1
+    ]
+    return 100 * float(np.sqrt(np.sum(np.square(se)))) / len(se)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
@@ -151,14 +170,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
         chosen[row["domain"]].append(by_name[row["expert"]])
     # 4. score, with the baselines
     models = list(by_name.values())
-    acc = {"router": accuracy(test_rows, chosen)}
+    got = {"router": counts(test_rows, chosen)}
     train_acc = {
-        m: accuracy(train_rows, {t: [m] * len(rs) for t, rs in train_rows.items()}) for m in models
+        m: accuracy(counts(train_rows, {t: [m] * len(rs) for t, rs in train_rows.items()}))
+        for m in models
     }
     best = max(models, key=lambda m: headline(train_acc[m]))
-    acc["best_single"] = accuracy(test_rows, {t: [best] * len(rs) for t, rs in test_rows.items()})
-    acc["oracle"] = {
-        t: 100 * float(np.mean([max(counted(t, s) for s in r["scores"].values()) for r in rs]))
+    got["best_single"] = counts(test_rows, {t: [best] * len(rs) for t, rs in test_rows.items()})
+    got["oracle"] = {
+        t: np.array([max(counted(t, s) for s in r["scores"].values()) for r in rs])
         for t, rs in test_rows.items()
     }
     # kNN over the train split's embeddings (cached by training) and its scores.
@@ -172,7 +192,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
         knn_chosen[t] = [
             by_name[library.names[j]] for j in np.nan_to_num(pred, nan=np.inf).argmin(1)
         ]
-    acc["knn"] = accuracy(test_rows, knn_chosen)
+    got["knn"] = counts(test_rows, knn_chosen)
+    acc = {name: accuracy(c) for name, c in got.items()}
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -184,6 +205,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
         },
         "accuracy": acc,
         "average": {name: headline(a) for name, a in acc.items()},
+        # Sampling error of the test prompts: each method's headline, and the router's lead
+        # over each other method, paired prompt by prompt.
+        "standard_error": {name: headline_se(c) for name, c in got.items()},
+        "router_minus_se": {
+            name: headline_se({t: got["router"][t] - c[t] for t in c})
+            for name, c in got.items()
+            if name != "router"
+        },
         "published": {"routerdc": ROUTERDC_PUBLISHED},
         "best_single_model": best,
         "router": {
@@ -248,11 +277,18 @@ def render(results: dict) -> str:
         + f" **{ROUTERDC_PUBLISHED:.2f}** |"
     )
     gap = avg["router"] - ROUTERDC_PUBLISHED
+    se, lead = results["standard_error"], results["router_minus_se"]
     lines += [
         "",
         f"The router is {avg['router'] - avg['best_single']:+.2f} points from the best single "
-        f"model, {avg['router'] - avg['knn']:+.2f} from kNN and {gap:+.2f} from RouterDC's "
-        "published average.",
+        f"model (± {lead['best_single']:.2f}), {avg['router'] - avg['knn']:+.2f} from kNN "
+        f"(± {lead['knn']:.2f}) and {gap:+.2f} from RouterDC's published average.",
+        "",
+        "Standard errors (±) are from the draw of test prompts: a Table 1 task's standard "
+        "error of the mean, the five averaged like the headline; against another method here, "
+        f"of the difference prompt by prompt. The router's average is {avg['router']:.2f} ± "
+        f"{se['router']:.2f}. RouterDC's choices per prompt are not published, so the gap to "
+        "its figure has no paired error here.",
         "",
         f"Best single model (chosen on the train split): `{results['best_single_model']}`. "
         f"Rows: {sum(results['rows']['train'].values())} train, "
@@ -329,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.docs / PNG)
     (args.docs / PAGE).write_text(render(results))
     for name, value in results["average"].items():
-        print(f"{NAMES[name]:<20} {value:6.2f}")
+        print(f"{NAMES[name]:<20} {value:6.2f} ± {results['standard_error'][name]:.2f}")
     print(f"{'RouterDC (published)':<20} {ROUTERDC_PUBLISHED:6.2f}")
     print(f"wrote {args.results} and {args.docs / PAGE}")
     return 0

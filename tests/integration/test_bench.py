@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench.routerdc import SHARED_ROUTING
 from serve_app.learn.data import load_prompts
 from tests.integration.conftest import ROOT
 
@@ -99,3 +100,38 @@ def test_route_latency_bench_writes_both_sides_and_where_the_time_goes(tmp_path)
     assert encoder["p50_ms_in_ray"] > 0  # the same encoder inside a Ray worker
     # The smoke router runs one torch thread: the floor is also measured at that count.
     assert encoder["threads"] == 1 or encoder["p50_ms_router_threads"] > encoder["p50_ms"] > 0
+
+
+def test_routerdc_bench_says_it_skipped_without_the_data(tmp_path):
+    results, docs = tmp_path / "routerdc.json", tmp_path / "docs"
+    done = bench(
+        *("--data", str(tmp_path / "absent"), "--work", str(tmp_path / "work")),
+        *("--results", str(results), "--docs", str(docs)),
+        module="bench.routerdc",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "no RouterDC data at" in done.stderr and "skipped" in done.stderr
+    assert not results.exists() and not docs.exists()
+
+
+@pytest.mark.slow  # RouterDC's rows, 30 a task: import, train, route, score; about 30 s
+@pytest.mark.skipif(not SHARED_ROUTING.is_dir(), reason="../shared/routing is not here")
+def test_routerdc_bench_writes_its_figures_and_page_on_a_slice(tmp_path):
+    results, docs = tmp_path / "routerdc.json", tmp_path / "docs"
+    done = bench(
+        *("--limit", "30", "--work", str(tmp_path / "work")),
+        *("--results", str(results), "--docs", str(docs)),
+        module="bench.routerdc",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(results.read_text())
+    assert set(report["rows"]["test"].values()) == {30}
+    assert report["router"]["routed"] == sum(report["rows"]["test"].values())
+    avg, se = report["average"], report["standard_error"]
+    assert set(avg) == set(se) == {"router", "knn", "best_single", "oracle"}
+    assert all(avg[m] <= avg["oracle"] for m in avg)  # no choice beats the best per prompt
+    assert all(0 < se[m] < 20 for m in ("router", "knn", "best_single"))
+    assert set(report["router_minus_se"]) == {"knn", "best_single", "oracle"}
+    page = (docs / "routerdc.md").read_text()
+    assert f"**{avg['router']:.2f}**" in page and f"± {se['router']:.2f}" in page
+    assert (docs / "routerdc.png").stat().st_size > 10_000
