@@ -209,7 +209,12 @@ def create_api() -> FastAPI:
             )
         loc = [str(p) for p in first.get("loc", ())][1:]  # drop "body" / "query"
         where = ".".join(loc) or None
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        msg = str(first.get("msg"))
+        error = (first.get("ctx") or {}).get("error")
+        if isinstance(error, ValueError):  # our own validators' words, without pydantic's prefix
+            msg = str(error)
+            where = getattr(error, "where", where)  # checked on the whole body, names the field
+        message = f"{where}: {msg}" if where else msg
         return error_response(400, message, "invalid_request_error", where, "invalid_value")
 
     @api.exception_handler(HTTPException)

@@ -15,24 +15,33 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_SEED = 2**63 - 1
 
 
-def _check_unicode(value: Any) -> None:
+class LoneSurrogate(ValueError):
+    """Text that cannot be encoded as UTF-8; `where` names the request field holding it
+    (dotted, as `messages.0.content`), or is None for the body itself."""
+
+    def __init__(self, where: str | None):
+        super().__init__(
+            "text must be valid Unicode; it holds a lone surrogate (such as \\ud800), "
+            "which cannot be encoded as UTF-8"
+        )
+        self.where = where
+
+
+def _check_unicode(value: Any, path: tuple[Any, ...] = ()) -> None:
     """Refuse text that cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800" in
     JSON): a tokenizer would fail on it, and an answer could not be encoded."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(
-                "text must be valid Unicode; it holds a lone surrogate (such as \\ud800), "
-                "which cannot be encoded as UTF-8"
-            ) from None
+            raise LoneSurrogate(".".join(map(str, path)) or None) from None
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_unicode(key)
-            _check_unicode(item)
+            _check_unicode(key, path)  # a bad key is named by the object holding it
+            _check_unicode(item, (*path, key))
     elif isinstance(value, list):
-        for item in value:
-            _check_unicode(item)
+        for i, item in enumerate(value):
+            _check_unicode(item, (*path, i))
 
 
 class _Unicode(BaseModel):

@@ -144,7 +144,8 @@ def test_a_lone_surrogate_is_a_400_and_the_message_can_be_encoded(guarded):
     r = guarded.post(
         "/v1/route", content=body, headers={**AUTH, "content-type": "application/json"}
     )
-    assert "surrogate" in _error(r, 400)["message"]
+    error = _error(r, 400)
+    assert "surrogate" in error["message"] and error["param"] == "prompt"
 
 
 def test_neither_flags_nor_weights_rank_an_untrusted_expert_under_trusted_only(guarded):

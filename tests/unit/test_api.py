@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from serve_app.api import Guard, create_api
+from serve_app.protocol import ChatRequest, RouteRequest
 
 
 def _client(guard: Guard) -> TestClient:
@@ -18,6 +19,14 @@ def _client(guard: Guard) -> TestClient:
     @api.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
+
+    @api.post("/route")
+    async def route(body: RouteRequest) -> dict:
+        return {"prompt": body.prompt}
+
+    @api.post("/chat")
+    async def chat(body: ChatRequest) -> dict:
+        return {"messages": len(body.messages)}
 
     return TestClient(api)
 
@@ -61,3 +70,26 @@ def test_a_streamed_body_over_the_limit_is_refused_too():
 
     r = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field_that_holds_it():
+    client = _client(Guard())
+    for path, body, where in (
+        ("/route", b'{"prompt": "hi \\ud800 there"}', "prompt"),
+        ("/route", b'{"prompt": "hi", "weights": {"size": 1, "\\udfff": 2}}', "weights"),
+        (
+            "/chat",
+            b'{"messages": [{"role": "user", "content": "ok"}, '
+            b'{"role": "user", "content": "\\ud800"}]}',
+            "messages.1.content",
+        ),
+    ):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == where
+        assert error["message"].startswith(f"{where}: text must be valid Unicode; it holds a lone")
+    # Pydantic's own messages keep their field too.
+    r = client.post("/route", json={"prompt": 3})
+    assert r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["message"].startswith("prompt: ")
