@@ -10,8 +10,9 @@ from typing import Any
 import ray
 from ray import serve
 
+from serve_app.answers import Filled, Generation, Score
 from serve_app.config import EXPERT_BATCHING
-from serve_app.experts import Filled, Generation, HFExpert, Score, load_expert
+from serve_app.experts import HFExpert, load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls
 

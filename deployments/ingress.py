@@ -19,10 +19,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import objective
+from serve_app.answers import Generation, has_mask
 from serve_app.api import API_KEYS_ENV, Guard, create_api
 from serve_app.config import POOL_PREFIX, LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
-from serve_app.experts import Generation, has_mask
 from serve_app.learn.route import check_prompt
 from serve_app.protocol import (
     AssistantMessage,

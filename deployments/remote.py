@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from serve_app.experts import Generation
+from serve_app.answers import Generation
 from serve_app.protocol import ExpertRequest, Failure
 
 

@@ -19,57 +19,19 @@ its prefix up to the last token kept when the text is longer than the model's co
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from serve_app.answers import MASK_MARKERS, Filled, Generation, Score
+
 LN2 = math.log(2.0)
-#: Mask markers a client may write; each becomes the expert's own mask token.
-MASK_MARKERS = re.compile(r"\[MASK\]|<mask>", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Score:
-    """A text's loss under one expert."""
-
-    bits: float  # -log2 likelihood of the counted tokens
-    bytes: int  # UTF-8 bytes those tokens cover
-    tokens: int  # tokens counted
-
-    @property
-    def bpb(self) -> float:
-        """Bits per UTF-8 byte."""
-        return self.bits / self.bytes
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A text-generation answer with OpenAI-style accounting."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens or the deadline reached)
-    max_new_tokens: int = 0  # what the expert allowed: the request's, or less to fit its context
-
-
 #: Temperatures below this sample as greedy: dividing logits by a tiny temperature overflows.
 MIN_TEMPERATURE = 0.01
-
-
-@dataclass(frozen=True)
-class Filled:
-    """A fill-mask answer: the top predictions of every mask, and the text filled with the
-    best of each."""
-
-    text: str
-    masks: list[list[dict[str, Any]]]  # per mask: [{"token", "score"}, ...], best first
 
 
 def pick_device() -> torch.device:
@@ -437,11 +399,6 @@ def special_ids(tokenizer: Any) -> list[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
     return sorted(ids)
-
-
-def has_mask(prompt: str) -> bool:
-    """Whether a prompt carries a mask marker a fill-mask expert can fill."""
-    return bool(MASK_MARKERS.search(prompt))
 
 
 def load_expert(model: str, task: str, revision: str | None = None) -> HFExpert:

@@ -12,9 +12,10 @@ import os
 import threading
 from collections.abc import AsyncIterator
 
+from serve_app.answers import Filled, Generation, Score
 from serve_app.batch import DeviceHealth, isolated
 from serve_app.config import Batching
-from serve_app.experts import Filled, Generation, HFExpert, Score, render_chat
+from serve_app.experts import HFExpert, render_chat
 from serve_app.protocol import ExpertRequest, Failure
 
 

@@ -17,13 +17,16 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve_app import objective
+from serve_app.answers import has_mask
 from serve_app.config import LibraryConfig
 from serve_app.errors import BadRequest, TryageError
-from serve_app.experts import has_mask
 from serve_app.learn.data import read_rows
-from serve_app.router import LearnedRouter, Router
+
+if TYPE_CHECKING:  # the ingress checks prompts here and loads no model: no torch at import
+    from serve_app.router import Router
 
 
 @dataclass
@@ -113,6 +116,8 @@ def route_data(
     """Route every row of `data`; write the decisions to `out` (JSONL, written beside it and
     renamed into place)."""
     from tqdm import tqdm
+
+    from serve_app.router import LearnedRouter
 
     router = router or LearnedRouter(
         library.router.model, library.router.checkpoint, revision=library.router.revision

@@ -55,3 +55,17 @@ def test_build_app_validates_its_arguments(smoke):
         build_app({"library": str(smoke), "colour": "red"})
     with pytest.raises(LibraryError, match="does not exist"):
         build_app({"library": str(smoke.parent / "missing.yaml")})
+
+
+def test_the_ingress_and_remote_experts_load_no_torch():
+    # They hold no model: a replica that imported torch would carry about 180 MB more and
+    # start more slowly (their modules are what a replica process imports).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, deployments.ingress, deployments.remote; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

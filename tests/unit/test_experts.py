@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
+from serve_app.answers import Generation, Score, has_mask
 from serve_app.demo.lm import masked_tokenizer, train_tokenizer
-from serve_app.experts import Generation, HFExpert, Score, has_mask, special_ids
+from serve_app.experts import HFExpert, special_ids
 
 CORPUS = [
     "hello world, héllo wörld! the cat sat on the mat. " * 20,
