@@ -10,6 +10,7 @@ autoscaler's target, empty where unknown) and `min_replicas` (empty where unknow
 from __future__ import annotations
 
 import csv
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -79,14 +80,34 @@ def _local_details(app: str) -> list[Sample]:
         return []
 
 
+def ray_auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The bearer token for a Ray dashboard with token authentication (Ray turns it on for
+    a local cluster by default), found where Ray looks for it, in its order: $RAY_AUTH_TOKEN,
+    the file $RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token. No header where there is none."""
+    env = os.environ if environ is None else environ
+    token = env.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = env.get("RAY_AUTH_TOKEN_PATH")
+        file = Path(path) if path else Path.home() / ".ray" / "auth_token"
+        token = file.read_text().strip() if path or file.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def rest_source(dashboard: str, app: str, timeout_s: float = 5.0) -> Source:
-    """Replica counts from Serve's REST API on a Ray dashboard, e.g. http://head:8265."""
+    """Replica counts from Serve's REST API on a Ray dashboard, e.g. http://head:8265, with
+    Ray's auth token where one is found (ray_auth_headers)."""
     import httpx
 
     url = dashboard.rstrip("/") + "/api/serve/applications/"
+    headers = ray_auth_headers()
 
     def sample() -> list[Sample]:
-        answer = httpx.get(url, timeout=timeout_s)
+        answer = httpx.get(url, timeout=timeout_s, headers=headers)
+        if answer.status_code in (401, 403):
+            raise PermissionError(
+                f"{url} answered {answer.status_code}: the dashboard wants Ray's auth token; "
+                "set RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the head node"
+            )
         answer.raise_for_status()
         return parse_serve_details(answer.json(), app)
 

@@ -16,9 +16,11 @@ import httpx
 import pytest
 import yaml
 
+from loadtest.observer import rest_source
 from tests.integration.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
+EXPERTS = ["gen-xs", "gen-s", "gen-m", "mask-s"]  # the smoke library's, in its order
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, deadline_s: float = 240) -> None:
@@ -143,6 +145,13 @@ def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, t
     assert not missing, f"missing from /metrics: {missing}"
     assert queried and not queried - known, f"dashboard queries unknown {queried - known}"
     assert "Prometheus metrics on" in output(proc)
+    # The load test's cluster mode (`--host`) reads replicas from Serve's REST API on the
+    # Ray dashboard that `tryage serve` starts.
+    dashboard = re.search(r"View the dashboard at \S*?(http://[\w.]+:\d+)", output(proc))
+    assert dashboard, output(proc)[-2000:]
+    samples = rest_source(dashboard.group(1), "tryage")()
+    assert {s.deployment for s in samples} == {"Ingress", "Router", *EXPERTS}, samples
+    assert {s.deployment: s.running for s in samples}["Router"] >= 1
     assert stop(proc) == 0
 
 
@@ -193,7 +202,7 @@ def test_ray_serve_run_builds_the_app(cli_library, tmp_path):
     wait_healthy(proc, url)
     try:
         r = httpx.get(f"{url}/v1/models", timeout=30)
-        assert [m["id"] for m in r.json()["data"]] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
+        assert [m["id"] for m in r.json()["data"]] == EXPERTS
     finally:
         # How Ray's own CLI winds down is Ray's (in the full suite it has taken over two
         # minutes); tryage serve's clean stop is asserted above.

@@ -347,3 +347,19 @@ def test_phases_and_timeline_come_from_the_request_log_and_replicas(tmp_path):
         for t, n in [(100, 0), (101, 1), (102, 1), (105, 2), (130, 0)]
     ]
     assert timeline(replicas, Window(100.0, 115.0)) == {"gen-s": [[0, 0], [1, 1], [5, 2], [30, 0]]}
+
+
+def test_the_dashboard_token_is_found_where_ray_looks_for_it(tmp_path, monkeypatch):
+    from loadtest.observer import ray_auth_headers
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ray_auth_headers({}) == {}  # no token anywhere: no header
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert ray_auth_headers({}) == {"Authorization": "Bearer home-token"}
+    named = tmp_path / "token"
+    named.write_text("file-token")
+    env = {"RAY_AUTH_TOKEN_PATH": str(named)}
+    assert ray_auth_headers(env) == {"Authorization": "Bearer file-token"}
+    env["RAY_AUTH_TOKEN"] = "env-token"
+    assert ray_auth_headers(env) == {"Authorization": "Bearer env-token"}
