@@ -74,7 +74,22 @@ def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Pop
             env=env,
         )
     proc.log = log  # type: ignore[attr-defined]
+    STARTED.append(proc)
     return proc
+
+
+#: Servers `start` started; each test's teardown stops any still running.
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left_running():
+    """A test that fails before stopping its server must not leave it (and its Ray) running."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            interrupt_group(proc)
 
 
 def output(proc: subprocess.Popen) -> str:
