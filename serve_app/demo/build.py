@@ -726,9 +726,8 @@ def _profile(
     from serve_app.session import ray_session
 
     small = [e for e in library.experts if e.name not in cfg.pretrained]
-    pooled = {e.name for e in small}
     experts = [
-        e.model_copy(update={"pool": PROFILE_POOL}) if e.name in pooled else e
+        e if e.name in cfg.pretrained else e.model_copy(update={"pool": PROFILE_POOL})
         for e in library.experts
     ]
     pools = {
