@@ -90,7 +90,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Measure every expert on every prompt; write the profile table (nothing else)."""
     from serve_app.config import load_library
     from serve_app.learn.profile import ProfileConfig, measures, profile
-    from serve_app.session import ray_session
 
     library = load_library(args.library, router=False)
     prompts = _prompts(args)
@@ -101,8 +100,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         actors_per_expert=args.actors_per_expert,
     )
     print(f"profiling {len(library.experts)} experts on {len(prompts)} prompts", file=sys.stderr)
-    with ray_session():
-        run = profile(library.experts, prompts, args.out, cfg, pools=library.pools)
+    run = profile(library.experts, prompts, args.out, cfg, pools=library.pools)
     print(
         f"wrote {args.out}: {run.table.num_rows} rows "
         f"({run.measured} measured now, {run.reused} reused)"

@@ -723,7 +723,6 @@ def _profile(
 
     from serve_app.config import PoolConfig
     from serve_app.learn.profile import ProfileConfig, profile
-    from serve_app.session import ray_session
 
     small = [e for e in library.experts if e.name not in cfg.pretrained]
     experts = [
@@ -737,15 +736,14 @@ def _profile(
             autoscaling={"max_replicas": max(1, min(len(small), os.cpu_count() or 1))},
         )
     }
-    with ray_session():
-        run = profile(
-            experts,
-            prompts,
-            path,
-            ProfileConfig(generate=cfg.generate, new_tokens=cfg.new_tokens),
-            progress=progress,
-            pools=pools,
-        )
+    run = profile(
+        experts,
+        prompts,
+        path,
+        ProfileConfig(generate=cfg.generate, new_tokens=cfg.new_tokens),
+        progress=progress,
+        pools=pools,
+    )
     return {"rows": run.table.num_rows}
 
 

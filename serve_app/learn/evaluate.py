@@ -92,17 +92,22 @@ def measure_truth(
 ) -> pa.Table:
     """Every expert's true loss on `prompts`: a profile (a Ray job) written to `out`, by
     default `FOLDER/profiles/eval-KEY.parquet` (KEY from the prompts' ids; FOLDER the
-    library's, else the checkpoint's parent), so a rerun on the same prompts reuses it."""
+    library's, else the checkpoint's parent), so a rerun on the same prompts reuses it. A row
+    that any profile in `FOLDER/profiles/` (the demo build's training profile, earlier
+    evaluations) measured with the same expert weights is reused, not measured again."""
     from serve_app.learn.profile import ProfileConfig, profile
-    from serve_app.session import ray_session
 
     key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
     folder = folder or library.router.checkpoint.parent
     out = out or folder / "profiles" / f"eval-{key}.parquet"
+    reuse = sorted((folder / "profiles").glob("*.parquet"))
     if log:
         log(f"measuring every expert on {len(prompts)} prompts ({out})")
-    with ray_session():
-        run = profile(library.experts, prompts, out, ProfileConfig(generate=0), progress=progress)
+    run = profile(
+        library.experts, prompts, out, ProfileConfig(generate=0), progress=progress, reuse=reuse
+    )
+    if log and run.reused:
+        log(f"{run.reused} of {run.table.num_rows} rows were measured before with the same weights")
     return run.table
 
 

@@ -16,8 +16,9 @@ result is one Parquet table, PROFILE_SCHEMA, one row per (prompt, expert):
                         continuation of the text's opening; null elsewhere
 
 Rerunning with the same output file keeps every (prompt, expert) row already measured with
-the same expert weights and only measures the rest. Rows land in `FILE.parts/` as they are
-made, so an interrupted run resumes where it stopped.
+the same expert weights and only measures the rest; rows of other profiles (`reuse`) are kept
+the same way. Rows land in `FILE.parts/` as they are made, so an interrupted run resumes where
+it stopped.
 """
 
 from __future__ import annotations
@@ -235,14 +236,18 @@ def read_profile(path: str | Path) -> pa.Table:
     return table.select(schema.names).cast(schema).replace_schema_metadata(meta)
 
 
-def _done(out: Path, prints: dict[str, str]) -> pa.Table:
-    """Rows already measured with the current weights: the last output plus unfinished parts."""
+def _done(out: Path, prints: dict[str, str], reuse: Sequence[Path] = ()) -> pa.Table:
+    """Rows already measured with the current weights: those of the `reuse` profiles, the
+    last output, then unfinished parts."""
     tables = []
     parts = _parts_dir(out)
-    files = [out] if out.exists() else []
+    files = [Path(f) for f in reuse if Path(f).resolve() != out.resolve()]
+    files += [out] if out.exists() else []
     files += sorted(parts.glob("*.parquet")) if parts.exists() else []
-    for file in files:  # oldest first: the last output, then this run's parts in order
+    for file in files:  # oldest first: other profiles, the last output, this run's parts
         table = pq.read_table(file)
+        if not set(PROFILE_SCHEMA.names) <= set(table.column_names):
+            continue  # imported scores: nothing measured here to reuse
         meta = json.loads((table.schema.metadata or {}).get(FINGERPRINTS, b"{}"))
         tables.append((table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA), meta))
     kept = []
@@ -289,6 +294,7 @@ def profile(
     progress: bool = True,
     load: Callable[[str, str], Any] | None = None,
     pools: dict[str, PoolConfig] | None = None,
+    reuse: Sequence[Path] = (),
 ) -> ProfileRun:
     """Measure every expert on every prompt; write the profile table and return it.
 
@@ -298,17 +304,20 @@ def profile(
 
     `cfg.generate` prompts (a seeded sample, the same for every expert) also get a greedy
     continuation of `cfg.new_tokens` tokens from each text-generation expert, for verbosity
-    and readability. `load` replaces the model loader (tests).
+    and readability. `load` replaces the model loader (tests). Rows of the `reuse` profiles
+    measured with the same weights are kept, not measured again.
     """
     import ray
     from tqdm import tqdm
+
+    from serve_app.session import ray_session
 
     cfg = cfg or ProfileConfig()
     generate, new_tokens, batch_size = cfg.generate, cfg.new_tokens, cfg.batch_size
     out = Path(out)
     prints = {e.name: fingerprint(e.model) for e in experts}
     prompt_ids = {p.id for p in prompts}
-    done = _done(out, prints)
+    done = _done(out, prints, reuse)
     done = done.filter(pc.is_in(done["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
     cols = done.select(["prompt_id", "expert", "output"]).to_pydict()
     have = {(p, e): o is not None for p, e, o in zip(*cols.values(), strict=True)}
@@ -332,73 +341,73 @@ def profile(
 
     parts = _parts_dir(out)
     if total:
-        if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
-        import ray.data
+        # Ray only when something is left to measure (this Ray's, else a local one).
+        with ray_session():
+            import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # one bar of our own, in rows
-        # Memory per actor is the library's to set (resources.memory); no periodic advice.
-        ctx.issue_detectors_config.detectors = []
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # one bar of our own, in rows
+            # Memory per actor is the library's to set (resources.memory); no periodic advice.
+            ctx.issue_detectors_config.detectors = []
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
 
-        def scored(
-            rows: pa.Table,
-            scorer: type,
-            kwargs: dict,
-            actors: int,
-            owner: ExpertConfig | PoolConfig,
-        ) -> Any:
-            """`rows` streamed through an actor pool of `scorer`, with the resources of its
-            owner (an expert, or a pool)."""
-            return ray.data.from_arrow(_chunks(rows, batch_size * 4)).map_batches(
-                scorer,
-                fn_constructor_kwargs={**kwargs, "new_tokens": new_tokens, "load": load},
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                udf_modifying_row_count=False,
-                **_data_resources(owner.resources),
-            )
-
-        datasets = []
-        pooled: dict[str, list[ExpertConfig]] = {}
-        for expert in experts:
-            if expert.name not in todo:
-                continue
-            if expert.pool is not None:
-                pooled.setdefault(expert.pool, []).append(expert)
-                continue
-            kwargs = {"name": expert.name, "model": expert.model, "task": expert.task}
-            datasets.append(
-                scored(todo[expert.name], ExpertScorer, kwargs, cfg.actors_per_expert, expert)
-            )
-        for name, members in pooled.items():
-            pool = (pools or {}).get(name) or PoolConfig()
-            rows = pa.concat_tables(
-                todo[e.name].append_column(
-                    "expert", pa.array([e.name] * todo[e.name].num_rows, pa.string())
+            def scored(
+                rows: pa.Table,
+                scorer: type,
+                kwargs: dict,
+                actors: int,
+                owner: ExpertConfig | PoolConfig,
+            ) -> Any:
+                """`rows` streamed through an actor pool of `scorer`, with the resources of its
+                owner (an expert, or a pool)."""
+                return ray.data.from_arrow(_chunks(rows, batch_size * 4)).map_batches(
+                    scorer,
+                    fn_constructor_kwargs={**kwargs, "new_tokens": new_tokens, "load": load},
+                    batch_size=batch_size,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    udf_modifying_row_count=False,
+                    **_data_resources(owner.resources),
                 )
-                for e in members
-            )
-            kwargs = {
-                "experts": {e.name: (e.model, e.task) for e in members},
-                "slots": pool.max_models_per_replica,
-            }
-            actors = min(pool.autoscaling["max_replicas"], len(members))
-            datasets.append(scored(rows, PoolScorer, kwargs, actors, pool))
-        job = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        parts.mkdir(parents=True, exist_ok=True)
-        n = len(list(parts.glob("*.parquet")))
-        meta = {FINGERPRINTS: json.dumps(prints).encode()}
-        with tqdm(total=total, desc="profile", unit="row", disable=not progress) as bar:
-            for batch in job.iter_batches(batch_size=None, batch_format="pyarrow"):
-                batch = batch.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
-                pq.write_table(batch.replace_schema_metadata(meta), parts / f"{n:06d}.parquet")
-                n += 1
-                bar.update(batch.num_rows)
 
-    table = _done(out, prints) if total else done
+            datasets = []
+            pooled: dict[str, list[ExpertConfig]] = {}
+            for expert in experts:
+                if expert.name not in todo:
+                    continue
+                if expert.pool is not None:
+                    pooled.setdefault(expert.pool, []).append(expert)
+                    continue
+                kwargs = {"name": expert.name, "model": expert.model, "task": expert.task}
+                datasets.append(
+                    scored(todo[expert.name], ExpertScorer, kwargs, cfg.actors_per_expert, expert)
+                )
+            for name, members in pooled.items():
+                pool = (pools or {}).get(name) or PoolConfig()
+                rows = pa.concat_tables(
+                    todo[e.name].append_column(
+                        "expert", pa.array([e.name] * todo[e.name].num_rows, pa.string())
+                    )
+                    for e in members
+                )
+                kwargs = {
+                    "experts": {e.name: (e.model, e.task) for e in members},
+                    "slots": pool.max_models_per_replica,
+                }
+                actors = min(pool.autoscaling["max_replicas"], len(members))
+                datasets.append(scored(rows, PoolScorer, kwargs, actors, pool))
+            job = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+            parts.mkdir(parents=True, exist_ok=True)
+            n = len(list(parts.glob("*.parquet")))
+            meta = {FINGERPRINTS: json.dumps(prints).encode()}
+            with tqdm(total=total, desc="profile", unit="row", disable=not progress) as bar:
+                for batch in job.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    batch = batch.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+                    pq.write_table(batch.replace_schema_metadata(meta), parts / f"{n:06d}.parquet")
+                    n += 1
+                    bar.update(batch.num_rows)
+
+    table = _done(out, prints, reuse) if total else done
     table = table.filter(pc.is_in(table["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
     table = table.sort_by([("prompt_id", "ascending"), ("expert", "ascending")])
     table = table.replace_schema_metadata({FINGERPRINTS: json.dumps(prints).encode()})

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +22,8 @@ from serve_app.learn.data import load_prompts
 from serve_app.learn.profile import PROFILE_SCHEMA, read_profile
 
 GENERATE = 4
+#: Where the profile goes: the library's profiles folder, as the demo build writes it.
+PROFILE = Path("lib/profiles/router.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +38,14 @@ def pipeline(serve_port, smoke_library, real_data, tmp_path_factory):
         "profile",
         *common,
         "--out",
-        str(folder / "profile.parquet"),
+        str(folder / PROFILE),
         "--generate",
         str(GENERATE),
         "--new-tokens",
         "8",
     ]
     assert main(profile_args) == 0
-    assert main(["train", "--library", str(lib), "--profile", str(folder / "profile.parquet")]) == 0
+    assert main(["train", "--library", str(lib), "--profile", str(folder / PROFILE)]) == 0
     return folder, lib, common, profile_args
 
 
@@ -50,7 +53,7 @@ def test_the_profile_has_one_row_per_prompt_and_expert_in_the_documented_schema(
     pipeline, real_data
 ):
     folder, lib, _, _ = pipeline
-    table = read_profile(folder / "profile.parquet")
+    table = read_profile(folder / PROFILE)
     prompts = load_prompts(real_data)
     experts = load_library(lib).names
     assert table.schema.remove_metadata() == PROFILE_SCHEMA
@@ -97,7 +100,7 @@ def test_a_rerun_reuses_every_measured_row(pipeline, real_data, capsys):
     more = [*profile_args[:-3], str(GENERATE + 2), *profile_args[-2:]]
     assert main(more) == 0
     assert f"(6 measured now, {rows - 6} reused)" in capsys.readouterr().out
-    table = read_profile(folder / "profile.parquet")
+    table = read_profile(folder / PROFILE)
     assert table.num_rows == rows
     written = {r["prompt_id"] for r in table.to_pylist() if r["output"] is not None}
     assert len(written) == GENERATE + 2
@@ -121,7 +124,11 @@ def test_evaluate_prints_the_contract_json(pipeline, real_data, capsys):
     assert main(["evaluate", *common, "--json", "--quiet"]) == 2
     assert "every prompt in" in capsys.readouterr().err
     assert main(["evaluate", *common, "--json", "--quiet", "--include-trained"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    out = json.loads(printed.out)
+    # Every row was measured by the training profile, with the same weights: none again.
+    rows = len(load_prompts(real_data)) * len(out["experts"])
+    assert f"{rows} of {rows} rows were measured before with the same weights" in printed.err
     prompts = load_prompts(real_data)
     assert out["n"] == len(prompts)
     assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
@@ -220,7 +227,7 @@ def test_pooled_experts_are_profiled_by_their_pool_with_the_same_losses(pipeline
     def rows(path) -> dict:
         return {(r["prompt_id"], r["expert"]): r for r in read_profile(path).to_pylist()}
 
-    own, by_pool = rows(folder / "profile.parquet"), rows(tmp_path / "pooled.parquet")
+    own, by_pool = rows(folder / PROFILE), rows(tmp_path / "pooled.parquet")
     assert by_pool.keys() == own.keys()
     for key, row in by_pool.items():
         assert row["loss"] == pytest.approx(own[key]["loss"], rel=1e-6), key

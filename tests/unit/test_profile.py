@@ -54,3 +54,43 @@ def test_the_fingerprint_changes_when_the_weights_do(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"123456")
     assert fingerprint(str(tmp_path)) != before
     assert fingerprint("org/model") == "org/model"
+
+
+def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_ray(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from serve_app.config import ExpertConfig
+    from serve_app.learn.data import Prompt
+    from serve_app.learn.profile import FINGERPRINTS, profile
+
+    prompts = [Prompt.of("one text", "d"), Prompt.of("another text", "d")]
+    rows = [
+        {**_row(e, None), "prompt_id": p.id, "text": p.text, "loss": loss}
+        for p in prompts
+        for e, loss in (("a", 1.5), ("b", 2.5))
+    ]
+    earlier = tmp_path / "profiles" / "router.parquet"
+    earlier.parent.mkdir()
+    measured_with = {FINGERPRINTS: json.dumps({"a": "org/a", "b": "org/b"}).encode()}
+    table = pa.Table.from_pylist(rows, schema=PROFILE_SCHEMA).replace_schema_metadata(measured_with)
+    pq.write_table(table, earlier)
+    imported = tmp_path / "profiles" / "scores.parquet"  # imported scores: not ours to reuse
+    pq.write_table(pa.table({"prompt_id": ["x"], "model": ["a"], "score": [1.0]}), imported)
+    experts = [
+        ExpertConfig(name=e, model=f"org/{e}", task="fill-mask", params=1, released="2024-01-01")
+        for e in ("a", "b")
+    ]
+
+    run = profile(experts, prompts, tmp_path / "eval.parquet", reuse=[earlier, imported])
+    assert (run.measured, run.reused) == (0, 4)
+    assert sorted(run.table["loss"].to_pylist()) == [1.5, 1.5, 2.5, 2.5]
+    assert not ray.is_initialized(), "nothing to measure, so no Ray"
+
+    # Expert b's weights changed since: its rows are not reused (profile would measure them).
+    from serve_app.learn.profile import _done
+
+    changed = _done(tmp_path / "new.parquet", {"a": "org/a", "b": "org/b-v2"}, [earlier])
+    assert set(changed["expert"].to_pylist()) == {"a"}
