@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -60,9 +61,12 @@ def interrupt_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
         proc.wait()
 
 
-def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def start(
+    args: list[str], log: Path, env: dict | None = None, stopped_after_test: bool = True
+) -> subprocess.Popen:
     """Run a server with its output in `log`: a pipe nobody reads while it runs fills up
-    (Serve logs a lot) and blocks the server, Ctrl-C handling included."""
+    (Serve logs a lot) and blocks the server, Ctrl-C handling included. Unless told, the
+    test's teardown stops it if it is still running."""
     with log.open("w") as out:
         proc = subprocess.Popen(
             args,
@@ -74,7 +78,8 @@ def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Pop
             env=env,
         )
     proc.log = log  # type: ignore[attr-defined]
-    STARTED.append(proc)
+    if stopped_after_test:
+        STARTED.append(proc)
     return proc
 
 
@@ -117,7 +122,36 @@ def test_smoke_library_writes_a_valid_library(cli_library):
         assert list((cli_library.parent / e["model"]).glob("*.safetensors"))
 
 
-def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, tmp_path):
+@pytest.fixture(scope="module")
+def serve_run(cli_library, tmp_path_factory) -> Iterator[subprocess.Popen | None]:
+    """Ray's own `serve run serve_app.app:build_app library=FILE`, with a Ray of its own;
+    None where port 8000, where it always listens, is taken. The `tryage serve` test asks for
+    it too, so the two servers start together: each spends most of its start waiting on Ray
+    and Serve, not computing."""
+    if not _port_free(8000):
+        yield None
+        return
+    proc = start(
+        [
+            BIN / "serve",
+            "run",
+            "serve_app.app:build_app",
+            f"library={cli_library}",
+            "--name=tryage",
+        ],
+        tmp_path_factory.mktemp("serve-run") / "serve-run.log",
+        stopped_after_test=False,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            # How Ray's own CLI winds down is Ray's (in the full suite it has taken over two
+            # minutes); tryage serve's clean stop is asserted in its own test.
+            interrupt_group(proc)
+
+
+def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, serve_run, tmp_path):
     port, metrics_port = free_port(), free_port()
     cmd = [BIN / "tryage", "serve", "--library", str(cli_library), "--port", str(port)]
     cmd += ["--metrics-port", str(metrics_port)]
@@ -200,25 +234,10 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_ray_serve_run_builds_the_app(cli_library, tmp_path):
-    if not _port_free(8000):
+def test_ray_serve_run_builds_the_app(serve_run):
+    if serve_run is None:
         pytest.skip("`serve run` always listens on port 8000, which is taken here")
-    proc = start(
-        [
-            BIN / "serve",
-            "run",
-            "serve_app.app:build_app",
-            f"library={cli_library}",
-            "--name=tryage",
-        ],
-        tmp_path / "serve-run.log",
-    )
     url = "http://127.0.0.1:8000"
-    wait_healthy(proc, url)
-    try:
-        r = httpx.get(f"{url}/v1/models", timeout=30)
-        assert [m["id"] for m in r.json()["data"]] == EXPERTS
-    finally:
-        # How Ray's own CLI winds down is Ray's (in the full suite it has taken over two
-        # minutes); tryage serve's clean stop is asserted above.
-        interrupt_group(proc)
+    wait_healthy(serve_run, url)
+    r = httpx.get(f"{url}/v1/models", timeout=30)
+    assert [m["id"] for m in r.json()["data"]] == EXPERTS

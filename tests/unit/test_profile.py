@@ -84,10 +84,11 @@ def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_
         for e in ("a", "b")
     ]
 
+    ray_before = ray.is_initialized()  # unit tests run first, before any test starts Ray
     run = profile(experts, prompts, tmp_path / "eval.parquet", reuse=[earlier, imported])
     assert (run.measured, run.reused) == (0, 4)
     assert sorted(run.table["loss"].to_pylist()) == [1.5, 1.5, 2.5, 2.5]
-    assert not ray.is_initialized(), "nothing to measure, so no Ray"
+    assert ray.is_initialized() == ray_before, "nothing to measure, so no Ray started"
 
     # Expert b's weights changed since: its rows are not reused (profile would measure them).
     from serve_app.learn.profile import _done
