@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
 
 from serve_app.answers import Filled, Generation, Score
 from serve_app.config import EXPERT_BATCHING
-from serve_app.experts import HFExpert, load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls
+
+if TYPE_CHECKING:
+    from serve_app.experts import HFExpert
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -28,9 +30,11 @@ class ExpertDeployment(ExpertCalls):
         self,
         model: str,
         task: str,
-        load: Callable[..., HFExpert] = load_expert,
+        load: Callable[..., HFExpert] | None = None,
         revision: str | None = None,
     ):
+        if load is None:  # the real loader; imported here, so the driver needs no torch
+            from serve_app.experts import load_expert as load
         self.task = task
         start = time.perf_counter()
         self.engine = load(model, task) if revision is None else load(model, task, revision)

@@ -11,16 +11,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
 
 from serve_app.answers import Filled, Generation, Score
 from serve_app.config import EXPERT_BATCHING
-from serve_app.experts import HFExpert, load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls, rss_bytes
+
+if TYPE_CHECKING:
+    from serve_app.experts import HFExpert
 
 logger = logging.getLogger("ray.serve")
 #: After a pooled expert fails to load, requests for it fail at once (and fall back) for this
@@ -48,9 +50,11 @@ class PoolDeployment(ExpertCalls):
         self,
         experts: dict[str, dict[str, Any]],
         max_models_per_replica: int,
-        load: Callable[..., HFExpert] = load_expert,
+        load: Callable[..., HFExpert] | None = None,
         loads: dict[str, Callable[..., HFExpert]] | None = None,
     ):
+        if load is None:  # the real loader; imported here, so the driver needs no torch
+            from serve_app.experts import load_expert as load
         self.experts = experts
         self.load = load
         self.loads = loads or {}

@@ -6,14 +6,16 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import torch
 from ray import serve
 
 from serve_app.batch import DeviceHealth, isolated
 from serve_app.config import ROUTER_BATCHING, Batching
 from serve_app.protocol import Failure
-from serve_app.router import LearnedRouter, Router
+
+if TYPE_CHECKING:
+    from serve_app.router import Router
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -24,10 +26,16 @@ class RouterDeployment(DeviceHealth):
         self,
         encoder: str,
         checkpoint: str,
-        load: Callable[..., Router] = LearnedRouter,
+        load: Callable[..., Router] | None = None,
         revision: str | None = None,
         threads: int | None = None,
     ):
+        # torch and the real loader are imported here, in the replica: the driver needs neither.
+        import torch
+
+        if load is None:
+            from serve_app.router import LearnedRouter as load
+
         # Every torch call of the replica runs on this one thread. OpenMP gives each thread that
         # starts parallel work a pool of its own, and once the pools' threads outnumber the
         # cores, libgomp stops spinning between ops: encoding from a second thread measured

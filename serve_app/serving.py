@@ -11,12 +11,15 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from serve_app.answers import Filled, Generation, Score
 from serve_app.batch import DeviceHealth, isolated
 from serve_app.config import Batching
-from serve_app.experts import HFExpert, render_chat
 from serve_app.protocol import ExpertRequest, Failure
+
+if TYPE_CHECKING:
+    from serve_app.experts import HFExpert
 
 
 class ExpertCalls(DeviceHealth):
@@ -111,6 +114,8 @@ def _prompt(engine: HFExpert, request: ExpertRequest) -> str:
     transcript), message text unable to forge a role (serve_app.experts)."""
     if request.messages is None:
         return request.prompt or ""
+    from serve_app.experts import render_chat
+
     return render_chat(engine.tokenizer, request.messages)
 
 

@@ -69,3 +69,19 @@ def test_the_ingress_and_remote_experts_load_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_driver_builds_the_graph_without_torch(smoke):
+    # `tryage serve` and `serve run` build the graph in a driver that holds no model: the real
+    # loaders are imported by the router's and experts' replicas, and a library's parameter
+    # counts are read from the safetensors headers alone.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from serve_app.app import build_app; "
+        f"build_app({{'library': {str(smoke)!r}}}); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
