@@ -12,6 +12,7 @@ from ray import serve
 
 from serve_app.answers import Filled, Generation, Score
 from serve_app.config import EXPERT_BATCHING
+from serve_app.loaders import load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls
 
@@ -30,11 +31,9 @@ class ExpertDeployment(ExpertCalls):
         self,
         model: str,
         task: str,
-        load: Callable[..., HFExpert] | None = None,
+        load: Callable[..., HFExpert] = load_expert,
         revision: str | None = None,
     ):
-        if load is None:  # the real loader; imported here, so the driver needs no torch
-            from serve_app.experts import load_expert as load
         self.task = task
         start = time.perf_counter()
         self.engine = load(model, task) if revision is None else load(model, task, revision)

@@ -18,6 +18,7 @@ from ray import serve
 
 from serve_app.answers import Filled, Generation, Score
 from serve_app.config import EXPERT_BATCHING
+from serve_app.loaders import load_expert
 from serve_app.protocol import ExpertRequest, Failure
 from serve_app.serving import ExpertCalls, rss_bytes
 
@@ -50,11 +51,9 @@ class PoolDeployment(ExpertCalls):
         self,
         experts: dict[str, dict[str, Any]],
         max_models_per_replica: int,
-        load: Callable[..., HFExpert] | None = None,
+        load: Callable[..., HFExpert] = load_expert,
         loads: dict[str, Callable[..., HFExpert]] | None = None,
     ):
-        if load is None:  # the real loader; imported here, so the driver needs no torch
-            from serve_app.experts import load_expert as load
         self.experts = experts
         self.load = load
         self.loads = loads or {}

@@ -12,6 +12,7 @@ from ray import serve
 
 from serve_app.batch import DeviceHealth, isolated
 from serve_app.config import ROUTER_BATCHING, Batching
+from serve_app.loaders import load_router
 from serve_app.protocol import Failure
 
 if TYPE_CHECKING:
@@ -26,15 +27,11 @@ class RouterDeployment(DeviceHealth):
         self,
         encoder: str,
         checkpoint: str,
-        load: Callable[..., Router] | None = None,
+        load: Callable[..., Router] = load_router,
         revision: str | None = None,
         threads: int | None = None,
     ):
-        # torch and the real loader are imported here, in the replica: the driver needs neither.
-        import torch
-
-        if load is None:
-            from serve_app.router import LearnedRouter as load
+        import torch  # here, in the replica: the driver that binds the graph needs none
 
         # Every torch call of the replica runs on this one thread. OpenMP gives each thread that
         # starts parallel work a pool of its own, and once the pools' threads outnumber the

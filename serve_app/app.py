@@ -20,6 +20,7 @@ from deployments.remote import RemoteExpertDeployment
 from deployments.router import RouterDeployment
 from serve_app.api import API_KEYS_ENV
 from serve_app.config import ExpertConfig, LibraryConfig, load_library
+from serve_app.loaders import load_expert, load_router
 
 #: Where `tryage demo build` writes the demo library, served when no library is given.
 DEFAULT_LIBRARY = Path("libraries/demo/library.yaml")
@@ -46,7 +47,7 @@ def _expert(e: ExpertConfig, library: LibraryConfig, load_experts: dict) -> Any:
         return RemoteExpertDeployment.options(**options).bind(
             model=e.model, base_url=e.base_url, api_key_env=e.api_key_env, timeout_s=e.timeout_s
         )
-    load = load_experts.get(e.name)  # None: the real loader, imported in the replica
+    load = load_experts.get(e.name, load_expert)
     return ExpertDeployment.options(**options).bind(
         model=e.model, task=e.task, load=load, revision=e.revision
     )
@@ -70,15 +71,15 @@ def _pools(library: LibraryConfig, load_experts: dict) -> dict[str, Any]:
 def build_graph(
     library: LibraryConfig,
     *,
-    load_router: Callable[..., Any] | None = None,
+    load_router: Callable[..., Any] = load_router,
     load_experts: dict[str, Callable[[str, str], Any]] | None = None,
 ) -> Application:
     """Bind router, one deployment per expert (named after it) or per pool of experts
     ("Pool-<name>"), and the ingress.
 
     `load_router` and `load_experts` (by expert name) replace the real model loaders; tests
-    use them to bind tiny or failing engines. The real ones are imported by the replicas, so
-    the driver that builds the graph needs no torch.
+    use them to bind tiny or failing engines. The real ones (serve_app.loaders) import torch
+    only in the replicas that call them, so the driver that builds the graph needs none.
     """
     load_experts = load_experts or {}
     r = library.router

@@ -57,31 +57,18 @@ def test_build_app_validates_its_arguments(smoke):
         build_app({"library": str(smoke.parent / "missing.yaml")})
 
 
-def test_the_ingress_and_remote_experts_load_no_torch():
-    # They hold no model: a replica that imported torch would carry about 180 MB more and
-    # start more slowly (their modules are what a replica process imports).
+def test_the_driver_ingress_and_remote_experts_import_no_torch(smoke):
+    # None of them holds a model. The ingress and remote experts' replicas would carry about
+    # 180 MB more and start more slowly with torch; the driver of `tryage serve` and `serve run`
+    # binds the graph, and the real loaders (serve_app.loaders) import torch only in the router's
+    # and experts' replicas; a library's parameter counts come from safetensors headers alone.
     import subprocess
     import sys
 
+    loaded = "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     code = (
-        "import sys, deployments.ingress, deployments.remote; "
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+        f"import sys, deployments.ingress, deployments.remote; {loaded}; "
+        f"from serve_app.app import build_app; build_app({{'library': {str(smoke)!r}}}); {loaded}"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
-
-
-def test_the_driver_builds_the_graph_without_torch(smoke):
-    # `tryage serve` and `serve run` build the graph in a driver that holds no model: the real
-    # loaders are imported by the router's and experts' replicas, and a library's parameter
-    # counts are read from the safetensors headers alone.
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from serve_app.app import build_app; "
-        f"build_app({{'library': {str(smoke)!r}}}); "
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert out.stdout.split() == ["[]", "[]"], out.stdout + out.stderr
