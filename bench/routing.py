@@ -71,11 +71,6 @@ def _shown(path: Path) -> str:
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT.parent) else str(path)
 
 
-def _eval_profiles(out: Path) -> dict[str, int]:
-    """The truth profiles evaluate caches under the library folder, with their mtimes."""
-    return {str(f): f.stat().st_mtime_ns for f in (out / "profiles").glob("eval-*.parquet")}
-
-
 def _build_seconds(seconds: dict[str, float], previous: dict | None) -> dict[str, Any]:
     """This run's step times; a step skipped now (0 s) keeps an earlier run's time, if any."""
     earlier = (previous or {}).get("build", {}).get("seconds", {})
@@ -125,11 +120,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         library = load_library(out / "library.yaml")
         prompts = load_prompts(out / "data" / "heldout", per_domain=args.per_domain, seed=0)
         prompts = held_out(library, prompts, log=stderr)
-        before = _eval_profiles(out)
         start = time.perf_counter()
-        table = measure_truth(library, prompts, folder=out, progress=not args.quiet, log=stderr)
+        run = measure_truth(library, prompts, folder=out, progress=not args.quiet, log=stderr)
+        table = run.table
         evaluation = evaluate(library, table)[0].as_json()
-        truth = "cached" if _eval_profiles(out).items() <= before.items() else "measured"
         evaluate_s = time.perf_counter() - start
 
         sweep_dir = out / "pareto-size"
@@ -155,7 +149,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "split": summary["split"],
         "build": {**_build_seconds(built.seconds, previous), "wall_s": build_s},
         "evaluate_s": evaluate_s,
-        "truth_profile": truth,
+        "truth_rows": {"measured": run.measured, "reused": run.reused},
         "pareto_s": pareto_s,
         "evaluate": evaluation,
         "goal": goal(evaluation),
@@ -343,16 +337,25 @@ def goal_line(evaluation: dict) -> str:
     )
 
 
+def _truth_said(rows: dict | None) -> str:
+    """How the run came by the true losses it evaluates on (rows measured now or reused)."""
+    if not rows or not rows["reused"]:
+        return "every expert run on every prompt included"
+    if not rows["measured"]:
+        return "the true losses read from earlier profiles with the same expert weights"
+    total = rows["measured"] + rows["reused"]
+    return (
+        f"{rows['measured']} of {total} true losses measured now, the rest read from earlier "
+        "profiles with the same expert weights"
+    )
+
+
 def render(results: dict) -> str:
     """The benchmark's Markdown page, from the results dict alone."""
     ev, m = results["evaluate"], results["machine"]
     split = results["split"]
     p = results["pareto"]
-    truth = (
-        "every expert run on every prompt included"
-        if results.get("truth_profile") != "cached"
-        else "the true losses read from an earlier run's profile"
-    )
+    truth = _truth_said(results.get("truth_rows"))
     methods = "\n".join(f"- `{name}`: {what}" for name, what in METHODS.items())
     build = results["build"]
     carried = (

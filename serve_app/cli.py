@@ -157,7 +157,7 @@ def _truth(args: argparse.Namespace, library):
         folder=args.library.resolve().parent,
         progress=not args.quiet,
         log=stderr,
-    )
+    ).table
 
 
 def _profile_truth(args: argparse.Namespace, library):

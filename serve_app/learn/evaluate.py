@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,9 @@ from serve_app.learn.matrix import (
 )
 from serve_app.learn.metrics import choose, expected_random, summarize
 from serve_app.router import Encoder, Router, read_head_config
+
+if TYPE_CHECKING:
+    from serve_app.learn.profile import ProfileRun
 
 BASELINES = ("oracle", "random", "best_single", "model_card", "knn")
 
@@ -89,12 +93,13 @@ def measure_truth(
     folder: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
-) -> pa.Table:
+) -> ProfileRun:
     """Every expert's true loss on `prompts`: a profile (a Ray job) written to `out`, by
     default `FOLDER/profiles/eval-KEY.parquet` (KEY from the prompts' ids; FOLDER the
     library's, else the checkpoint's parent), so a rerun on the same prompts reuses it. A row
     that any profile in `FOLDER/profiles/` (the demo build's training profile, earlier
-    evaluations) measured with the same expert weights is reused, not measured again."""
+    evaluations) measured with the same expert weights is reused, not measured again. The
+    run says how many rows it measured and reused; its table is the truth."""
     from serve_app.learn.profile import ProfileConfig, profile
 
     key = hashlib.sha1("".join(sorted(p.id for p in prompts)).encode()).hexdigest()[:12]
@@ -108,7 +113,7 @@ def measure_truth(
     )
     if log and run.reused:
         log(f"{run.reused} of {run.table.num_rows} rows were measured before with the same weights")
-    return run.table
+    return run
 
 
 def stderr(message: str) -> None:

@@ -409,6 +409,10 @@ def profile(
 
     table = _done(out, prints, reuse) if total else done
     table = table.filter(pc.is_in(table["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))
+    # A reused row keeps its loss; its domain is this data's (a prompt is its text alone).
+    domains = {p.id: p.domain for p in prompts}
+    domain = pa.array([domains[i] for i in table["prompt_id"].to_pylist()], pa.string())
+    table = table.set_column(table.schema.get_field_index("domain"), "domain", domain)
     table = table.sort_by([("prompt_id", "ascending"), ("expert", "ascending")])
     table = table.replace_schema_metadata({FINGERPRINTS: json.dumps(prints).encode()})
     out.parent.mkdir(parents=True, exist_ok=True)

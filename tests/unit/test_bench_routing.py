@@ -61,7 +61,7 @@ def results() -> dict:
             "wall_s": 62.0,
         },
         "evaluate_s": 30.0,
-        "truth_profile": "measured",
+        "truth_rows": {"measured": 3300, "reused": 0},
         "pareto_s": 5.0,
         "evaluate": {
             "n": 60,
@@ -190,10 +190,14 @@ def test_a_missing_corpus_fails_with_a_message(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_a_truth_profile_read_back_is_said_so():
+def test_true_losses_read_back_are_said_so():
     r = results()
-    r["truth_profile"] = "cached"
-    assert "Evaluate 30 s (the true losses read from an earlier run's profile)" in routing.render(r)
+    assert "Evaluate 30 s (every expert run on every prompt included)" in routing.render(r)
+    r["truth_rows"] = {"measured": 0, "reused": 3300}
+    said = "Evaluate 30 s (the true losses read from earlier profiles with the same expert weights)"
+    assert said in routing.render(r)
+    r["truth_rows"] = {"measured": 300, "reused": 3000}
+    assert "(300 of 3300 true losses measured now, the rest read from" in routing.render(r)
 
 
 def test_render_does_not_change_its_input():

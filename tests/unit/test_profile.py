@@ -58,6 +58,9 @@ def test_the_fingerprint_changes_when_the_weights_do(tmp_path):
 
 def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_ray(tmp_path):
     import json
+    import os
+    import tempfile
+    from pathlib import Path
 
     import pyarrow.parquet as pq
     import ray
@@ -84,11 +87,16 @@ def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_
         for e in ("a", "b")
     ]
 
-    ray_before = ray.is_initialized()  # unit tests run first, before any test starts Ray
-    run = profile(experts, prompts, tmp_path / "eval.parquet", reuse=[earlier, imported])
+    # Each Ray started on this machine points session_latest at its own new session folder.
+    latest = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "session_latest"
+    session = latest.resolve() if latest.exists() else None
+    relabelled = [Prompt(p.id, p.text, "e") for p in prompts]
+    run = profile(experts, relabelled, tmp_path / "eval.parquet", reuse=[earlier, imported])
     assert (run.measured, run.reused) == (0, 4)
     assert sorted(run.table["loss"].to_pylist()) == [1.5, 1.5, 2.5, 2.5]
-    assert ray.is_initialized() == ray_before, "nothing to measure, so no Ray started"
+    assert set(run.table["domain"].to_pylist()) == {"e"}, "the data's domain, not the old row's"
+    assert not ray.is_initialized()
+    assert (latest.resolve() if latest.exists() else None) == session, "no Ray was started"
 
     # Expert b's weights changed since: its rows are not reused (profile would measure them).
     from serve_app.learn.profile import _done
