@@ -215,6 +215,12 @@ def fingerprint(model: str) -> str:
     return h.hexdigest()[:16]
 
 
+def expert_print(expert: ExpertConfig) -> str:
+    """What a row measured on `expert` was measured with: its weights' fingerprint, and the
+    revision where one is named (a Hub id alone does not pin the weights)."""
+    return fingerprint(expert.model) + (f"@{expert.revision}" if expert.revision else "")
+
+
 def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
@@ -315,7 +321,7 @@ def profile(
     cfg = cfg or ProfileConfig()
     generate, new_tokens, batch_size = cfg.generate, cfg.new_tokens, cfg.batch_size
     out = Path(out)
-    prints = {e.name: fingerprint(e.model) for e in experts}
+    prints = {e.name: expert_print(e) for e in experts}
     prompt_ids = {p.id for p in prompts}
     done = _done(out, prints, reuse)
     done = done.filter(pc.is_in(done["prompt_id"], pa.array(sorted(prompt_ids), pa.string())))

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from serve_app.learn.profile import PROFILE_SCHEMA, fingerprint, measures, reading_ease
+from serve_app.learn.profile import (
+    PROFILE_SCHEMA,
+    expert_print,
+    fingerprint,
+    measures,
+    reading_ease,
+)
 
 
 def test_reading_ease_is_flesch_with_dictionary_syllables():
@@ -54,6 +60,18 @@ def test_the_fingerprint_changes_when_the_weights_do(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"123456")
     assert fingerprint(str(tmp_path)) != before
     assert fingerprint("org/model") == "org/model"
+
+
+def test_a_named_revision_is_part_of_what_a_row_was_measured_with():
+    from serve_app.config import ExpertConfig
+
+    def expert(**kw):
+        return ExpertConfig(
+            name="a", model="org/a", task="fill-mask", params=1, released="2024-01-01", **kw
+        )
+
+    assert expert_print(expert()) == "org/a"  # as before: earlier profiles stay reusable
+    assert expert_print(expert(revision="v2")) not in ("org/a", expert_print(expert(revision="v3")))
 
 
 def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_ray(tmp_path):
