@@ -339,7 +339,9 @@ def goal_line(evaluation: dict) -> str:
 
 def _truth_said(rows: dict | None) -> str:
     """How the run came by the true losses it evaluates on (rows measured now or reused)."""
-    if not rows or not rows["reused"]:
+    if rows is None:  # results written before runs recorded it
+        return "whether the true losses were measured now or read back was not recorded"
+    if not rows["reused"]:
         return "every expert run on every prompt included"
     if not rows["measured"]:
         return "the true losses read from earlier profiles with the same expert weights"

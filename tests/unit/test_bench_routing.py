@@ -198,6 +198,10 @@ def test_true_losses_read_back_are_said_so():
     assert said in routing.render(r)
     r["truth_rows"] = {"measured": 300, "reused": 3000}
     assert "(300 of 3300 true losses measured now, the rest read from" in routing.render(r)
+    del r["truth_rows"]  # results written before runs recorded it
+    assert "Evaluate 30 s (whether the true losses were measured now or read back was not" in (
+        routing.render(r)
+    )
 
 
 def test_render_does_not_change_its_input():
