@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 install-loadtest: $(VENV)/.installed-loadtest
 
-# The demo library: built offline the first time (a few minutes; resumable), cached after.
+# The demo library: built offline the first time (10-20 minutes on 2 cores; resumable), cached after.
 libraries/demo/library.yaml: | $(VENV)/.installed
 	$(BIN)/tryage demo build --out libraries/demo
 

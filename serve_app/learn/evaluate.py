@@ -107,12 +107,15 @@ def measure_truth(
     out = out or folder / "profiles" / f"eval-{key}.parquet"
     reuse = sorted((folder / "profiles").glob("*.parquet"))
     if log:
-        log(f"measuring every expert on {len(prompts)} prompts ({out})")
+        log(f"every expert's true loss on {len(prompts)} prompts ({out})")
     run = profile(
         library.experts, prompts, out, ProfileConfig(generate=0), progress=progress, reuse=reuse
     )
-    if log and run.reused:
-        log(f"{run.reused} of {run.table.num_rows} rows were measured before with the same weights")
+    if log:
+        log(
+            f"{run.measured} rows measured now, {run.reused} of {run.table.num_rows} measured "
+            "before with the same weights"
+        )
     return run
 
 

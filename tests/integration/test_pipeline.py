@@ -128,7 +128,7 @@ def test_evaluate_prints_the_contract_json(pipeline, real_data, capsys):
     out = json.loads(printed.out)
     # Every row was measured by the training profile, with the same weights: none again.
     rows = len(load_prompts(real_data)) * len(out["experts"])
-    assert f"{rows} of {rows} rows were measured before with the same weights" in printed.err
+    assert f"0 rows measured now, {rows} of {rows} measured before with the same" in printed.err
     prompts = load_prompts(real_data)
     assert out["n"] == len(prompts)
     assert out["experts"] == ["gen-xs", "gen-s", "gen-m", "mask-s"]
