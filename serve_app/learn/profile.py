@@ -313,7 +313,6 @@ def profile(
     and readability. `load` replaces the model loader (tests). Rows of the `reuse` profiles
     measured with the same weights are kept, not measured again.
     """
-    import ray
     from tqdm import tqdm
 
     from serve_app.session import ray_session
