@@ -61,7 +61,7 @@ FIRST_RELEASE = dt.date(2024, 1, 15)  # release dates follow build order, a mont
 
 #: Bumped when training changes in ways TrainConfig's fields do not show (a new estimate in
 #: the router's mix): a resumed build then retrains its router instead of keeping the old one.
-ROUTER_RECIPE = 3
+ROUTER_RECIPE = 4  # 4: the mix chosen over folds of sources (mix_folds_of)
 
 
 class BuildError(LibraryError):
@@ -161,7 +161,9 @@ class BuildResult:
         r = self.router
         lines += [
             "",
-            f"router validation ({r['n_val']} prompts): top1 {r['val']['top1']:.3f}, "
+            f"router validation ({r['val']['scored']} prompts"
+            + (f", out of {r['mix_folds']} folds" if r.get("mix_folds") else "")
+            + f"): top1 {r['val']['top1']:.3f}, "
             f"regret {r['val']['regret']:.4f} bits/byte "
             f"(best single expert: top1 {r['val_best_single']['top1']:.3f}, "
             f"regret {r['val_best_single']['regret']:.4f})",

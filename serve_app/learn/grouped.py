@@ -3,10 +3,11 @@
 Random held-out rows share their sources with the training rows, so a router that learns a
 source's style scores well on them and badly on the next source of the same domain. Here the
 prompts of a profile are cut into folds by group (a source: serve_app.learn.grouped.
-source_group), and for each fold the router is trained (head, early stopping and neighbour
-evidence chosen on groups held out of the training folds) on the other folds only, then
-judged on the fold's prompts beside kNN and the best single expert fitted on the same
-training folds. Every prompt is judged once, by a router that never saw its group.
+source_group), and for each fold the router is trained as `tryage train` trains it (early
+stopping on groups held out of the training folds, its mix chosen over folds of them) on the
+other folds only, then judged on the fold's prompts beside kNN and the best single expert
+fitted on the same training folds. Every prompt is judged once, by a router that never saw
+its group.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from serve_app.config import LibraryError
 from serve_app.learn.data import cut_text, data_files, prompt_id
 from serve_app.learn.matrix import Matrix
 from serve_app.learn.metrics import choose, expected_random, summarize
-from serve_app.learn.train import TrainConfig, finish_head, train_head_split, validation_mask
+from serve_app.learn.train import (
+    TrainConfig,
+    folds_of,
+    folds_within_domains,
+    settle_mix,
+    train_head_split,
+    validation_mask,
+)
 from serve_app.router import Neighbours, predict_mixed
 
 METHODS = ("router", "knn", "best_single", "oracle", "random")
@@ -52,34 +60,6 @@ def corpus_groups(corpus: str | Path, chars: Iterable[int | None] = (None,)) -> 
                     text = row["text"] if n is None else cut_text(row["text"], n)
                     out.setdefault(prompt_id(text), group)
     return out
-
-
-def folds_within_domains(groups: list[str], domains: list[str], folds: int) -> np.ndarray:
-    """Folds for unseen sources of seen domains: within every domain of two or more groups,
-    its groups cut into folds (folds_of); a domain of one group is never held out (-1), so
-    every held-out prompt's domain is one the router trained on, from other sources."""
-    out = np.full(len(groups), -1)
-    for domain in sorted(set(domains)):
-        idx = [i for i, d in enumerate(domains) if d == domain]
-        mine = [groups[i] for i in idx]
-        if len(set(mine)) >= 2:
-            out[idx] = folds_of(mine, min(folds, len(set(mine))))
-    return out
-
-
-def folds_of(groups: list[str], folds: int) -> np.ndarray:
-    """A fold (0..folds-1) per prompt, whole groups together, folds of similar size: the
-    largest groups first, each to the fold with the fewest prompts (ties by name)."""
-    sizes: dict[str, int] = {}
-    for g in groups:
-        sizes[g] = sizes.get(g, 0) + 1
-    load = [0] * folds
-    fold_of: dict[str, int] = {}
-    for g in sorted(sizes, key=lambda g: (-sizes[g], g)):
-        f = min(range(folds), key=lambda i: (load[i], i))
-        fold_of[g] = f
-        load[f] += sizes[g]
-    return np.array([fold_of[g] for g in groups])
 
 
 @dataclass
@@ -148,7 +128,7 @@ def cross_validate(
         except LibraryError:  # one group left to train on: validate on a share of prompts
             val = validation_mask(rest, replace(cfg, group_by="prompt"))
         head, _, _, _ = train_head_split(rest_emb, rest, val, cfg)
-        finish_head(head, rest_emb, rest, val, cfg)
+        settle_mix(head, rest_emb, rest, val, cfg, rest_groups)  # as `train` does
         cfg_h = head.cfg
         mixes.append(
             {

@@ -26,7 +26,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +79,11 @@ class TrainConfig:
     mix_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     knn_ks: tuple[int, ...] = (10, 25, 50, 100)
     prior_steps: int = 300  # full-batch steps of the domain prior's classifier
-    # Frozen mode with validation by prompt, given at least 20 prompts a fold: the mix is
-    # chosen on out-of-fold predictions over `mix_folds` folds of every prompt (each fold's
-    # head trained as this one is, on the other folds), not on the validation prompts alone,
-    # and the domain prior is then fit on every prompt (choose_mix_folds). 0 or 1: off.
+    # Frozen mode, given at least 20 prompts a fold: the mix is chosen on out-of-fold
+    # predictions over `mix_folds` folds drawn as validation is (of prompts, or of whole
+    # groups: mix_folds_of), each fold's head trained as this one is on the other folds, not
+    # on the one validation draw alone; the domain prior is then fit on every prompt
+    # (choose_mix_folds). 0 or 1: off.
     mix_folds: int = 5
 
 
@@ -109,8 +110,8 @@ class Report:
     base_weight: float = 0.0
     val_mixes: list[dict] = field(default_factory=list)  # every setting tried, its figures
     # Folds the mix was chosen over (choose_mix_folds); then `val`, `val_best_single`,
-    # `val_oracle` and `expert_mae` are out-of-fold figures over every prompt. 0: over the
-    # n_val validation prompts.
+    # `val_oracle` and `expert_mae` are out-of-fold figures over every prompt held out in a
+    # fold (val["scored"] of them). 0: over the n_val validation prompts.
     mix_folds: int = 0
 
     def table(self) -> str:
@@ -135,8 +136,8 @@ class Report:
         mlp = 1 - self.prior_weight - self.knn_weight - self.base_weight
         if self.mix_folds:
             lines.append(
-                f"figures out of fold over all {self.n_train + self.n_val} prompts "
-                f"({self.mix_folds} folds), the mix chosen on them"
+                f"figures out of fold over the {self.val['scored']} prompts held out in "
+                f"{self.mix_folds} folds, the mix chosen on them"
             )
         lines.append(
             f"validation drawn by {self.group_by}; prediction = {mlp:g} MLP + "
@@ -210,6 +211,34 @@ def validation_mask(
         if held_out.any():
             return held_out
     return _held(groups, cfg)
+
+
+def folds_within_domains(groups: list[str], domains: list[str], folds: int) -> np.ndarray:
+    """Folds for unseen sources of seen domains: within every domain of two or more groups,
+    its groups cut into folds (folds_of); a domain of one group is never held out (-1), so
+    every held-out prompt's domain is one the router trained on, from other sources."""
+    out = np.full(len(groups), -1)
+    for domain in sorted(set(domains)):
+        idx = [i for i, d in enumerate(domains) if d == domain]
+        mine = [groups[i] for i in idx]
+        if len(set(mine)) >= 2:
+            out[idx] = folds_of(mine, min(folds, len(set(mine))))
+    return out
+
+
+def folds_of(groups: list[str], folds: int) -> np.ndarray:
+    """A fold (0..folds-1) per prompt, whole groups together, folds of similar size: the
+    largest groups first, each to the fold with the fewest prompts (ties by name)."""
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    load = [0] * folds
+    fold_of: dict[str, int] = {}
+    for g in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        f = min(range(folds), key=lambda i: (load[i], i))
+        fold_of[g] = f
+        load[f] += sizes[g]
+    return np.array([fold_of[g] for g in groups])
 
 
 def _held(groups: list[str], cfg: TrainConfig) -> np.ndarray:
@@ -354,39 +383,67 @@ def _search_mix(
     return tried, pred.numpy()
 
 
-def folds_apply(matrix: Matrix, cfg: TrainConfig) -> bool:
-    """Whether the mix is chosen over folds (TrainConfig.mix_folds) for this profile."""
-    return (
-        cfg.mode == "frozen"
-        and cfg.group_by == "prompt"
-        and cfg.mix_folds >= 2
-        and len(matrix.ids) >= 20 * cfg.mix_folds
-    )
+def mix_folds_of(matrix: Matrix, cfg: TrainConfig, groups: list[str]) -> np.ndarray | None:
+    """The folds the mix is chosen over (TrainConfig.mix_folds), drawn as validation is: one
+    fold (0..k-1) a prompt by prompt id, or whole groups (`groups`, one a prompt; the domains
+    for group_by "domain") cut into folds, within their domains for "source"
+    (folds_within_domains: a prompt of a domain with one group is never held out, -1). None
+    where folds do not apply: finetune mode, mix_folds under 2, fewer than 20 prompts a
+    fold, or fewer than two folds to hold out."""
+    k = cfg.mix_folds
+    if cfg.mode != "frozen" or k < 2 or len(matrix.ids) < 20 * k:
+        return None
+    if cfg.group_by == "prompt":
+        draws = [unit_draw(i, cfg.seed, "mix fold") for i in matrix.ids]
+        return np.array([min(int(u * k), k - 1) for u in draws])
+    groups = matrix.domains if cfg.group_by == "domain" else groups
+    if cfg.group_by == "source":
+        fold = folds_within_domains(groups, matrix.domains, k)
+    else:
+        fold = folds_of(groups, min(k, len(set(groups))))
+    return fold if len(set(fold[fold >= 0].tolist())) >= 2 else None
+
+
+@dataclass
+class Folded:
+    """The mix chosen over folds (choose_mix_folds): every setting tried, and for the prompts
+    held out in a fold (`judged`, N), the winner's out-of-fold predictions and the base rate's
+    (what the best single expert goes by), each (judged prompts, E)."""
+
+    tried: list[dict]
+    folds: int  # folds with prompts held out
+    judged: np.ndarray
+    pred: np.ndarray
+    base: np.ndarray
 
 
 def choose_mix_folds(
-    head: RouterHead, emb: torch.Tensor, matrix: Matrix, cfg: TrainConfig
-) -> tuple[list[dict], np.ndarray, np.ndarray] | None:
-    """Choose the mix (as choose_mix does) on out-of-fold predictions over `cfg.mix_folds`
-    folds of every prompt, drawn by prompt id: each fold's parts come from a head trained
-    the way `head` was (its MLP on the other folds' training prompts, stopped on their
-    validation prompts; its prior and neighbours on all the other folds' prompts). A choice
-    made on every prompt instead of the validation fifth is less a matter of which prompts
-    fell in that fifth. Then the head's domain prior is fit on every prompt: no prompt is
-    left to hold out of it. Returns (every setting tried, the out-of-fold predictions of the
-    winner (N, E), of the base rate (N, E): what the best single expert goes by), or None
-    where a fold left no prompt to stop its MLP on."""
-    k = cfg.mix_folds
-    fold = np.array([min(int(unit_draw(i, cfg.seed, "mix fold") * k), k - 1) for i in matrix.ids])
+    head: RouterHead,
+    emb: torch.Tensor,
+    matrix: Matrix,
+    cfg: TrainConfig,
+    fold: np.ndarray,
+    groups: list[str],
+) -> Folded | None:
+    """Choose the mix (as choose_mix does) on out-of-fold predictions over the folds of
+    mix_folds_of: each fold's parts come from a head trained the way `head` was (its MLP on
+    the other folds' training prompts, stopped on their validation prompts, drawn as `cfg`
+    draws them; its prior and neighbours on all the other folds' prompts). A choice made on
+    every prompt held out in a fold, instead of the one validation draw, is less a matter of
+    which prompts fell in that draw: with validation by source, a few dozen prompts of a few
+    sources. Then the head's domain prior is fit on every prompt: no prompt is left to hold
+    out of it. None where a fold left no prompt to stop its MLP on."""
     parts: dict = {}
     knn: dict[int, torch.Tensor] = {}
-    for f in range(k):
+    for f in sorted(set(fold[fold >= 0].tolist())):
         out = fold == f
-        if not out.any():
-            continue
         rest = matrix.subset(~out)
+        rest_groups = [g for g, o in zip(groups, out, strict=True) if not o]
         rest_emb = emb[torch.from_numpy(~out)]
-        val = validation_mask(rest, cfg)
+        try:
+            val = validation_mask(rest, cfg, rest_groups)
+        except LibraryError:  # one group left to train on: validate on a share of prompts
+            val = validation_mask(rest, replace(cfg, group_by="prompt"))
         if val.all() or not val.any():
             return None
         fold_head, *_ = train_head_split(rest_emb, rest, val, cfg)
@@ -403,11 +460,35 @@ def choose_mix_folds(
             parts.setdefault(name, torch.full(matrix.losses.shape, np.nan))[at] = mine[name]
         for j, got in mine["knn"].items():
             knn.setdefault(j, torch.full(matrix.losses.shape, np.nan))[at] = got
-    parts["knn"] = knn
+    judged = fold >= 0
+    keep = torch.from_numpy(judged)
+    parts = {name: parts[name][keep] for name in ("mlp", "prior", "base")}
+    parts["knn"] = {j: got[keep] for j, got in knn.items()}
     if head.cfg.domains:
         fit_prior(head, emb, matrix.domains, matrix.losses, cfg)
-    tried, pred = _search_mix(head, parts, matrix.losses, cfg)
-    return tried, pred, parts["base"].numpy()
+    tried, pred = _search_mix(head, parts, matrix.losses[judged], cfg)
+    folds = len(set(fold[judged].tolist()))
+    return Folded(tried, folds, judged, pred, parts["base"].numpy())
+
+
+def settle_mix(
+    head: RouterHead,
+    emb: torch.Tensor,
+    matrix: Matrix,
+    val_mask: np.ndarray,
+    cfg: TrainConfig,
+    groups: list[str],
+) -> tuple[Folded | None, list[dict], np.ndarray]:
+    """After the MLP: the domain prior and the mix, over folds where they apply
+    (mix_folds_of, choose_mix_folds), else on the validation prompts (finish_head). Returns
+    (the folds' result or None, every setting tried, the winner's predictions for the
+    prompts it was chosen on)."""
+    fold = mix_folds_of(matrix, cfg, groups)
+    folded = choose_mix_folds(head, emb, matrix, cfg, fold, groups) if fold is not None else None
+    if folded:
+        return folded, folded.tried, folded.pred
+    tried, pred = finish_head(head, emb, matrix, val_mask, cfg)
+    return None, tried, pred
 
 
 def train_head(
@@ -571,12 +652,10 @@ def train(
             emb = embeddings(encoder, matrix, cache)  # (N, H), every prompt embedded once
             head, epochs, err, untrained = train_head_split(emb, matrix, val_mask, cfg)
             encoder_name = library.router.model
-        folded = choose_mix_folds(head, emb, matrix, cfg) if folds_apply(matrix, cfg) else None
-        if folded:  # figures out of fold over every prompt
-            mixes, pred, base = folded
-            scored, single = matrix.losses, choose(base)
+        folded, mixes, pred = settle_mix(head, emb, matrix, val_mask, cfg, by_prompt)
+        if folded:  # figures out of fold over every prompt held out in a fold
+            scored, single = matrix.losses[folded.judged], choose(folded.base)
         else:  # figures over the validation prompts
-            mixes, pred = finish_head(head, emb, matrix, val_mask, cfg)
             scored = val_m.losses
             single = np.full(len(scored), int(np.nanargmin(np.nanmean(train_m.losses, 0))))
         save_head(head, folder, encoder=encoder_name)
@@ -604,7 +683,7 @@ def train(
             knn_k=head.cfg.knn_k,
             base_weight=head.cfg.base_weight,
             val_mixes=mixes,
-            mix_folds=cfg.mix_folds if folded else 0,
+            mix_folds=folded.folds if folded else 0,
         )
         (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

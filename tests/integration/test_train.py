@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,7 @@ from serve_app.cli import main
 from serve_app.config import load_library
 from serve_app.learn.data import in_split, prompt_id
 from serve_app.learn.profile import PROFILE_SCHEMA
-from serve_app.learn.train import TrainConfig, pivot, train
+from serve_app.learn.train import TrainConfig, mix_folds_of, pivot, train
 from serve_app.router import LearnedRouter
 from tests.integration.test_evaluate import CODE, GERMAN, profile_table
 
@@ -112,6 +113,31 @@ def test_with_enough_prompts_the_mix_is_chosen_out_of_fold_and_the_prior_sees_ev
         mine = matrix.losses[np.array(matrix.domains) == domain]
         np.testing.assert_allclose(head.domain_means[row].numpy(), mine.mean(0), rtol=1e-5)
     assert report.val_oracle["regret"] == 0
+
+
+def test_with_validation_by_source_the_mix_folds_hold_out_whole_sources(library, tmp_path):
+    poem = "Ein Gedicht über den Herbst."
+    table = _many_prompts({poem: "poetry"})
+    matrix = pivot(table, library.names)
+    # A text's three variants share a source; the poem is its domain's only source.
+    groups = {
+        i: t.split("\n# variant")[0].split(" (Fassung")[0]
+        for i, t in zip(matrix.ids, matrix.texts, strict=True)
+    }
+    cfg = TrainConfig(max_epochs=20, mix_folds=2, group_by="source")
+    fold = mix_folds_of(matrix, cfg, [groups[i] for i in matrix.ids])
+    folds_of_source: dict[str, set] = {}
+    for i, f in zip(matrix.ids, fold, strict=True):
+        folds_of_source.setdefault(groups[i], set()).add(int(f))
+    assert all(len(f) == 1 for f in folds_of_source.values()), "a source split across folds"
+    assert folds_of_source[poem] == {-1}  # a domain of one source is never held out
+    assert set(fold[fold >= 0]) == {0, 1}
+    report = train(library, table, tmp_path / "router", cfg, groups=groups)
+    assert report.mix_folds == 2 and report.group_by == "source"
+    assert report.val["scored"] == 48  # out of fold: every prompt but the poem
+    # Too few prompts for two folds of 20: the mix is chosen on the one validation draw.
+    few = replace(cfg, mix_folds=3)
+    assert mix_folds_of(matrix, few, [groups[i] for i in matrix.ids]) is None
 
 
 def test_a_domain_whose_prompts_all_validate_does_not_stop_the_prior_s_refit(library, tmp_path):
