@@ -381,9 +381,8 @@ def parser() -> argparse.ArgumentParser:
         "--mix-folds",
         type=int,
         default=tcfg.mix_folds,
-        help="frozen mode: choose the mix on out-of-fold predictions over this many folds, "
-        "drawn as validation is (of prompts, or of whole sources; at least 20 prompts a fold); "
-        "0: on the validation prompts",
+        help="frozen mode: choose the mix on out-of-fold predictions over this many folds of "
+        "every prompt (at least 20 prompts a fold); 0: on the validation prompts",
     )
     s.set_defaults(func=cmd_train)
 

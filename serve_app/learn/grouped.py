@@ -123,18 +123,16 @@ def cross_validate(
         rest = matrix.subset(~test)
         rest_groups = [g for g, t in zip(groups, test, strict=True) if not t]
         rest_emb = emb[torch.from_numpy(~test)]
-        try:
-            val = validation_mask(rest, cfg, rest_groups)
-        except LibraryError:  # one group left to train on: validate on a share of prompts
-            val = validation_mask(rest, replace(cfg, group_by="prompt"))
+        val = validation_mask(rest, cfg, rest_groups)  # one group left: a share of prompts
         head, _, _, _ = train_head_split(rest_emb, rest, val, cfg)
-        settle_mix(head, rest_emb, rest, val, cfg, rest_groups)  # as `train` does
+        folded, _, _ = settle_mix(head, rest_emb, rest, val, cfg, rest_groups)  # as train does
         cfg_h = head.cfg
         mixes.append(
             {
                 "prior_weight": cfg_h.prior_weight,
                 "knn_weight": cfg_h.knn_weight,
                 "base_weight": cfg_h.base_weight,
+                "mix_folds": folded.folds if folded else 0,  # 0: chosen on validation
             }
         )
         test_emb = emb[torch.from_numpy(test)]

@@ -26,7 +26,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,7 @@ class Report:
     val_oracle: dict[str, float] = field(default_factory=dict)
     expert_mae: dict[str, float] = field(default_factory=dict)  # in the measure's units
     group_by: str = "prompt"  # how validation prompts were drawn
-    prior_weight: float = 0.0  # the mix chosen on validation (serve_app.router.HeadConfig)
+    prior_weight: float = 0.0  # the mix chosen on validation or out of fold (mix_folds)
     knn_weight: float = 0.0
     knn_k: int = 0
     base_weight: float = 0.0
@@ -388,8 +388,8 @@ def mix_folds_of(matrix: Matrix, cfg: TrainConfig, groups: list[str]) -> np.ndar
     fold (0..k-1) a prompt by prompt id, or whole groups (`groups`, one a prompt; the domains
     for group_by "domain") cut into folds, within their domains for "source"
     (folds_within_domains: a prompt of a domain with one group is never held out, -1). None
-    where folds do not apply: finetune mode, mix_folds under 2, fewer than 20 prompts a
-    fold, or fewer than two folds to hold out."""
+    where folds do not apply: finetune mode, mix_folds under 2, fewer than two folds to hold
+    out, or fewer than 20 prompts held out a fold."""
     k = cfg.mix_folds
     if cfg.mode != "frozen" or k < 2 or len(matrix.ids) < 20 * k:
         return None
@@ -401,7 +401,9 @@ def mix_folds_of(matrix: Matrix, cfg: TrainConfig, groups: list[str]) -> np.ndar
         fold = folds_within_domains(groups, matrix.domains, k)
     else:
         fold = folds_of(groups, min(k, len(set(groups))))
-    return fold if len(set(fold[fold >= 0].tolist())) >= 2 else None
+    held = fold[fold >= 0]
+    n = len(set(held.tolist()))
+    return fold if n >= 2 and len(held) >= 20 * n else None
 
 
 @dataclass
@@ -440,10 +442,7 @@ def choose_mix_folds(
         rest = matrix.subset(~out)
         rest_groups = [g for g, o in zip(groups, out, strict=True) if not o]
         rest_emb = emb[torch.from_numpy(~out)]
-        try:
-            val = validation_mask(rest, cfg, rest_groups)
-        except LibraryError:  # one group left to train on: validate on a share of prompts
-            val = validation_mask(rest, replace(cfg, group_by="prompt"))
+        val = validation_mask(rest, cfg, rest_groups)  # one group left: a share of prompts
         if val.all() or not val.any():
             return None
         fold_head, *_ = train_head_split(rest_emb, rest, val, cfg)

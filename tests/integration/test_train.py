@@ -135,7 +135,7 @@ def test_with_validation_by_source_the_mix_folds_hold_out_whole_sources(library,
     report = train(library, table, tmp_path / "router", cfg, groups=groups)
     assert report.mix_folds == 2 and report.group_by == "source"
     assert report.val["scored"] == 48  # out of fold: every prompt but the poem
-    # Too few prompts for two folds of 20: the mix is chosen on the one validation draw.
+    # Too few prompts for three folds of 20: the mix is chosen on the one validation draw.
     few = replace(cfg, mix_folds=3)
     assert mix_folds_of(matrix, few, [groups[i] for i in matrix.ids]) is None
 

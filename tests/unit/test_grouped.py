@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serve_app.learn.grouped import cross_validate, folds_of, source_group
+from serve_app.learn.grouped import cross_validate, source_group
 from serve_app.learn.matrix import Matrix
-from serve_app.learn.train import TrainConfig, validation_mask
+from serve_app.learn.train import (
+    TrainConfig,
+    folds_of,
+    folds_within_domains,
+    mix_folds_of,
+    validation_mask,
+)
 
 
 def test_a_source_group_is_the_source_without_its_file_name():
@@ -61,6 +67,9 @@ def test_every_prompt_is_judged_by_a_router_that_never_saw_its_source():
     m, e, groups = _synthetic()
     result = cross_validate(m, e, groups, TrainConfig(max_epochs=40), folds=4)
     assert result.n == len(m.ids) and result.groups == 12 and len(result.mixes) == 4
+    # Each fold's router chose its mix as `tryage train` does: over folds of the other
+    # folds' sources (180 prompts, 9 sources).
+    assert [mix["mix_folds"] for mix in result.mixes] == [5] * 4
     overall = result.overall
     assert overall["router"]["scored"] == len(m.ids)
     # Unseen sources of seen domains: the router finds each domain's expert, the single
@@ -71,16 +80,16 @@ def test_every_prompt_is_judged_by_a_router_that_never_saw_its_source():
 
 
 def test_new_sources_of_known_domains_hold_out_only_domains_with_several_sources():
-    from serve_app.learn.grouped import folds_within_domains
-
     m, e, groups = _synthetic()
     # dom2 has one source only: it always trains, and is never judged.
     groups = [g if not g.startswith("src2") else "src2-only" for g in groups]
     fold = folds_within_domains(groups, m.domains, 3)
     assert (fold[np.array(m.domains) == "dom2"] == -1).all()
     assert (fold[np.array(m.domains) != "dom2"] >= 0).all()
-    result = cross_validate(m, e, groups, TrainConfig(max_epochs=40), folds=3, within_domains=True)
+    cfg = TrainConfig(max_epochs=40, mix_folds=0)  # each mix chosen on its validation draw
+    result = cross_validate(m, e, groups, cfg, folds=3, within_domains=True)
     assert result.n == 160 and set(result.per_domain) == {"dom0", "dom1"}
+    assert [mix["mix_folds"] for mix in result.mixes] == [0] * 3
     assert result.overall["router"]["top1"] > 0.9 > result.overall["best_single"]["top1"]
 
 
@@ -90,3 +99,25 @@ def test_validation_by_source_holds_out_sources_within_their_domains():
     for d in ("dom0", "dom1", "dom2"):  # every domain keeps a source to train on and gives one
         mine = [(g, v) for g, v, dom in zip(groups, val, m.domains, strict=True) if dom == d]
         assert {g for g, v in mine if v} and {g for g, v in mine if not v}
+
+
+def test_the_mix_folds_are_drawn_as_validation_is():
+    m, _, groups = _synthetic()
+
+    def whole(fold: np.ndarray, by: list[str]) -> bool:
+        return all(len({f for f, b in zip(fold, by, strict=True) if b == g}) == 1 for g in by)
+
+    by_group = mix_folds_of(m, TrainConfig(group_by="group"), groups)
+    assert whole(by_group, groups) and set(by_group) == set(range(5))
+    by_domain = mix_folds_of(m, TrainConfig(group_by="domain"), groups)
+    assert whole(by_domain, m.domains) and set(by_domain) == {0, 1, 2}
+    by_prompt = mix_folds_of(m, TrainConfig(), groups)
+    assert not whole(by_prompt, groups) and set(by_prompt) == set(range(5))
+    # Two domains of one source each and 30 prompts of two sources in the third: 30 prompts
+    # held out in two folds of sources are too few to choose a mix on.
+    keep = np.arange(len(m.ids)) < 190
+    few = m.subset(keep)
+    lopsided = [d if d != "dom2" else g for d, g in zip(few.domains, groups, strict=False)]
+    assert len(set(lopsided)) == 4 and len(few.ids) >= 100
+    assert mix_folds_of(few, TrainConfig(group_by="source"), lopsided) is None
+    assert mix_folds_of(m, TrainConfig(group_by="source"), groups) is not None
