@@ -266,7 +266,9 @@ def _done(out: Path, prints: dict[str, str], reuse: Sequence[Path] = ()) -> pa.T
     # One row per (prompt, expert): the latest wins (a rerun may add a sampled output).
     pairs = zip(done["prompt_id"].to_pylist(), done["expert"].to_pylist(), strict=True)
     latest = {key: i for i, key in enumerate(pairs)}
-    return done.take(sorted(latest.values()))
+    # Typed indices: an empty list (no row measured with today's weights) is not an array of
+    # integers to pyarrow, and `take` refuses it.
+    return done.take(pa.array(sorted(latest.values()), pa.int64()))
 
 
 # --- the job -----------------------------------------------------------------------------

@@ -121,3 +121,7 @@ def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_
 
     changed = _done(tmp_path / "new.parquet", {"a": "org/a", "b": "org/b-v2"}, [earlier])
     assert set(changed["expert"].to_pylist()) == {"a"}
+    # Every expert's weights changed (a resumed demo build whose experts were retrained): no
+    # row is reused, and the profile is measured anew rather than failing.
+    none = _done(earlier, {"a": "org/a-v2", "b": "org/b-v2"}, [earlier])
+    assert none.num_rows == 0 and none.schema == PROFILE_SCHEMA
