@@ -26,11 +26,11 @@ from serve_app.learn.matrix import Matrix
 from serve_app.learn.metrics import choose, expected_random, summarize
 from serve_app.learn.train import (
     TrainConfig,
+    fold_rest,
     folds_of,
     folds_within_domains,
     settle_mix,
     train_head_split,
-    validation_mask,
 )
 from serve_app.router import Neighbours, predict_mixed
 
@@ -120,10 +120,7 @@ def cross_validate(
         test = fold == f
         if not test.any() or test.all():
             continue
-        rest = matrix.subset(~test)
-        rest_groups = [g for g, t in zip(groups, test, strict=True) if not t]
-        rest_emb = emb[torch.from_numpy(~test)]
-        val = validation_mask(rest, cfg, rest_groups)  # one group left: a share of prompts
+        rest, rest_emb, rest_groups, val = fold_rest(matrix, emb, groups, test, cfg)
         head, _, _, _ = train_head_split(rest_emb, rest, val, cfg)
         folded, _, _ = settle_mix(head, rest_emb, rest, val, cfg, rest_groups)  # as train does
         cfg_h = head.cfg

@@ -419,6 +419,17 @@ class Folded:
     base: np.ndarray
 
 
+def fold_rest(
+    matrix: Matrix, emb: torch.Tensor, groups: list[str], out: np.ndarray, cfg: TrainConfig
+) -> tuple[Matrix, torch.Tensor, list[str], np.ndarray]:
+    """What a fold's head trains on: the prompts outside `out` (N,), their embeddings and
+    groups, and their validation mask drawn as `cfg` draws it (one group left: a share of
+    prompts)."""
+    rest = matrix.subset(~out)
+    rest_groups = [g for g, o in zip(groups, out, strict=True) if not o]
+    return rest, emb[torch.from_numpy(~out)], rest_groups, validation_mask(rest, cfg, rest_groups)
+
+
 def choose_mix_folds(
     head: RouterHead,
     emb: torch.Tensor,
@@ -439,10 +450,7 @@ def choose_mix_folds(
     knn: dict[int, torch.Tensor] = {}
     for f in sorted(set(fold[fold >= 0].tolist())):
         out = fold == f
-        rest = matrix.subset(~out)
-        rest_groups = [g for g, o in zip(groups, out, strict=True) if not o]
-        rest_emb = emb[torch.from_numpy(~out)]
-        val = validation_mask(rest, cfg, rest_groups)  # one group left: a share of prompts
+        rest, rest_emb, _, val = fold_rest(matrix, emb, groups, out, cfg)
         if val.all() or not val.any():
             return None
         fold_head, *_ = train_head_split(rest_emb, rest, val, cfg)
