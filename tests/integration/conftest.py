@@ -59,6 +59,24 @@ def serve_port() -> int:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def smoke_app(serve_port, smoke_library) -> str:
+    """The smoke library served once, as app "main" under "/", for every module that needs it
+    as written (test_http; test_remote's upstream): one app start instead of one a module. Its
+    router is held at one replica: test_http's batching test reads the router's stats(), which
+    count only the replica that answers. Returns the app's base URL."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    raw = yaml.safe_load(smoke_library.read_text())
+    raw["router"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
+    path = smoke_library.with_name("library-one-router.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    serve.run(build_app({"library": str(path)}), name="main", route_prefix="/")
+    return f"http://127.0.0.1:{serve_port}"
+
+
 def client(port: int, prefix: str = "") -> httpx.Client:
     """An HTTP client for an app served under `prefix`; cold starts can take a while."""
     return httpx.Client(base_url=f"http://127.0.0.1:{port}{prefix}", timeout=120)
@@ -86,6 +104,15 @@ def warm(experts: dict[str, Iterable[str]]) -> None:
     ]
     for call in calls:
         call.result()
+
+
+def undeploy(*apps: str) -> None:
+    """Delete apps without waiting for their replicas to stop: Serve gives each replica 2 s to
+    drain requests that no test sends any more, which the next module need not wait for."""
+    from ray import serve
+
+    for app in apps:
+        serve.delete(app, _blocking=False)
 
 
 def with_autoscaling(library: Path, **fields: Any) -> Path:

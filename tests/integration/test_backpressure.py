@@ -12,7 +12,7 @@ from ray import serve
 
 from serve_app.app import build_graph
 from serve_app.config import load_library
-from tests.integration.conftest import client
+from tests.integration.conftest import client, undeploy
 from tests.integration.engines import load_pausing
 
 
@@ -41,7 +41,7 @@ def api(serve_port, smoke_library) -> httpx.Client:
     with client(serve_port, "/backpressure") as c:
         warm_up(c)
         yield c
-    serve.delete("backpressure")
+    undeploy("backpressure")
 
 
 def warm_up(api: httpx.Client) -> None:
@@ -112,7 +112,7 @@ def pooled_api(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
     with client(serve_port, "/busy-pool") as c:
         warm_up(c)
         yield c
-    serve.delete("busy-pool")
+    undeploy("busy-pool")
 
 
 def test_a_full_pool_costs_one_attempt_not_one_per_pooled_expert(pooled_api):

@@ -146,10 +146,12 @@ def serve_run(cli_library, tmp_path_factory) -> Iterator[subprocess.Popen | None
         yield proc
     finally:
         if proc.poll() is None:
-            # How Ray's own CLI winds down is Ray's (in the full suite it has taken over two
-            # minutes); tryage serve's clean stop is asserted in its own test. Nothing is
-            # asserted here, so a slow wind-down is cut short (it had cost the suite 30 s).
-            interrupt_group(proc, grace_s=10)
+            # How Ray's own CLI winds down is Ray's (in the full suite it has taken from 8 s to
+            # over two minutes); tryage serve's clean stop is asserted in its own test. Nothing
+            # is asserted here, so the process group (the server and the Ray it started) is
+            # killed rather than waited for.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, serve_run, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from ray import serve
 
 from serve_app.app import build_app
-from tests.integration.conftest import client, wait_for, with_autoscaling
+from tests.integration.conftest import client, undeploy, wait_for, with_autoscaling
 
 APP = "cold"
 EXPERT = "gen-m"
@@ -34,7 +34,7 @@ def api(serve_port, smoke_library) -> httpx.Client:
     serve.run(build_app({"library": str(library)}), name=APP, route_prefix=f"/{APP}")
     with client(serve_port, f"/{APP}") as c:
         yield c
-    serve.delete(APP)
+    undeploy(APP)
 
 
 def infer(api: httpx.Client, i: int) -> httpx.Response:

@@ -19,7 +19,7 @@ from serve_app.demo.build import PRESETS, build_demo
 from serve_app.demo.harvest import DOMAINS
 from serve_app.learn.data import load_prompts
 
-from .conftest import client
+from .conftest import client, undeploy
 
 
 @pytest.fixture(scope="module")
@@ -130,4 +130,4 @@ def test_the_demo_serves_and_routes_held_out_documents_to_their_specialist(tiny,
                 answer = r.json()
                 assert answer["clamped"] and answer["max_new_tokens"] < expert.context_length
     finally:
-        serve.delete("demo")
+        undeploy("demo")

@@ -10,7 +10,7 @@ from ray import serve
 
 from serve_app.app import build_graph
 from serve_app.config import load_library
-from tests.integration.conftest import client, wait_for, warm
+from tests.integration.conftest import client, undeploy, wait_for, warm
 from tests.integration.engines import (
     fault_marker,
     load_broken,
@@ -46,7 +46,7 @@ def api(serve_port, smoke_library) -> httpx.Client:
     warm({"fallback": ("gen-xs", "gen-s", "gen-m")})
     with client(serve_port, "/fallback") as c:
         yield c
-    serve.delete("fallback")
+    undeploy("fallback")
 
 
 def infer(api, experts: list[str]) -> dict:

@@ -21,7 +21,7 @@ from ray import serve
 
 from serve_app.app import build_app
 from serve_app.config import ROUTER_DEPLOYMENT
-from tests.integration.conftest import ROOT, client, wait_for, with_autoscaling
+from tests.integration.conftest import ROOT, client, undeploy, wait_for, with_autoscaling
 
 APP = "faults"
 #: The expert killed: the smallest, so a large size weight ranks it first and its replica holds
@@ -59,7 +59,7 @@ def api(serve_port, smoke_library) -> httpx.Client:
         )
         assert r.status_code == 200, r.text
         yield c
-    serve.delete(APP)
+    undeploy(APP)
 
 
 def replica_names(deployment: str) -> list[str]:

@@ -26,7 +26,7 @@ from schemathesis import GenerationMode
 
 from serve_app.app import build_app
 from serve_app.config import WEIGHT_NAMES, load_library
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, undeploy
 
 APP, PREFIX = "fuzz", "/fuzz"
 #: Examples per operation and generation mode: bounded, so the run takes about a minute.
@@ -47,7 +47,7 @@ RESULTS = ROOT / "bench" / "results" / "fuzz.json"
 def base_url(serve_port, smoke_library) -> str:
     serve.run(build_app({"library": str(smoke_library)}), name=APP, route_prefix=PREFIX)
     yield f"http://127.0.0.1:{serve_port}{PREFIX}"
-    serve.delete(APP)
+    undeploy(APP)
 
 
 def error_shape_problem(body: bytes) -> str | None:

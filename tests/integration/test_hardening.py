@@ -15,7 +15,7 @@ import yaml
 from ray import serve
 
 from serve_app.app import build_app
-from tests.integration.conftest import client, warm
+from tests.integration.conftest import client, undeploy, warm
 
 KEY = "test-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -45,7 +45,7 @@ def guarded(serve_port, smoke_library, tmp_path_factory, monkeypatch_module):
     warm({"guarded": ("gen-xs", "gen-m")})  # the generators its tests call
     with client(serve_port, "/guarded") as c:
         yield c
-    serve.delete("guarded")
+    undeploy("guarded")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ import math
 import httpx
 import openai
 import pytest
-import yaml
 from ray import serve
 
-from serve_app.app import build_app
 from serve_app.config import load_library
 from tests.integration.conftest import client, warm
 
@@ -19,18 +17,11 @@ TEXT_GEN = {"gen-xs", "gen-s", "gen-m"}
 
 
 @pytest.fixture(scope="module")
-def api(serve_port, smoke_library) -> httpx.Client:
-    # The smoke library as written, but its router held at one replica: the batching test
-    # reads the router's stats(), which count only the replica that answers.
-    raw = yaml.safe_load(smoke_library.read_text())
-    raw["router"]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
-    path = smoke_library.with_name("library-one-router.yaml")
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    serve.run(build_app({"library": str(path)}), name="main", route_prefix="/")
-    warm({"main": load_library(path).names})
+def api(serve_port, smoke_app, smoke_library) -> httpx.Client:
+    # The session's smoke app ("main", its router held at one replica), every expert started.
+    warm({"main": load_library(smoke_library).names})
     with client(serve_port) as c:
         yield c
-    serve.delete("main")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from ray import serve
 
 from serve_app.app import build_graph
 from serve_app.config import load_library
-from tests.integration.conftest import client
+from tests.integration.conftest import client, undeploy
 from tests.integration.engines import load_unloadable
 
 APP = "pool"
@@ -35,7 +35,7 @@ def api(serve_port, smoke_library) -> httpx.Client:
     serve.run(app, name=APP, route_prefix="/pool")
     with client(serve_port, "/pool") as c:
         yield c
-    serve.delete(APP)
+    undeploy(APP)
 
 
 def pool_info() -> dict:

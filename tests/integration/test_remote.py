@@ -13,13 +13,12 @@ from ray import serve
 
 from serve_app.app import build_app
 from serve_app.router import HeadConfig, RouterHead, read_head_config, save_head
-from tests.integration.conftest import client, warm
+from tests.integration.conftest import client, undeploy, warm
 
 
 @pytest.fixture(scope="module")
-def mixed(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
-    # The upstream: the smoke library served as its own app, under /upstream.
-    serve.run(build_app({"library": str(smoke_library)}), name="upstream", route_prefix="/upstream")
+def mixed(serve_port, smoke_app, smoke_library, tmp_path_factory) -> httpx.Client:
+    # The upstream: the session's smoke app ("main", under /).
     folder = tmp_path_factory.mktemp("mixed")
     shutil.copytree(smoke_library.parent, folder, dirs_exist_ok=True)
     raw = yaml.safe_load((folder / "library.yaml").read_text())
@@ -27,7 +26,7 @@ def mixed(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
         {
             "name": "remote-m",
             "engine": "openai",
-            "base_url": f"http://127.0.0.1:{serve_port}/upstream/v1",
+            "base_url": f"{smoke_app}/v1",
             "model": "gen-m",
             "task": "text-generation",
             "params": 500_000,
@@ -47,11 +46,10 @@ def mixed(serve_port, smoke_library, tmp_path_factory) -> httpx.Client:
         build_app({"library": str(folder / "library.yaml")}), name="mixed", route_prefix="/mixed"
     )
     # gen-m here and behind remote-m (the tests' generators), started together.
-    warm({"mixed": ["gen-m"], "upstream": ["gen-m"]})
+    warm({"mixed": ["gen-m"], "main": ["gen-m"]})
     with client(serve_port, "/mixed") as c:
         yield c
-    serve.delete("mixed")
-    serve.delete("upstream")
+    undeploy("mixed")
 
 
 def test_the_remote_expert_is_listed_with_its_price(mixed):
@@ -96,7 +94,7 @@ def test_the_cost_weight_moves_routing_off_the_priced_expert(mixed):
     assert ranking["gen-m"]["penalties"] == {"cost": 0.0}
 
 
-def test_imported_scores_route_among_remote_experts(mixed, serve_port, tmp_path):
+def test_imported_scores_route_among_remote_experts(mixed, serve_port, smoke_app, tmp_path):
     """Remote experts profiled by imported scores (no model runs here): the router learns
     from the scores which remote expert is good at what, and the service routes to it."""
     import json
@@ -119,8 +117,7 @@ def test_imported_scores_route_among_remote_experts(mixed, serve_port, tmp_path)
     ]
     scores = tmp_path / "evals.jsonl"
     scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    upstream = f"http://127.0.0.1:{serve_port}/upstream/v1"
-    result = import_scores("jsonl", [scores], tmp_path / "lib", base_url=upstream)
+    result = import_scores("jsonl", [scores], tmp_path / "lib", base_url=f"{smoke_app}/v1")
     library = load_library(result.library, router=False)
     train(
         library, read_profile(result.profile), library.router.checkpoint, TrainConfig(max_epochs=30)
@@ -141,4 +138,4 @@ def test_imported_scores_route_among_remote_experts(mixed, serve_port, tmp_path)
             assert r.status_code == 200, r.text
             assert r.json()["expert"] == "gen-m" and r.json()["output"]
     finally:
-        serve.delete("imported")
+        undeploy("imported")
