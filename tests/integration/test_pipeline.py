@@ -182,29 +182,25 @@ def test_bad_arguments_fail_with_a_message(pipeline, tmp_path, capsys):
     assert "unknown weight 'sise'" in capsys.readouterr().err
 
 
-def test_the_served_library_uses_the_measured_verbosity_and_readability(pipeline, serve_port):
-    from ray import serve
-
-    from serve_app.app import build_app
-    from tests.integration.conftest import client, undeploy
-
+def test_routing_uses_the_measured_verbosity_and_readability(pipeline, tmp_path):
+    # `tryage route`: the served router's predictions and the ingress's objective, offline
+    # (test_http checks, row by row, that its decisions are the service's), on the library
+    # the profile measured.
     _, lib, _, _ = pipeline
     writers = [e for e in load_library(lib).experts if e.task == "text-generation"]
-    tersest = min(writers, key=lambda e: e.verbosity).name
-    serve.run(build_app({"library": lib}), name="profiled", route_prefix="/profiled")
-    try:
-        with client(serve_port, "/profiled") as api:
-            r = api.post("/v1/route", json={"prompt": "[flag: concise] Once upon a time"})
-            assert r.status_code == 200, r.text
-            assert r.json()["expert"] == tersest
-            r = api.post(
-                "/v1/route", json={"prompt": "Once upon a time", "weights": {"readability": 100}}
-            )
-            assert r.status_code == 200, r.text
-            known = [e for e in writers if e.readability is not None]
-            assert r.json()["expert"] == max(known, key=lambda e: e.readability).name
-    finally:
-        undeploy("profiled")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"text": "[flag: concise] Once upon a time", "domain": "d"}) + "\n")
+    args = ["route", "--library", str(lib), "--data", str(data)]
+    assert main([*args, "--out", str(tmp_path / "concise.jsonl")]) == 0
+    chosen = json.loads((tmp_path / "concise.jsonl").read_text())["expert"]
+    assert chosen == min(writers, key=lambda e: e.verbosity).name
+    data.write_text(json.dumps({"text": "Once upon a time", "domain": "d"}) + "\n")
+    assert main([*args, "--weight", "readability=100", "--out", str(tmp_path / "r.jsonl")]) == 0
+    known = [e for e in writers if e.readability is not None]
+    assert (
+        json.loads((tmp_path / "r.jsonl").read_text())["expert"]
+        == max(known, key=lambda e: e.readability).name
+    )
 
 
 def test_pooled_experts_are_profiled_by_their_pool_with_the_same_losses(pipeline, tmp_path):
