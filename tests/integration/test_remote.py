@@ -1,5 +1,6 @@
 """A library mixing local experts and a remote one (`engine: openai`): the remote expert is a
-second tryage service, a real OpenAI-compatible HTTP server started here."""
+second tryage app on the same Serve (the session's smoke app, conftest.smoke_app), a real
+OpenAI-compatible HTTP server that the mixed app reaches over HTTP like any other."""
 
 from __future__ import annotations
 
