@@ -54,3 +54,12 @@ def real_data(tmp_path_factory) -> Path:
         lines = [json.dumps({"text": t}) for t in texts]
         (root / domain / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_library(tmp_path_factory) -> Path:
+    """The smoke library's `library.yaml`, built once for the session (unit and integration
+    tests): it trains a tokenizer and saves models."""
+    from serve_app.demo.smoke import build_smoke_library
+
+    return build_smoke_library(tmp_path_factory.mktemp("smoke"))

@@ -36,14 +36,6 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def smoke_library(tmp_path_factory) -> Path:
-    """A smoke library built once for the session."""
-    from serve_app.demo.smoke import build_smoke_library
-
-    return build_smoke_library(tmp_path_factory.mktemp("smoke"))
-
-
-@pytest.fixture(scope="session")
 def serve_port() -> int:
     """Start Ray (4 logical CPUs on any machine) and Serve's HTTP proxy on a free port."""
     import ray

@@ -15,23 +15,23 @@ def _graph(app):
     return ingress, router._bound_deployment, {n: a._bound_deployment for n, a in experts.items()}
 
 
-def test_every_expert_gets_a_deployment_named_after_it(smoke):
-    ingress, router, experts = _graph(build_app({"library": str(smoke)}))
-    library = load_library(smoke)
+def test_every_expert_gets_a_deployment_named_after_it(smoke_library):
+    ingress, router, experts = _graph(build_app({"library": str(smoke_library)}))
+    library = load_library(smoke_library)
     assert ingress.name == "Ingress"
     assert router.name == "Router"
     assert list(experts) == library.names
     assert [d.name for d in experts.values()] == library.names
 
 
-def test_library_options_reach_serve(smoke, tmp_path):
-    raw = yaml.safe_load(smoke.read_text())
+def test_library_options_reach_serve(smoke_library, tmp_path):
+    raw = yaml.safe_load(smoke_library.read_text())
     raw["router"]["resources"] = {"num_gpus": 1}
     raw["router"]["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.2}
     raw["experts"][0]["resources"] = {"num_gpus": 0.5, "memory": 1_000_000}
     raw["experts"][0]["autoscaling"] = {"max_replicas": 7}
     raw["experts"][0]["max_ongoing_requests"] = 3
-    path = smoke.parent / "options.yaml"
+    path = smoke_library.parent / "options.yaml"
     path.write_text(yaml.safe_dump(raw))
 
     _, router, experts = _graph(build_app({"library": str(path)}))
@@ -50,14 +50,14 @@ def test_library_options_reach_serve(smoke, tmp_path):
     assert defaults.max_replicas == EXPERT_AUTOSCALING_DEFAULTS["max_replicas"]
 
 
-def test_build_app_validates_its_arguments(smoke):
+def test_build_app_validates_its_arguments(smoke_library):
     with pytest.raises(ValueError, match="colour"):
-        build_app({"library": str(smoke), "colour": "red"})
+        build_app({"library": str(smoke_library), "colour": "red"})
     with pytest.raises(LibraryError, match="does not exist"):
-        build_app({"library": str(smoke.parent / "missing.yaml")})
+        build_app({"library": str(smoke_library.parent / "missing.yaml")})
 
 
-def test_the_driver_ingress_and_remote_experts_import_no_torch(smoke):
+def test_the_driver_ingress_and_remote_experts_import_no_torch(smoke_library):
     # None of them holds a model. The ingress and remote experts' replicas would carry about
     # 180 MB more and start more slowly with torch; the driver of `tryage serve` and `serve run`
     # binds the graph, and the real loaders (serve_app.loaders) import torch only in the router's
@@ -66,9 +66,10 @@ def test_the_driver_ingress_and_remote_experts_import_no_torch(smoke):
     import sys
 
     loaded = "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    build = f"build_app({{'library': {str(smoke_library)!r}}})"
     code = (
         f"import sys, deployments.ingress, deployments.remote; {loaded}; "
-        f"from serve_app.app import build_app; build_app({{'library': {str(smoke)!r}}}); {loaded}"
+        f"from serve_app.app import build_app; {build}; {loaded}"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", "[]"], out.stdout + out.stderr

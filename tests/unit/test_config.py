@@ -26,13 +26,13 @@ _variants = itertools.count()
 
 
 @pytest.fixture
-def variant(smoke) -> Callable[[Callable[[dict], object]], Path]:
+def variant(smoke_library) -> Callable[[Callable[[dict], object]], Path]:
     """Write a changed copy of the smoke library next to it, so relative paths still resolve."""
 
     def write(change: Callable[[dict], object]) -> Path:
-        raw = copy.deepcopy(yaml.safe_load(smoke.read_text()))
+        raw = copy.deepcopy(yaml.safe_load(smoke_library.read_text()))
         change(raw)
-        path = smoke.parent / f"variant-{next(_variants)}.yaml"
+        path = smoke_library.parent / f"variant-{next(_variants)}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path
 
@@ -46,8 +46,8 @@ def _expert(raw: dict, name: str) -> dict:
 # --- the good case -----------------------------------------------------------------------
 
 
-def test_the_smoke_library_loads_with_every_expert(smoke):
-    library = load_library(smoke)
+def test_the_smoke_library_loads_with_every_expert(smoke_library):
+    library = load_library(smoke_library)
     assert library.names == [e[0] for e in SMOKE_EXPERTS]
     assert library.expert("mask-s").task == "fill-mask"
     assert library.expert("gen-xs").released == dt.date(2023, 3, 1)
@@ -55,8 +55,8 @@ def test_the_smoke_library_loads_with_every_expert(smoke):
     assert library.objective.weights == {"size": 0.0, "recency": 0.0}
 
 
-def test_params_left_out_are_counted_from_the_safetensors_weights(smoke):
-    library = load_library(smoke)
+def test_params_left_out_are_counted_from_the_safetensors_weights(smoke_library):
+    library = load_library(smoke_library)
     for expert in library.experts:
         weights = load_file(str(Path(expert.model) / "model.safetensors"))
         assert expert.params == sum(t.numel() for t in weights.values()), expert.name
@@ -70,14 +70,14 @@ def test_params_given_in_the_file_are_kept(variant):
 
 
 def test_relative_paths_resolve_against_the_file_not_the_working_directory(
-    smoke, tmp_path, monkeypatch
+    smoke_library, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    library = load_library(smoke)
+    library = load_library(smoke_library)
     for expert in library.experts:
         assert Path(expert.model).is_absolute()
-        assert Path(expert.model) == smoke.parent / "experts" / expert.name
-    assert library.router.checkpoint == smoke.parent / "router"
+        assert Path(expert.model) == smoke_library.parent / "experts" / expert.name
+    assert library.router.checkpoint == smoke_library.parent / "router"
     assert library.router.model == str(minilm_path())
 
 
@@ -86,8 +86,8 @@ def test_a_hub_id_with_params_is_kept_as_a_hub_id(variant):
     assert load_library(path).expert("gen-m").model == "org/some-model"
 
 
-def test_experts_scale_to_zero_by_default(smoke):
-    for expert in load_library(smoke).experts:
+def test_experts_scale_to_zero_by_default(smoke_library):
+    for expert in load_library(smoke_library).experts:
         assert expert.autoscaling == EXPERT_AUTOSCALING_DEFAULTS
         assert expert.autoscaling["min_replicas"] == 0
 
@@ -100,8 +100,8 @@ def test_expert_autoscaling_fields_are_merged_over_the_defaults(variant):
     assert scaling["downscale_to_zero_delay_s"] == 300.0
 
 
-def test_router_autoscaling_and_resources_are_kept_as_written(smoke):
-    router = load_library(smoke).router
+def test_router_autoscaling_and_resources_are_kept_as_written(smoke_library):
+    router = load_library(smoke_library).router
     assert router.autoscaling == {
         "min_replicas": 1,
         "max_replicas": 2,
@@ -127,19 +127,19 @@ def test_expert_resources_are_passed_through(variant):
     assert library.expert("gen-xs").resources == {"num_cpus": 0.25}
 
 
-def _checkpoint_copy(smoke: Path, tmp_path: Path, measures: dict | None) -> Path:
+def _checkpoint_copy(smoke_library: Path, tmp_path: Path, measures: dict | None) -> Path:
     """The smoke library in `tmp_path` with its own copy of the router checkpoint."""
     import shutil
 
-    shutil.copytree(smoke.parent, tmp_path / "lib")
+    shutil.copytree(smoke_library.parent, tmp_path / "lib")
     if measures is not None:
         (tmp_path / "lib" / "router" / "measures.json").write_text(json.dumps(measures))
     return tmp_path / "lib" / "library.yaml"
 
 
-def test_measures_in_the_checkpoint_fill_what_the_library_leaves_out(smoke, tmp_path):
+def test_measures_in_the_checkpoint_fill_what_the_library_leaves_out(smoke_library, tmp_path):
     path = _checkpoint_copy(
-        smoke, tmp_path, {"gen-xs": {"verbosity": 12.5, "readability": 40.0}, "gen-s": {}}
+        smoke_library, tmp_path, {"gen-xs": {"verbosity": 12.5, "readability": 40.0}, "gen-s": {}}
     )
     raw = yaml.safe_load(path.read_text())
     _expert(raw, "gen-s")["verbosity"] = 3.0  # set in the file: the file wins
@@ -153,8 +153,8 @@ def test_measures_in_the_checkpoint_fill_what_the_library_leaves_out(smoke, tmp_
     assert library.expert("gen-m").verbosity is None
 
 
-def test_a_verbosity_weight_needs_measures_from_the_checkpoint_or_the_file(smoke, tmp_path):
-    path = _checkpoint_copy(smoke, tmp_path, None)
+def test_a_verbosity_weight_needs_measures_from_the_checkpoint_or_the_file(smoke_library, tmp_path):
+    path = _checkpoint_copy(smoke_library, tmp_path, None)
     raw = yaml.safe_load(path.read_text())
     raw["objective"]["weights"]["verbosity"] = 1.0
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -165,8 +165,8 @@ def test_a_verbosity_weight_needs_measures_from_the_checkpoint_or_the_file(smoke
     assert load_library(path).expert("gen-m").verbosity == 12.0
 
 
-def test_a_fine_tuned_encoder_inside_the_checkpoint_replaces_router_model(smoke, tmp_path):
-    path = _checkpoint_copy(smoke, tmp_path, None)
+def test_a_fine_tuned_encoder_inside_the_checkpoint_replaces_router_model(smoke_library, tmp_path):
+    path = _checkpoint_copy(smoke_library, tmp_path, None)
     ckpt = path.parent / "router"
     meta = json.loads((ckpt / "router.json").read_text())
     (ckpt / "encoder").mkdir()
@@ -175,10 +175,10 @@ def test_a_fine_tuned_encoder_inside_the_checkpoint_replaces_router_model(smoke,
     assert load_library(path, router=False).router.model == str(minilm_path())
 
 
-def test_without_the_router_a_library_loads_before_any_training(smoke, tmp_path):
+def test_without_the_router_a_library_loads_before_any_training(smoke_library, tmp_path):
     import shutil
 
-    path = _checkpoint_copy(smoke, tmp_path, None)
+    path = _checkpoint_copy(smoke_library, tmp_path, None)
     shutil.rmtree(path.parent / "router")
     with pytest.raises(LibraryError, match=r"no router\.json"):
         load_library(path)
@@ -372,16 +372,16 @@ def test_a_missing_library_file_is_named(tmp_path):
     assert str(path) in str(err.value)
 
 
-def test_invalid_yaml_is_named_with_the_file(smoke):
-    path = smoke.parent / "broken.yaml"
+def test_invalid_yaml_is_named_with_the_file(smoke_library):
+    path = smoke_library.parent / "broken.yaml"
     path.write_text("router: [unclosed\n")
     with pytest.raises(LibraryError, match="not valid YAML") as err:
         load_library(path)
     assert str(path) in str(err.value)
 
 
-def test_a_file_that_is_not_a_mapping_is_refused(smoke):
-    path = smoke.parent / "list.yaml"
+def test_a_file_that_is_not_a_mapping_is_refused(smoke_library):
+    path = smoke_library.parent / "list.yaml"
     path.write_text("- router\n- experts\n")
     with pytest.raises(LibraryError, match="expected a mapping") as err:
         load_library(path)
@@ -452,8 +452,8 @@ def test_a_hub_model_can_be_pinned_to_a_revision(variant):
     assert library.expert("hub-lm").context_length is None  # unknown until it loads
 
 
-def test_every_local_expert_knows_its_context_length(smoke):
-    assert {e.context_length for e in load_library(smoke).experts} == {256}
+def test_every_local_expert_knows_its_context_length(smoke_library):
+    assert {e.context_length for e in load_library(smoke_library).experts} == {256}
 
 
 def test_a_default_new_tokens_longer_than_an_experts_context_is_refused(variant):

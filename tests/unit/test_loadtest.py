@@ -279,11 +279,11 @@ def test_report_refuses_a_folder_without_locust_csvs(tmp_path):
 # --- the served copy of a library --------------------------------------------------------------
 
 
-def test_derived_library_shortens_downscale_delays_and_loads(smoke, tmp_path):
+def test_derived_library_shortens_downscale_delays_and_loads(smoke_library, tmp_path):
     from loadtest.run import derive_library, logical_cpus
     from serve_app.config import load_library
 
-    out = derive_library(smoke, tmp_path / "library.yaml", 15.0)
+    out = derive_library(smoke_library, tmp_path / "library.yaml", 15.0)
     library = load_library(out)
     for expert in library.experts:
         assert expert.autoscaling["downscale_to_zero_delay_s"] == 15.0
@@ -291,16 +291,16 @@ def test_derived_library_shortens_downscale_delays_and_loads(smoke, tmp_path):
         assert expert.autoscaling["min_replicas"] == 0
     raw = yaml.safe_load(out.read_text())
     assert all(Path(e["model"]).is_absolute() for e in raw["experts"])
-    assert yaml.safe_load(smoke.read_text()) != raw  # the original is untouched
+    assert yaml.safe_load(smoke_library.read_text()) != raw  # the original is untouched
     assert logical_cpus(out) >= 3  # router 0.5 + 4 experts x 2 replicas x 0.25 CPU
     assert all(e.max_queued_requests == -1 for e in library.experts)  # the library's own
 
 
-def test_derived_library_sets_queue_limits_and_the_run_records_them(smoke, tmp_path):
+def test_derived_library_sets_queue_limits_and_the_run_records_them(smoke_library, tmp_path):
     from loadtest.run import derive_library, queue_limits
     from serve_app.config import load_library
 
-    out = derive_library(smoke, tmp_path / "library.yaml", None, 2, 16)
+    out = derive_library(smoke_library, tmp_path / "library.yaml", None, 2, 16)
     library = load_library(out)
     assert [e.max_queued_requests for e in library.experts] == [2] * len(library.experts)
     assert library.ingress.max_queued_requests == 16
@@ -314,11 +314,12 @@ def test_derived_library_sets_queue_limits_and_the_run_records_them(smoke, tmp_p
     assert limits["backpressure"] == {"status_code": 503, "retry_after_s": 1}
 
 
-def test_derived_library_scales_out_the_router_and_the_experts(smoke, tmp_path):
+def test_derived_library_scales_out_the_router_and_the_experts(smoke_library, tmp_path):
     from loadtest.run import SCALE_OUT, derive_library
     from serve_app.config import load_library
 
-    out = derive_library(smoke, tmp_path / "library.yaml", 15.0, scale_out=SCALE_OUT["short"])
+    short = SCALE_OUT["short"]
+    out = derive_library(smoke_library, tmp_path / "library.yaml", 15.0, scale_out=short)
     library = load_library(out)
     router = library.router.autoscaling
     assert (router["min_replicas"], router["max_replicas"]) == (1, 2)

@@ -148,7 +148,7 @@ def test_the_served_prediction_mixes_mlp_domain_prior_and_neighbours(tmp_path):
     assert loaded.cfg.prior_weight == 0.5 and loaded.cfg.domains == ["code", "prose"]
 
 
-def test_router_replica_runs_torch_with_the_librarys_thread_count(smoke):
+def test_router_replica_runs_torch_with_the_librarys_thread_count(smoke_library):
     """router.threads reaches the replica's torch thread (Ray alone would give a replica with
     half a CPU one thread; the smoke library's own value is 1, so this asks for 2)."""
     import asyncio
@@ -156,7 +156,7 @@ def test_router_replica_runs_torch_with_the_librarys_thread_count(smoke):
     from deployments.router import RouterDeployment
     from serve_app.config import load_library
 
-    router = load_library(smoke).router
+    router = load_library(smoke_library).router
     replica = RouterDeployment.func_or_class(
         encoder=router.model, checkpoint=str(router.checkpoint), threads=2
     )
