@@ -203,6 +203,8 @@ def test_routing_uses_the_measured_verbosity_and_readability(pipeline, tmp_path)
     )
 
 
+@pytest.mark.slow  # an actor of its own for four experts: about 20 s on 2 CPUs (-m slow);
+# test_profile.py checks its scorer against each expert's own, without Ray, in the default run
 def test_pooled_experts_are_profiled_by_their_pool_with_the_same_losses(pipeline, tmp_path):
     # Every expert in a pool whose one actor holds one expert at a time: each is loaded on
     # demand by the same actor (one process started, not four), and measures what its own

@@ -125,3 +125,31 @@ def test_rows_another_profile_measured_with_the_same_weights_are_reused_without_
     # row is reused, and the profile is measured anew rather than failing.
     none = _done(earlier, {"a": "org/a-v2", "b": "org/b-v2"}, [earlier])
     assert none.num_rows == 0 and none.schema == PROFILE_SCHEMA
+
+
+def test_a_pool_scorer_measures_what_each_expert_s_own_scorer_does(smoke_library):
+    # The two Ray Data workers without Ray (test_pipeline's slow test runs the pooled profile
+    # through Ray): one pool actor that holds one expert at a time, loading each on demand,
+    # against one scorer per expert, on the same rows.
+    from serve_app.config import load_library
+    from serve_app.learn.data import Prompt, prompts_table
+    from serve_app.learn.profile import ExpertScorer, PoolScorer
+
+    experts = load_library(smoke_library).experts
+    prompts = [Prompt.of(t, "d") for t in ("Once upon a time", "The cat sat on the mat.")]
+    base = prompts_table(prompts).append_column("generate", pa.array([True, False]))
+    own = pa.concat_tables(ExpertScorer(e.name, e.model, e.task, 4)(base) for e in experts)
+    rows = pa.concat_tables(
+        base.append_column("expert", pa.array([e.name] * len(prompts), pa.string()))
+        for e in experts
+    )
+    pool = PoolScorer({e.name: (e.model, e.task) for e in experts}, slots=1, new_tokens=4)
+    halves = [rows.slice(0, 3), rows.slice(3)]  # a batch may start and end inside an expert
+    by_pool = pa.concat_tables(pool(batch) for batch in halves)
+    assert list(pool.held) == [experts[-1].name], "one slot: the last expert used stays"
+    for column in ("prompt_id", "expert", "bytes", "tokens", "output"):
+        assert by_pool[column].to_pylist() == own[column].to_pylist(), column
+    assert by_pool["loss"].to_pylist() == pytest.approx(own["loss"].to_pylist(), rel=1e-6)
+    assert by_pool.schema == PROFILE_SCHEMA
+    writes = [e.name for e in experts if e.task == "text-generation"]
+    assert sorted(r["expert"] for r in by_pool.to_pylist() if r["output"]) == sorted(writes)
