@@ -19,19 +19,19 @@ from tests.integration.engines import load_pausing
 @pytest.fixture(scope="module")
 def api(serve_port, smoke_library) -> httpx.Client:
     # gen-xs: one replica that takes one request at a time (3 s each) and queues one more.
+    # gen-s, where a burst overflows, stays at one replica: a second would start while the
+    # burst is answered, and nothing here waits for it.
     library = load_library(smoke_library)
+    busy = {
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "batching": {"max_batch_size": 1},
+    }
+    one = {"autoscaling": {"min_replicas": 0, "max_replicas": 1}}
+    changes = {"gen-xs": busy, "gen-s": one}
     experts = [
-        e.model_validate(
-            {
-                **e.model_dump(),
-                "max_ongoing_requests": 1,
-                "max_queued_requests": 1,
-                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-                "batching": {"max_batch_size": 1},
-            }
-        )
-        if e.name == "gen-xs"
-        else e
+        e.model_validate({**e.model_dump(), **changes[e.name]}) if e.name in changes else e
         for e in library.experts
     ]
     app = build_graph(

@@ -18,7 +18,7 @@ from tests.integration.engines import (
     load_slow,
 )
 
-TIMEOUT_S = 5.0
+TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
