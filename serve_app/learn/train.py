@@ -191,15 +191,14 @@ def validation_mask(
     prompts' domains for group_by "domain", `groups` (one per prompt: their sources, say)
     for "group"; "source" holds out groups within every domain that has two or more (new
     sources of known domains: what a router meets in service), the others all train."""
-    if cfg.group_by == "prompt":
-        return np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
     if cfg.group_by == "domain":
         groups = matrix.domains
-    elif cfg.group_by not in ("group", "source") or groups is None:
+    elif cfg.group_by != "prompt" and (cfg.group_by not in ("group", "source") or groups is None):
         raise ValueError(
             f"group_by {cfg.group_by!r}: use prompt, domain, or group or source with groups"
         )
-    if len(set(groups)) < 2:  # one group: nothing to hold out whole; a share of prompts
+    # By prompt, or one group (nothing to hold out whole): a share of the prompts.
+    if cfg.group_by == "prompt" or len(set(groups)) < 2:
         return np.array([in_split(i, cfg.val_fraction, cfg.seed) for i in matrix.ids])
     if cfg.group_by == "source":  # unseen sources of seen domains
         held_out = np.zeros(len(groups), dtype=bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from serve_app.learn.grouped import cross_validate, source_group
@@ -61,6 +62,19 @@ def test_validation_by_group_holds_out_whole_groups():
     held = {g for g, v in zip(groups, val, strict=True) if v}
     kept = {g for g, v in zip(groups, val, strict=True) if not v}
     assert held and kept and not held & kept
+
+
+def test_validation_by_prompt_or_of_a_single_group_draws_a_share_of_prompts():
+    m, _, groups = _synthetic()
+    cfg = TrainConfig(group_by="prompt", val_fraction=0.25)
+    by_prompt = validation_mask(m, cfg)
+    assert 0 < by_prompt.mean() < 0.5
+    one = ["all"] * len(groups)  # nothing to hold out whole: the same draw by prompt
+    for group_by in ("group", "source"):
+        grouped = TrainConfig(group_by=group_by, val_fraction=0.25)
+        assert (validation_mask(m, grouped, one) == by_prompt).all()
+    with pytest.raises(ValueError, match="with groups"):
+        validation_mask(m, TrainConfig(group_by="group"))
 
 
 def test_every_prompt_is_judged_by_a_router_that_never_saw_its_source():
