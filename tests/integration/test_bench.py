@@ -128,10 +128,11 @@ def test_routerdc_bench_writes_its_figures_and_page_on_a_slice(tmp_path):
     assert set(report["rows"]["test"].values()) == {30}
     assert report["router"]["routed"] == sum(report["rows"]["test"].values())
     avg, se = report["average"], report["standard_error"]
-    assert set(avg) == set(se) == {"router", "knn", "best_single", "oracle"}
+    assert set(avg) == set(se) == {"router", "knn", "best_single", "task_best", "oracle"}
     assert all(avg[m] <= avg["oracle"] for m in avg)  # no choice beats the best per prompt
     assert all(0 < se[m] < 20 for m in ("router", "knn", "best_single"))
-    assert set(report["router_minus_se"]) == {"knn", "best_single", "oracle"}
+    assert set(report["router_minus_se"]) == {"knn", "best_single", "task_best", "oracle"}
     page = (docs / "routerdc.md").read_text()
     assert f"**{avg['router']:.2f}**" in page and f"± {se['router']:.2f}" in page
+    assert f"**{avg['task_best']:.2f}**" in page and "*Told the task* is not a router" in page
     assert (docs / "routerdc.png").stat().st_size > 10_000
