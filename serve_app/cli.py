@@ -433,9 +433,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_library_progress_bars() -> None:
+    """--quiet: no bars from the libraries either (transformers draws one as it loads a model's
+    weights; huggingface_hub's downloads draw theirs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tryage` console script."""
     args = parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _no_library_progress_bars()
     try:
         return args.func(args)
     except (LibraryError, DataError) as err:
