@@ -357,6 +357,8 @@ def profile(
             # Memory per actor is the library's to set (resources.memory); no periodic advice.
             ctx.issue_detectors_config.detectors = []
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            # Nor its warning that its bars are off: ours replaces them.
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
             def scored(
                 rows: pa.Table,
