@@ -86,6 +86,11 @@ def counts(rows: dict[str, list[dict]], chosen: dict[str, list[str]]) -> dict[st
     }
 
 
+def task_counts(rows: dict[str, list[dict]], model_of: dict[str, str]) -> dict[str, np.ndarray]:
+    """`counts` when every row of a task goes to one model, `model_of[task]`."""
+    return counts(rows, {t: [model_of[t]] * len(rs) for t, rs in rows.items()})
+
+
 def accuracy(counted_rows: dict[str, np.ndarray]) -> dict[str, float]:
     """Accuracy % per task: the mean of what its rows count."""
     return {t: 100 * float(np.mean(v)) for t, v in counted_rows.items()}
@@ -171,20 +176,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any] | None:
     # 4. score, with the baselines
     models = list(by_name.values())
     got = {"router": counts(test_rows, chosen)}
-    train_acc = {
-        m: accuracy(counts(train_rows, {t: [m] * len(rs) for t, rs in train_rows.items()}))
-        for m in models
-    }
+    train_acc = {m: accuracy(task_counts(train_rows, dict.fromkeys(train_rows, m))) for m in models}
     best = max(models, key=lambda m: headline(train_acc[m]))
-    got["best_single"] = counts(test_rows, {t: [best] * len(rs) for t, rs in test_rows.items()})
+    got["best_single"] = task_counts(test_rows, dict.fromkeys(test_rows, best))
     # Told each prompt's task: that task's best model on the train split (ARC-Easy, never
     # trained on, its best single). What recognising the task perfectly would score.
     per_task = {
         t: max(models, key=lambda m: train_acc[m][t]) if t in train_rows else best
         for t in test_rows
     }
-    told = {t: [per_task[t]] * len(rs) for t, rs in test_rows.items()}
-    got["task_best"] = counts(test_rows, told)
+    got["task_best"] = task_counts(test_rows, per_task)
     got["oracle"] = {
         t: np.array([max(counted(t, s) for s in r["scores"].values()) for r in rs])
         for t, rs in test_rows.items()
