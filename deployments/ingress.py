@@ -356,6 +356,7 @@ class Ingress:
             top_p=body.top_p,
             seed=body.seed,
             top_k=body.top_k,
+            stop=tuple(body.stop or ()),
             deadline=self._deadline(),
         )
         expert, output, skipped = await self._dispatch(endpoint, ranking, self._on_expert(payload))
@@ -428,6 +429,7 @@ class Ingress:
             "temperature": body.temperature or 0.0,
             "top_p": body.top_p or 1.0,
             "seed": body.seed or 0,
+            "stop": tuple(body.stop or ()),
             "deadline": self._deadline(),
         }
 

@@ -38,6 +38,8 @@ class RemoteExpertDeployment:
             "temperature": request.temperature,
             "top_p": request.top_p,
         }
+        if request.stop:  # the server ends the answer before them, as OpenAI's API does
+            args["stop"] = list(request.stop)
         return args | ({"seed": request.seed} if request.temperature else {})
 
     async def generate(self, request: ExpertRequest) -> Generation | Failure:

@@ -32,7 +32,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens or the deadline reached)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens, deadline)
     max_new_tokens: int = 0  # what the expert allowed: the request's, or less to fit its context
 
 
@@ -48,3 +48,47 @@ class Filled:
 def has_mask(prompt: str) -> bool:
     """Whether a prompt carries a mask marker a fill-mask expert can fill."""
     return bool(MASK_MARKERS.search(prompt))
+
+
+def stop_at(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first of the stop strings begins in `text`, or None: an answer ends before it
+    (OpenAI's `stop`: the stop string itself is not returned)."""
+    found = [i for s in stop if (i := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+class StopText:
+    """Streamed text cut at the first stop string: `feed` returns what can be sent now, and
+    holds back a tail that may yet begin a stop string; `done` once one was found."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.held = ""
+        self.done = False
+
+    def feed(self, piece: str) -> str:
+        """What of `piece` can be sent now ("" after the stop string)."""
+        if self.done:
+            return ""
+        text = self.held + piece
+        cut = stop_at(text, self.stop)
+        if cut is not None:
+            self.held, self.done = "", True
+            return text[:cut]
+        # the longest tail of text that begins some stop string: a match can only start there
+        keep = max(
+            (
+                n
+                for s in self.stop
+                for n in range(min(len(s) - 1, len(text)), 0, -1)
+                if s.startswith(text[-n:])
+            ),
+            default=0,
+        )
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """The held tail, when the text ended without a stop string."""
+        held, self.held = self.held, ""
+        return "" if self.done else held

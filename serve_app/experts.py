@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from serve_app.answers import MASK_MARKERS, Filled, Generation, Score
+from serve_app.answers import MASK_MARKERS, Filled, Generation, Score, StopText, stop_at
 
 LN2 = math.log(2.0)
 #: Temperatures below this sample as greedy: dividing logits by a tiny temperature overflows.
@@ -155,13 +155,15 @@ class HFExpert:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        stop: tuple[str, ...] = (),
         deadline: float | None = None,
     ) -> list[Generation]:
         """Continue each prompt; greedy unless temperature >= MIN_TEMPERATURE (then seeded
         sampling). Prompt and new tokens always fit the context: max_new_tokens is clamped to
         what fits beside the prompt (which keeps at least half the context), and a prompt
-        longer than the rest keeps its last tokens. Generation stops where it is at `deadline`
-        (time.time()), as a request that timed out needs no more tokens."""
+        longer than the rest keeps its last tokens. An answer ends before the first of the
+        `stop` strings. Generation stops where it is at `deadline` (time.time()), as a request
+        that timed out needs no more tokens."""
         tok = self.tokenizer
         lengths = tok(prompts, truncation=True, max_length=self.max_length)["input_ids"]
         longest = max(len(ids) for ids in lengths)
@@ -175,23 +177,32 @@ class HFExpert:
             truncation=True,
             max_length=budget,
         ).to(self.device)
-        out = self._run(enc, max_new_tokens, temperature, top_p, seed, _until(deadline))
+        stopping = _until(deadline, start=enc["input_ids"].shape[1], stop=stop, tokenizer=tok)
+        out = self._run(enc, max_new_tokens, temperature, top_p, seed, stopping)
         new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
-        results = []
-        for row, mask in zip(new.tolist(), enc["attention_mask"], strict=True):
-            eos = tok.eos_token_id
-            stop = eos in row
-            kept = row[: row.index(eos)] if stop else row
-            results.append(
-                Generation(
-                    text=tok.decode(kept, skip_special_tokens=True),
-                    prompt_tokens=int(mask.sum()),
-                    completion_tokens=len(kept),
-                    finish_reason="stop" if stop else "length",
-                    max_new_tokens=max_new_tokens,
-                )
-            )
-        return results
+        return [
+            self._answer(row, int(mask.sum()), stop, max_new_tokens)
+            for row, mask in zip(new.tolist(), enc["attention_mask"], strict=True)
+        ]
+
+    def _answer(
+        self, row: list[int], prompt_tokens: int, stop: tuple[str, ...], max_new_tokens: int
+    ) -> Generation:
+        """One generated row as an answer: up to EOS, its text cut before the first stop
+        string. A row that a stop string ended is padded after it while the batch goes on."""
+        tok = self.tokenizer
+        ends = {tok.eos_token_id} | ({tok.pad_token_id} if stop else set())
+        end = next((i for i, t in enumerate(row) if t in ends), len(row))
+        kept = row[:end]
+        text = tok.decode(kept, skip_special_tokens=True)
+        cut = stop_at(text, stop)
+        return Generation(
+            text=text if cut is None else text[:cut],
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(kept),
+            finish_reason="stop" if end < len(row) or cut is not None else "length",
+            max_new_tokens=max_new_tokens,
+        )
 
     @torch.no_grad()
     def _run(
@@ -227,12 +238,14 @@ class HFExpert:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        stop: tuple[str, ...] = (),
         deadline: float | None = None,
-        stop: threading.Event | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str | Generation]:
         """Continue one prompt as `generate` does, yielding text as it is decoded (transformers'
-        TextIteratorStreamer), then the whole answer as a Generation (for usage). Setting
-        `stop` ends the generation at the next token."""
+        TextIteratorStreamer; text that may begin a stop string is held back until it does
+        not), then the whole answer as a Generation (for usage). Setting `cancel` ends the
+        generation at the next token."""
         tok = self.tokenizer
         length = len(tok(prompt, truncation=True, max_length=self.max_length)["input_ids"])
         max_new_tokens = self.new_tokens(max_new_tokens, length)
@@ -244,7 +257,8 @@ class HFExpert:
         ).to(self.device)
         streamer = _token_streamer(tok)
         done: dict[str, Any] = {}
-        stopping = _until(deadline, stop)
+        start = enc["input_ids"].shape[1]
+        stopping = _until(deadline, cancel, start, stop, tok)
 
         def run() -> None:
             try:
@@ -257,26 +271,21 @@ class HFExpert:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
+        cut = StopText(stop)
         try:
             for text in streamer:
-                if text:
+                if text := cut.feed(text):
                     yield text
+            if text := cut.flush():
+                yield text
         finally:
-            if stop is not None and worker.is_alive():
-                stop.set()
+            if cancel is not None and worker.is_alive():
+                cancel.set()
             worker.join()
         if "error" in done:
             raise done["error"]
-        row = done["out"][0, enc["input_ids"].shape[1] :].tolist()
-        eos = tok.eos_token_id
-        kept = row[: row.index(eos)] if eos in row else row
-        yield Generation(
-            text=tok.decode(kept, skip_special_tokens=True),
-            prompt_tokens=int(enc["attention_mask"].sum()),
-            completion_tokens=len(kept),
-            finish_reason="stop" if eos in row else "length",
-            max_new_tokens=max_new_tokens,
-        )
+        row = done["out"][0, start:].tolist()
+        yield self._answer(row, int(enc["attention_mask"].sum()), stop, max_new_tokens)
 
     @torch.no_grad()
     def fill_mask(self, prompts: list[str], top_k: int = 5) -> list[Filled]:
@@ -334,20 +343,40 @@ def _token_streamer(tokenizer: Any) -> Any:
     return TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def _until(deadline: float | None, stop: threading.Event | None = None) -> Any:
-    """A stopping criterion that ends generation once `deadline` (time.time()) has passed, or
-    `stop` is set (the client went away)."""
+def _until(
+    deadline: float | None,
+    cancel: threading.Event | None = None,
+    start: int = 0,
+    stop: tuple[str, ...] = (),
+    tokenizer: Any = None,
+) -> Any:
+    """Stopping criteria: every row ends once `deadline` (time.time()) has passed or `cancel`
+    is set (the client went away); a row ends once its new tokens (those from position
+    `start`) hold one of the `stop` strings. transformers' own stop_strings are not used: they
+    match across the prompt's end, where OpenAI's stop looks at the answer alone."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Deadline(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
             late = deadline is not None and time.time() > deadline
-            late = late or (stop is not None and stop.is_set())
+            late = late or (cancel is not None and cancel.is_set())
             return torch.full(
                 (input_ids.shape[0],), late, dtype=torch.bool, device=input_ids.device
             )
 
-    return StoppingCriteriaList([Deadline()])
+    # Only the last tokens are decoded each step: a stop string of n characters lies within
+    # the last 4n + 1 when each token holds a byte or more of its text (a character is at most
+    # four). Where tokens hold less, a row may run on; its answer is still cut (_answer).
+    window = 4 * max((len(s) for s in stop), default=0) + 1
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            tails = input_ids[:, max(start, input_ids.shape[1] - window) :].tolist()
+            texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
+            found = [stop_at(text, stop) is not None for text in texts]
+            return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Deadline(), *([StopStrings()] if stop else [])])
 
 
 def _groups(order: list[int], cost: Callable[[int], int], budget: int) -> list[list[int]]:

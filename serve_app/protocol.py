@@ -7,12 +7,14 @@ service answers, and a field a client relies on cannot go missing without a test
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 #: The largest sampling seed (torch takes 64-bit seeds; a signed bound fits every backend).
 MAX_SEED = 2**63 - 1
+#: Stop strings a request may give, and their longest (OpenAI's limit is 4 strings).
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
 
 class LoneSurrogate(ValueError):
@@ -56,6 +58,38 @@ class _Unicode(BaseModel):
 
 class _Request(_Unicode):
     model_config = ConfigDict(extra="forbid")
+
+
+def _stops(value: Any) -> list[str] | None:
+    """OpenAI's `stop`: one string or a list of up to MAX_STOPS, each non-empty."""
+    if value is None or isinstance(value, str):
+        value = None if value is None else [value]
+    elif not isinstance(value, list):
+        return value  # the field's type says what is wrong
+    if value is not None:
+        if len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings; {len(value)} given")
+        for s in value:
+            if isinstance(s, str) and not 0 < len(s) <= MAX_STOP_CHARS:
+                raise ValueError(f"a stop string has 1 to {MAX_STOP_CHARS} characters")
+    return value
+
+
+_StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+#: Stop strings: the answer ends before the first of them, which is not returned.
+Stop = Annotated[
+    list[str] | None,
+    BeforeValidator(
+        _stops,
+        json_schema_input_type=_StopString
+        | Annotated[list[_StopString], Field(max_length=MAX_STOPS)]
+        | None,
+    ),
+    Field(
+        description=f"Up to {MAX_STOPS} strings (or one string): the answer ends before the "
+        "first of them to appear, which is not returned; finish_reason is then 'stop'."
+    ),
+]
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -102,6 +136,7 @@ class InferRequest(RouteRequest):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0.")
     top_k: int = Field(5, ge=1, le=50, description="Predictions per mask (fill-mask).")
+    stop: Stop = None
 
 
 class RankedOut(BaseModel):
@@ -198,6 +233,7 @@ class _OpenAIRequest(_Unicode):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0."
     )
+    stop: Stop = None
     tryage: RoutingOptions | None = Field(
         None, description="tryage's routing options: weights and an allow-list of experts."
     )
@@ -209,6 +245,32 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
 
 
+class TextPart(BaseModel):
+    """A text part of a message's content (OpenAI's content parts)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+def _text_of(content: Any) -> Any:
+    """A message's text: a string, or its text parts joined by newlines (as vLLM joins them).
+    Parts of another type (an image, audio, a file) are refused: the experts read text."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(
+                f"content part {i} is not a text part ({{'type': 'text', 'text': ...}}); "
+                f"the experts read text only (its type: {kind!r})"
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class ChatMessage(_Unicode):
     """One message of a chat."""
 
@@ -217,7 +279,9 @@ class ChatMessage(_Unicode):
     role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
         description="Who wrote it; the last user message is what the router reads."
     )
-    content: str = Field(description="The message's text.")
+    content: Annotated[
+        str, BeforeValidator(_text_of, json_schema_input_type=str | list[TextPart])
+    ] = Field(description="The message's text, or a list of text parts (joined by newlines).")
 
 
 class ChatRequest(_OpenAIRequest):
@@ -310,11 +374,12 @@ class ExpertRequest(BaseModel):
     top_p: float = 1.0
     seed: int = 0
     top_k: int = 5  # fill-mask predictions per mask
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     deadline: float | None = None  # time.time() after which a generation stops where it is
 
-    def generation_settings(self) -> tuple[int, float, float, int]:
+    def generation_settings(self) -> tuple[int, float, float, int, tuple[str, ...]]:
         """The settings requests must share to run in one generation batch."""
-        return (self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        return (self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop)
 
 
 class Failure(BaseModel):

@@ -72,7 +72,7 @@ class ExpertCalls(DeviceHealth):
         except Exception as err:
             yield Failure(message=f"the chat cannot be rendered: {err}", client=True)
             return
-        stop = threading.Event()
+        cancel = threading.Event()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         settings = request.generation_settings()
@@ -80,7 +80,7 @@ class ExpertCalls(DeviceHealth):
         def work() -> None:
             self.streaming += 1
             try:
-                for item in engine.stream(prompt, *settings, request.deadline, stop):
+                for item in engine.stream(prompt, *settings, request.deadline, cancel):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except Exception as err:
                 self._noticed(err)
@@ -96,7 +96,7 @@ class ExpertCalls(DeviceHealth):
             while (item := await queue.get()) is not None:
                 yield item
         finally:
-            stop.set()  # a cancelled stream (the client left) stops the model at its next token
+            cancel.set()  # a cancelled stream (the client left) stops the model at its next token
 
     def _fill_mask(self, engine: HFExpert, requests: list[ExpertRequest]) -> list[Filled | Failure]:
         def run(settings: tuple, group: list[ExpertRequest]) -> list[Filled]:

@@ -206,6 +206,33 @@ def test_openai_chat_streams_in_several_chunks_the_same_answer_with_usage(oai):
     assert "".join(texts) == whole.choices[0].message.content  # greedy: the same answer
 
 
+def test_openai_stop_ends_the_answer_before_it_whole_and_streamed(oai):
+    """OpenAI's `stop` and text content parts, through the official client: the answer is the
+    one without `stop`, cut before the first stop string (not returned), finish_reason stop."""
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    whole = oai.chat.completions.create(model="gen-m", messages=messages, max_tokens=12)
+    text = whole.choices[0].message.content
+    stop = text[3:5]  # the smoke experts' text is random: a piece of this very answer
+    cut = text[: text.find(stop)]
+    assert len(cut) < len(text)
+    parts = [{"type": "text", "text": "Tell me a story about a cat."}]  # the same text, in parts
+    asked = {"model": "gen-m", "max_tokens": 12, "stop": [stop, "never said"]}
+    done = oai.chat.completions.create(messages=[{"role": "user", "content": parts}], **asked)
+    assert done.choices[0].message.content == cut
+    assert done.choices[0].finish_reason == "stop"
+    assert done.usage.completion_tokens <= whole.usage.completion_tokens
+    chunks = list(oai.chat.completions.create(messages=messages, stream=True, **asked))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == cut
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    prompt = oai.completions.create(model="gen-m", prompt="Once upon a time", max_tokens=12)
+    first = prompt.choices[0].text
+    done = oai.completions.create(
+        model="gen-m", prompt="Once upon a time", max_tokens=12, stop=first[2:4]
+    )
+    assert done.choices[0].text == first[: first.find(first[2:4])]
+
+
 def test_openai_completions_stream_is_server_sent_events_ending_with_done(api):
     body = {"model": "tryage", "prompt": "Once upon a time", "max_tokens": 6, "stream": True}
     with api.stream("POST", "/v1/completions", json=body) as r:
@@ -244,6 +271,13 @@ BAD = [
     ("/v1/completions", {"model": "tryage", "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": "tryage", "messages": []}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages.0.content",
+    ),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     (
         "/v1/chat/completions",
         {

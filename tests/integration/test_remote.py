@@ -70,6 +70,11 @@ def test_local_and_remote_experts_both_answer(mixed):
     assert remote.json()["expert"] == "remote-m"
     # The remote is the same model, greedy: the same words as the local expert.
     assert remote.json()["output"] == local.json()["output"]
+    # Stop strings reach the remote server, which ends the answer before them.
+    text = local.json()["output"]
+    stop = {"stop": [text[2:4]], "max_new_tokens": 4, "prompt": "Once upon"}
+    remote = mixed.post("/v1/infer", json={"experts": ["remote-m"], **stop})
+    assert remote.json()["output"] == text[: text.find(text[2:4])], remote.text
 
 
 def test_a_remote_expert_streams_through_the_openai_client(mixed, serve_port):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from serve_app.api import Guard, create_api
-from serve_app.protocol import ChatRequest, RouteRequest
+from serve_app.protocol import ChatRequest, CompletionRequest, RouteRequest
 
 
 def _client(guard: Guard) -> TestClient:
@@ -26,7 +26,11 @@ def _client(guard: Guard) -> TestClient:
 
     @api.post("/chat")
     async def chat(body: ChatRequest) -> dict:
-        return {"messages": len(body.messages)}
+        return {"messages": len(body.messages), "texts": [m.content for m in body.messages]}
+
+    @api.post("/completions")
+    async def completions(body: CompletionRequest) -> dict:
+        return {"stop": body.stop}
 
     return TestClient(api)
 
@@ -93,3 +97,35 @@ def test_a_lone_surrogate_is_a_400_naming_the_field_that_holds_it():
     r = client.post("/route", json={"prompt": 3})
     assert r.json()["error"]["param"] == "prompt"
     assert r.json()["error"]["message"].startswith("prompt: ")
+
+
+def test_a_message_s_text_parts_are_its_text_and_other_parts_a_400():
+    client = _client(Guard())
+    parts = [{"type": "text", "text": "Summarise this:"}, {"type": "text", "text": "a b c"}]
+    messages = [{"role": "system", "content": "terse"}, {"role": "user", "content": parts}]
+    r = client.post("/chat", json={"messages": messages})
+    assert r.json()["texts"] == ["terse", "Summarise this:\na b c"]
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    r = client.post("/chat", json={"messages": [{"role": "user", "content": [image]}]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages.0.content"
+    assert "not a text part" in error["message"] and "'image_url'" in error["message"]
+
+
+def test_stop_is_one_string_or_up_to_four_and_anything_else_a_400_naming_it():
+    client = _client(Guard())
+    for stop, kept in (("\n", ["\n"]), (["a", "b"], ["a", "b"]), (None, None), ([], [])):
+        assert client.post("/completions", json={"prompt": "hi", "stop": stop}).json() == {
+            "stop": kept
+        }
+    for stop, words in (
+        (["a"] * 5, "at most 4 stop strings"),
+        ("", "1 to 256 characters"),
+        (["ok", "x" * 257], "1 to 256 characters"),
+        (3, "valid list"),
+    ):
+        r = client.post("/completions", json={"prompt": "hi", "stop": stop})
+        assert r.status_code == 400, (stop, r.text)
+        assert r.json()["error"]["param"].startswith("stop"), r.json()
+        assert words in r.json()["error"]["message"]

@@ -367,6 +367,30 @@ def test_a_prompt_longer_than_the_context_keeps_its_end(causal_tok, folders):
     assert long.text == short.text
 
 
+def test_an_answer_ends_before_its_first_stop_string_and_stops_generating(causal):
+    prompts = ["Hello world", "the cat sat on the"]
+    whole = causal.generate(prompts, max_new_tokens=20)
+    text = whole[1].text  # the random model repeats " the": a stop string several times over
+    stop = ("the the", "absent")
+    assert text.find("the the") > 0 and whole[1].completion_tokens == 20
+    first, second = causal.generate(prompts, max_new_tokens=20, stop=stop)
+    assert second.text == text[: text.find("the the")]
+    assert second.finish_reason == "stop"
+    assert second.completion_tokens < 20  # it stopped there, not at max_new_tokens
+    assert first == whole[0]  # the other row of the batch went on as without the stop strings
+    # streamed: the same answer, no piece holding the stop string or what follows it
+    *pieces, last = causal.stream(prompts[1], 20, stop=stop)
+    assert "".join(pieces) == second.text and last == second
+
+
+def test_a_stop_string_across_the_prompt_s_end_does_not_stop_the_answer(causal):
+    # The prompt ends "on the" and the answer begins " the": "on the the" spans both.
+    # transformers' own stop_strings stop there; OpenAI's stop looks at the answer alone.
+    (whole,) = causal.generate(["the cat sat on the"], max_new_tokens=12)
+    (gen,) = causal.generate(["the cat sat on the"], max_new_tokens=12, stop=("on the the",))
+    assert gen == whole
+
+
 # --- chats -------------------------------------------------------------------------------
 
 CHATML = (
