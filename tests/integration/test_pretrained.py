@@ -21,4 +21,10 @@ def test_smollm2_is_converted_and_answers_a_question_through_its_chat_template(t
     question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     (answer,) = expert.generate([render_chat(expert.tokenizer, question)], max_new_tokens=12)
     assert "Paris" in answer.text
+    # A stop string on a real tokenizer: the same answer, ended before it, generation stopped.
+    (stopped,) = expert.generate(
+        [render_chat(expert.tokenizer, question)], max_new_tokens=12, stop=("Paris",)
+    )
+    assert stopped.text == answer.text[: answer.text.index("Paris")]
+    assert stopped.finish_reason == "stop"
     assert fetch(SMOLLM2, tmp_path / "cache") == gguf  # cached: checked, not downloaded again
