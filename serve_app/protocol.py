@@ -60,18 +60,15 @@ class _Request(_Unicode):
     model_config = ConfigDict(extra="forbid")
 
 
-def _stops(value: Any) -> list[str] | None:
+def _stops(value: Any) -> Any:
     """OpenAI's `stop`: one string or a list of up to MAX_STOPS, each non-empty."""
-    if value is None or isinstance(value, str):
-        value = None if value is None else [value]
-    elif not isinstance(value, list):
-        return value  # the field's type says what is wrong
-    if value is not None:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):  # anything else: the field's type says what is wrong
         if len(value) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings; {len(value)} given")
-        for s in value:
-            if isinstance(s, str) and not 0 < len(s) <= MAX_STOP_CHARS:
-                raise ValueError(f"a stop string has 1 to {MAX_STOP_CHARS} characters")
+        if any(isinstance(s, str) and not 0 < len(s) <= MAX_STOP_CHARS for s in value):
+            raise ValueError(f"a stop string has 1 to {MAX_STOP_CHARS} characters")
     return value
 
 
