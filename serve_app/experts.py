@@ -177,22 +177,29 @@ class HFExpert:
             truncation=True,
             max_length=budget,
         ).to(self.device)
-        stopping = _until(deadline, start=enc["input_ids"].shape[1], stop=stop, tokenizer=tok)
+        start = enc["input_ids"].shape[1]
+        ended: dict[int, int] = {}  # row -> new tokens when a stop string ended it
+        stopping = _until(deadline, None, start, stop, tok, ended)
         out = self._run(enc, max_new_tokens, temperature, top_p, seed, stopping)
-        new = out[:, enc["input_ids"].shape[1] :]  # (B, new)
+        new = out[:, start:]  # (B, new)
         return [
-            self._answer(row, int(mask.sum()), stop, max_new_tokens)
-            for row, mask in zip(new.tolist(), enc["attention_mask"], strict=True)
+            self._answer(row, int(mask.sum()), stop, max_new_tokens, ended.get(b))
+            for b, (row, mask) in enumerate(zip(new.tolist(), enc["attention_mask"], strict=True))
         ]
 
     def _answer(
-        self, row: list[int], prompt_tokens: int, stop: tuple[str, ...], max_new_tokens: int
+        self,
+        row: list[int],
+        prompt_tokens: int,
+        stop: tuple[str, ...],
+        max_new_tokens: int,
+        ended: int | None = None,
     ) -> Generation:
-        """One generated row as an answer: up to EOS, its text cut before the first stop
-        string. A row that a stop string ended is padded after it while the batch goes on."""
+        """One generated row as an answer: up to EOS, or its first `ended` tokens where a stop
+        string ended it (the batch goes on padding it), the text cut before that string."""
         tok = self.tokenizer
-        ends = {tok.eos_token_id} | ({tok.pad_token_id} if stop else set())
-        end = next((i for i, t in enumerate(row) if t in ends), len(row))
+        eos = tok.eos_token_id
+        end = min(row.index(eos) if eos in row else len(row), len(row) if ended is None else ended)
         kept = row[:end]
         text = tok.decode(kept, skip_special_tokens=True)
         cut = stop_at(text, stop)
@@ -258,7 +265,9 @@ class HFExpert:
         streamer = _token_streamer(tok)
         done: dict[str, Any] = {}
         start = enc["input_ids"].shape[1]
-        stopping = _until(deadline, cancel, start, stop, tok)
+        cancel = cancel if cancel is not None else threading.Event()
+        ended: dict[int, int] = {}
+        stopping = _until(deadline, cancel, start, stop, tok, ended)
 
         def run() -> None:
             try:
@@ -276,16 +285,19 @@ class HFExpert:
             for text in streamer:
                 if text := cut.feed(text):
                     yield text
+                if cut.done:  # were the stopping criterion to miss it, stop here all the same
+                    cancel.set()
             if text := cut.flush():
                 yield text
         finally:
-            if cancel is not None and worker.is_alive():
+            if worker.is_alive():
                 cancel.set()
             worker.join()
         if "error" in done:
             raise done["error"]
         row = done["out"][0, start:].tolist()
-        yield self._answer(row, int(enc["attention_mask"].sum()), stop, max_new_tokens)
+        prompt_tokens = int(enc["attention_mask"].sum())
+        yield self._answer(row, prompt_tokens, stop, max_new_tokens, ended.get(0))
 
     @torch.no_grad()
     def fill_mask(self, prompts: list[str], top_k: int = 5) -> list[Filled]:
@@ -349,11 +361,13 @@ def _until(
     start: int = 0,
     stop: tuple[str, ...] = (),
     tokenizer: Any = None,
+    ended: dict[int, int] | None = None,
 ) -> Any:
     """Stopping criteria: every row ends once `deadline` (time.time()) has passed or `cancel`
     is set (the client went away); a row ends once its new tokens (those from position
-    `start`) hold one of the `stop` strings. transformers' own stop_strings are not used: they
-    match across the prompt's end, where OpenAI's stop looks at the answer alone."""
+    `start`) hold one of the `stop` strings, and `ended` records how many it had then.
+    transformers' own stop_strings are not used: they match across the prompt's end, where
+    OpenAI's stop looks at the answer alone."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Deadline(StoppingCriteria):
@@ -368,12 +382,17 @@ def _until(
     # the last 4n + 1 when each token holds a byte or more of its text (a character is at most
     # four). Where tokens hold less, a row may run on; its answer is still cut (_answer).
     window = 4 * max((len(s) for s in stop), default=0) + 1
+    ended = {} if ended is None else ended
 
     class StopStrings(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            tails = input_ids[:, max(start, input_ids.shape[1] - window) :].tolist()
+            rows = [b for b in range(input_ids.shape[0]) if b not in ended]
+            tails = input_ids[rows, max(start, input_ids.shape[1] - window) :].tolist()
             texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
-            found = [stop_at(text, stop) is not None for text in texts]
+            for b, text in zip(rows, texts, strict=True):
+                if stop_at(text, stop) is not None:
+                    ended[b] = input_ids.shape[1] - start
+            found = [b in ended for b in range(input_ids.shape[0])]
             return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([Deadline(), *([StopStrings()] if stop else [])])

@@ -259,11 +259,13 @@ def _text_of(content: Any) -> Any:
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if kind != "text":
             raise ValueError(
                 f"content part {i} is not a text part ({{'type': 'text', 'text': ...}}); "
                 f"the experts read text only (its type: {kind!r})"
             )
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content part {i} is a text part without a string 'text'")
         texts.append(part["text"])
     return "\n".join(texts)
 

@@ -27,4 +27,5 @@ def test_smollm2_is_converted_and_answers_a_question_through_its_chat_template(t
     )
     assert stopped.text == answer.text[: answer.text.index("Paris")]
     assert stopped.finish_reason == "stop"
+    assert stopped.completion_tokens < answer.completion_tokens  # it stopped generating there
     assert fetch(SMOLLM2, tmp_path / "cache") == gguf  # cached: checked, not downloaded again

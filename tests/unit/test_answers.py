@@ -46,8 +46,17 @@ def test_text_that_only_looked_like_a_stop_string_is_sent_after_all():
     stop=st.lists(st.text(alphabet="ab\n:", min_size=1, max_size=4), max_size=3),
     cuts=st.lists(st.integers(0, 40), max_size=8),
 )
-def test_streamed_in_any_pieces_the_text_is_the_whole_answer_cut(text, stop, cuts):
+def test_streamed_in_any_pieces_the_text_is_the_answer_cut_where_generation_stops(text, stop, cuts):
+    # Generation stops at the first piece (token) after which a stop string appears; the
+    # answer is the text up to there, cut before the first stop string in it. (With one stop
+    # string inside another, that can differ from cutting the whole text.)
     bounds = [0, *sorted(c for c in cuts if c <= len(text)), len(text)]
     pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-    where = stop_at(text, tuple(stop))
-    assert _streamed(pieces, tuple(stop)) == (text if where is None else text[:where])
+    upto = next((b for b in bounds[1:] if stop_at(text[:b], tuple(stop)) is not None), None)
+    answer = text if upto is None else text[: stop_at(text[:upto], tuple(stop))]
+    assert _streamed(pieces, tuple(stop)) == answer
+
+
+def test_a_stop_string_inside_another_cuts_where_the_stream_first_holds_one():
+    assert _streamed(["ab", ":"], ("ab:", "b")) == "a"  # "b" came first; "ab:" never formed
+    assert _streamed(["ab:"], ("ab:", "b")) == ""  # both in one piece: the earlier one

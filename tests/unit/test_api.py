@@ -111,6 +111,9 @@ def test_a_message_s_text_parts_are_its_text_and_other_parts_a_400():
     error = r.json()["error"]
     assert error["param"] == "messages.0.content"
     assert "not a text part" in error["message"] and "'image_url'" in error["message"]
+    r = client.post("/chat", json={"messages": [{"role": "user", "content": [{"type": "text"}]}]})
+    assert r.status_code == 400
+    assert "a text part without a string 'text'" in r.json()["error"]["message"]
 
 
 def test_stop_is_one_string_or_up_to_four_and_anything_else_a_400_naming_it():

@@ -383,6 +383,17 @@ def test_an_answer_ends_before_its_first_stop_string_and_stops_generating(causal
     assert "".join(pieces) == second.text and last == second
 
 
+def test_a_pad_token_in_an_answer_is_text_not_its_end_even_with_stop_strings(causal):
+    # A row that a stop string ended is padded while the batch goes on: the answer ends where
+    # the stopping criterion recorded, not at the first pad token, which a model may generate.
+    pad = causal.tokenizer.pad_token_id
+    row = [40, pad, 41, 42]
+    whole = causal._answer(row, 3, ("never",), max_new_tokens=4)
+    assert whole.completion_tokens == 4 and whole.finish_reason == "length"
+    ended = causal._answer([40, 41, pad, pad], 3, ("never",), max_new_tokens=4, ended=2)
+    assert ended.completion_tokens == 2 and ended.finish_reason == "stop"
+
+
 def test_a_stop_string_across_the_prompt_s_end_does_not_stop_the_answer(causal):
     # The prompt ends "on the" and the answer begins " the": "on the the" spans both.
     # transformers' own stop_strings stop there; OpenAI's stop looks at the answer alone.
