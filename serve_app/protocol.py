@@ -211,8 +211,29 @@ class RoutingOptions(_Request):
     experts: list[str] | None = Field(None, description="Allow-list of expert names.")
 
 
+class TextFormat(BaseModel):
+    """The one response_format answered: plain text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+
+
+def _text_format(value: Any) -> Any:
+    """Only plain text answers: a JSON format is refused, not ignored."""
+    kind = value.get("type") if isinstance(value, dict) else value
+    if value is not None and kind != "text":
+        raise ValueError(
+            f"response_format {kind!r} is not supported: the experts' output cannot be "
+            "constrained to JSON; only {'type': 'text'}. Ask for JSON in the prompt instead"
+        )
+    return value
+
+
 class _OpenAIRequest(_Unicode):
-    # OpenAI clients send fields tryage does not use (user, logprobs, ...): accept, ignore.
+    # OpenAI clients send fields tryage does not use (user, logprobs, ...): accept and ignore
+    # them (an answer's `logprobs` says null); refuse those whose answer would silently lack
+    # what was asked (n > 1, a JSON response_format).
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field("tryage", description="'tryage' routes; an expert's name pins it.")
@@ -231,6 +252,10 @@ class _OpenAIRequest(_Unicode):
         None, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0."
     )
     stop: Stop = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        BeforeValidator(_text_format, json_schema_input_type=TextFormat | None),
+    ] = Field(None, description="{'type': 'text'} or none; a JSON format is a 400.")
     tryage: RoutingOptions | None = Field(
         None, description="tryage's routing options: weights and an allow-list of experts."
     )

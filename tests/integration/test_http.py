@@ -281,6 +281,15 @@ BAD = [
     (
         "/v1/chat/completions",
         {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {
             "model": "tryage",
             "messages": [
                 {"role": "system", "content": "x" * 40_000},

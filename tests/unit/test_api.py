@@ -132,3 +132,17 @@ def test_stop_is_one_string_or_up_to_four_and_anything_else_a_400_naming_it():
         assert r.status_code == 400, (stop, r.text)
         assert r.json()["error"]["param"].startswith("stop"), r.json()
         assert words in r.json()["error"]["message"]
+
+
+def test_a_json_response_format_is_refused_not_silently_ignored():
+    client = _client(Guard())
+    for fine in ({"response_format": None}, {"response_format": {"type": "text"}}):
+        assert client.post("/completions", json={"prompt": "hi", **fine}).status_code == 200
+    for asked, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": "json"}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ):
+        r = client.post("/completions", json={"prompt": "hi", **asked})
+        assert r.status_code == 400, asked
+        assert r.json()["error"]["param"] == param
