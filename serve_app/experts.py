@@ -357,11 +357,11 @@ def _token_streamer(tokenizer: Any) -> Any:
 
 def _until(
     deadline: float | None,
-    cancel: threading.Event | None = None,
-    start: int = 0,
-    stop: tuple[str, ...] = (),
-    tokenizer: Any = None,
-    ended: dict[int, int] | None = None,
+    cancel: threading.Event | None,
+    start: int,
+    stop: tuple[str, ...],
+    tokenizer: Any,
+    ended: dict[int, int],
 ) -> Any:
     """Stopping criteria: every row ends once `deadline` (time.time()) has passed or `cancel`
     is set (the client went away); a row ends once its new tokens (those from position
@@ -382,7 +382,6 @@ def _until(
     # the last 4n + 1 when each token holds a byte or more of its text (a character is at most
     # four). Where tokens hold less, a row may run on; its answer is still cut (_answer).
     window = 4 * max((len(s) for s in stop), default=0) + 1
-    ended = {} if ended is None else ended
 
     class StopStrings(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
