@@ -230,10 +230,21 @@ def _text_format(value: Any) -> Any:
     return value
 
 
+def _no_forced_call(value: Any) -> Any:
+    """`tools` are ignored (an answer may always be text), but a forced call is refused."""
+    if value is None or value in ("auto", "none"):
+        return value
+    raise ValueError(
+        f"a forced tool call ({value!r}) is not supported: the experts answer text and cannot "
+        "call tools; leave tool_choice out or set it to 'auto' or 'none'"
+    )
+
+
 class _OpenAIRequest(_Unicode):
-    # OpenAI clients send fields tryage does not use (user, logprobs, ...): accept and ignore
-    # them (an answer's `logprobs` says null); refuse those whose answer would silently lack
-    # what was asked (n > 1, a JSON response_format).
+    # OpenAI clients send fields tryage does not use (user, logprobs, tools, ...): accept and
+    # ignore them (an answer's `logprobs` says null, and it never calls a tool); refuse those
+    # whose answer would silently lack what was asked (n > 1, a JSON response_format, a
+    # forced tool call).
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field("tryage", description="'tryage' routes; an expert's name pins it.")
@@ -256,6 +267,16 @@ class _OpenAIRequest(_Unicode):
         dict[str, Any] | None,
         BeforeValidator(_text_format, json_schema_input_type=TextFormat | None),
     ] = Field(None, description="{'type': 'text'} or none; a JSON format is a 400.")
+    tool_choice: Annotated[
+        str | dict[str, Any] | None,
+        BeforeValidator(_no_forced_call, json_schema_input_type=Literal["auto", "none"] | None),
+    ] = Field(
+        None, description="'auto', 'none' or none: `tools` are ignored; a forced call is a 400."
+    )
+    function_call: Annotated[
+        str | dict[str, Any] | None,
+        BeforeValidator(_no_forced_call, json_schema_input_type=Literal["auto", "none"] | None),
+    ] = Field(None, description="The legacy tool_choice, likewise.")
     tryage: RoutingOptions | None = Field(
         None, description="tryage's routing options: weights and an allow-list of experts."
     )
@@ -304,8 +325,25 @@ class ChatMessage(_Unicode):
         description="Who wrote it; the last user message is what the router reads."
     )
     content: Annotated[
-        str, BeforeValidator(_text_of, json_schema_input_type=str | list[TextPart])
-    ] = Field(description="The message's text, or a list of text parts (joined by newlines).")
+        str, BeforeValidator(_text_of, json_schema_input_type=str | list[TextPart] | None)
+    ] = Field(
+        description="The message's text, or a list of text parts (joined by newlines); an "
+        "assistant's may be null or left out (a turn that called tools: its text is empty)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _assistant_without_text(cls, data: Any) -> Any:
+        # An assistant turn that called tools has no content (null or absent): replaying such
+        # a chat from another model is normal, and its text is empty. Other roles must say
+        # something.
+        if (
+            isinstance(data, dict)
+            and data.get("role") == "assistant"
+            and data.get("content") is None
+        ):
+            return {**data, "content": ""}
+        return data
 
 
 class ChatRequest(_OpenAIRequest):

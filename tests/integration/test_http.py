@@ -289,6 +289,12 @@ BAD = [
     ),
     (
         "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+        400,
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
         {
             "model": "tryage",
             "messages": [

@@ -146,3 +146,40 @@ def test_a_json_response_format_is_refused_not_silently_ignored():
         r = client.post("/completions", json={"prompt": "hi", **asked})
         assert r.status_code == 400, asked
         assert r.json()["error"]["param"] == param
+
+
+def test_tools_are_ignored_but_a_forced_tool_call_is_a_400_naming_it():
+    client = _client(Guard())
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    for fine in ({}, {"tool_choice": "auto"}, {"tool_choice": "none"}, {"function_call": "auto"}):
+        r = client.post("/completions", json={"prompt": "hi", "tools": [tool], **fine})
+        assert r.status_code == 200, (fine, r.text)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for field, forced in (
+        ("tool_choice", "required"),
+        ("tool_choice", named),
+        ("function_call", {"name": "get_weather"}),
+    ):
+        r = client.post("/completions", json={"prompt": "hi", "tools": [tool], field: forced})
+        assert r.status_code == 400, (field, forced)
+        error = r.json()["error"]
+        assert error["param"] == field
+        assert "forced tool call" in error["message"] and "cannot call tools" in error["message"]
+
+
+def test_an_assistant_turn_without_text_is_empty_but_another_role_s_is_a_400():
+    client = _client(Guard())
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "tool", "content": "18 C, sunny", "tool_call_id": "c1"},
+        {"role": "assistant"},
+        {"role": "user", "content": "and tomorrow?"},
+    ]
+    r = client.post("/chat", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    assert r.json()["texts"] == ["weather in Paris?", "", "18 C, sunny", "", "and tomorrow?"]
+    for message in ({"role": "user", "content": None}, {"role": "tool"}):
+        r = client.post("/chat", json={"messages": [message]})
+        assert r.status_code == 400, message
+        assert r.json()["error"]["param"] == "messages.0.content"
