@@ -28,6 +28,8 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -454,11 +456,31 @@ def blurb(domain: str, described: dict[str, str]) -> str:
 # --- the library --------------------------------------------------------------------------
 
 
-def library_dict(experts: list[Expert]) -> dict:
-    """The demo's library.yaml as a dict: CPU fractions that fit a laptop, scale to zero.
-    Verbosity and readability come from the router checkpoint's measures."""
+#: CPUs an expert replica of the demo reserves where the machine has them to spare.
+EXPERT_CPUS = 0.25
+
+
+def expert_cpus(experts: int, cpus: float, router_cpus: float) -> float:
+    """CPUs each expert replica reserves: EXPERT_CPUS, or less where one replica of every
+    expert would not fit beside the router at its most replicas (`router_cpus`) in the
+    machine's `cpus`. Reserving more would leave a prompt routed to an idle expert waiting
+    for another expert to scale down (minutes) before its replica could be placed. Rounded
+    down to a hundredth, at least one."""
+    spare = (cpus - router_cpus) / max(experts, 1)
+    return max(0.01, min(EXPERT_CPUS, math.floor(spare * 100) / 100))
+
+
+def library_dict(experts: list[Expert], cpus: float | None = None) -> dict:
+    """The demo's library.yaml as a dict: CPU fractions that let the router at its most
+    replicas and one replica of every expert fit in `cpus` (default: this machine's, where
+    the demo is built to be served), scale to zero. Verbosity and readability come from the
+    router checkpoint's measures."""
     from serve_app.demo.smoke import laptop_library
 
+    router = {"num_cpus": 0.5}
+    library = laptop_library([], router)
+    router_cpus = router["num_cpus"] * library["router"]["autoscaling"]["max_replicas"]
+    share = expert_cpus(len(experts), cpus or os.cpu_count() or 1, router_cpus)
     entries = []
     for e in experts:
         entry = {
@@ -469,10 +491,10 @@ def library_dict(experts: list[Expert]) -> dict:
             "released": e.released,
             "description": e.description,
             "trusted": e.trusted,
-            "resources": {"num_cpus": 0.25},
+            "resources": {"num_cpus": share},
         }
         entries.append(entry)
-    library = laptop_library(entries, {"num_cpus": 0.5})
+    library["experts"] = entries
     # An untrusted expert must be predicted half a bit per byte better to be chosen: the
     # demo's operator trusts its own models first; a request can set security 0 to drop that.
     library["objective"]["weights"]["security"] = 0.5
@@ -721,8 +743,6 @@ def _profile(
     tiny build's profile took 11 s this way instead of 24 s, with the same losses (a pool
     measures what the experts' own actors do: tests/integration/test_pipeline.py). The
     pretrained experts keep an actor each, so no actor holds a copy of every large model."""
-    import os
-
     from serve_app.config import PoolConfig
     from serve_app.learn.profile import ProfileConfig, profile
 

@@ -11,8 +11,10 @@ from serve_app.demo.build import (
     GENERAL_L,
     GENERAL_S,
     DemoConfig,
+    Expert,
     check_experts,
     expert_name,
+    library_dict,
     split_of,
 )
 from serve_app.demo.lm import LMConfig, ModelSize, Stream, batch, lr_at, new_model, train_lm
@@ -114,3 +116,18 @@ def test_only_an_expert_no_better_anywhere_and_no_smaller_is_left_out():
     }
     params = {"big": 100, "small": 10, "code-s": 10, "copy": 10, "twin": 10}
     assert dominated(losses, params) == {"copy": "small"}
+
+
+@pytest.mark.parametrize("cpus", [2, 4, 16])
+@pytest.mark.parametrize("n", [4, 8, 15])
+def test_the_router_at_its_most_and_a_replica_of_every_expert_fit_in_the_machine(cpus, n):
+    experts = [Expert(f"e{i}", None, 1000, "2024-01-01", "an expert") for i in range(n)]
+    library = library_dict(experts, cpus)
+    router = library["router"]
+    reserved = router["resources"]["num_cpus"] * router["autoscaling"]["max_replicas"]
+    shares = [e["resources"]["num_cpus"] for e in library["experts"]]
+    assert len(shares) == n and len(set(shares)) == 1
+    assert reserved + sum(shares) <= cpus
+    assert 0.01 <= shares[0] <= 0.25
+    # A quarter of a CPU where it fits (16 CPUs; 4 CPUs and up to 12 experts), less where not.
+    assert (shares[0] == 0.25) == (reserved + 0.25 * n <= cpus)
