@@ -50,6 +50,13 @@ def has_mask(prompt: str) -> bool:
     return bool(MASK_MARKERS.search(prompt))
 
 
+def whole(text: str) -> str:
+    """`text` without trailing replacement characters: an answer cut inside a character (a
+    byte-level token holding its first bytes) decodes them as U+FFFD, which is dropped, not
+    sent."""
+    return text.rstrip("\ufffd")
+
+
 def stop_at(text: str, stop: tuple[str, ...]) -> int | None:
     """Where the first of the stop strings begins in `text`, or None: an answer ends before it
     (OpenAI's `stop`: the stop string itself is not returned)."""

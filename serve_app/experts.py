@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from serve_app.answers import MASK_MARKERS, Filled, Generation, Score, StopText, stop_at
+from serve_app.answers import MASK_MARKERS, Filled, Generation, Score, StopText, stop_at, whole
 
 LN2 = math.log(2.0)
 #: Temperatures below this sample as greedy: dividing logits by a tiny temperature overflows.
@@ -204,7 +204,7 @@ class HFExpert:
         text = tok.decode(kept, skip_special_tokens=True)
         cut = stop_at(text, stop)
         return Generation(
-            text=text if cut is None else text[:cut],
+            text=whole(text) if cut is None else text[:cut],
             prompt_tokens=prompt_tokens,
             completion_tokens=len(kept),
             finish_reason="stop" if end < len(row) or cut is not None else "length",
@@ -335,7 +335,8 @@ class HFExpert:
 def _token_streamer(tokenizer: Any) -> Any:
     """transformers' TextIteratorStreamer, but handing out text token by token: the stock one
     waits for a space, so a word-less answer would arrive in one piece. Text that ends inside a
-    character (a byte-level token holding half of it) waits for the rest."""
+    character (a byte-level token holding half of it) waits for the rest, and is dropped where
+    the answer ends before the rest (as `HFExpert._answer` drops it)."""
     from transformers import TextIteratorStreamer
 
     class TokenStreamer(TextIteratorStreamer):
@@ -351,6 +352,9 @@ def _token_streamer(tokenizer: Any) -> Any:
                 return
             printable, self.print_len = text[self.print_len :], len(text)
             self.on_finalized_text(printable)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            super().on_finalized_text(whole(text) if stream_end else text, stream_end)
 
     return TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 
 from serve_app.answers import Generation, Score, has_mask
 from serve_app.demo.lm import masked_tokenizer, train_tokenizer
-from serve_app.experts import HFExpert, special_ids
+from serve_app.experts import HFExpert, _token_streamer, special_ids
 
 CORPUS = [
     "hello world, héllo wörld! the cat sat on the mat. " * 20,
@@ -392,6 +392,27 @@ def test_a_pad_token_in_an_answer_is_text_not_its_end_even_with_stop_strings(cau
     assert whole.completion_tokens == 4 and whole.finish_reason == "length"
     ended = causal._answer([40, 41, pad, pad], 3, ("never",), max_new_tokens=4, ended=2)
     assert ended.completion_tokens == 2 and ended.finish_reason == "stop"
+
+
+def test_an_answer_cut_inside_a_character_drops_its_first_bytes(causal):
+    # A byte-level tokenizer spells a character it never merged ("€": three bytes) as one token
+    # a byte; an answer cut after the first of them decodes it as U+FFFD, which is dropped.
+    tok = causal.tokenizer
+    euro = tok.encode("€", add_special_tokens=False)
+    assert len(euro) > 1 and tok.decode(euro[:1]).endswith("\ufffd")
+    row = tok.encode("cat", add_special_tokens=False) + euro[:1]
+    cut = causal._answer(row, 3, (), max_new_tokens=len(row))
+    assert cut.text == "cat" and cut.completion_tokens == len(row)
+    assert cut.finish_reason == "length"
+    done = causal._answer(row[:-1] + euro, 3, (), max_new_tokens=len(row) + 2)
+    assert done.text == "cat€"
+    # streamed: the piece held back for the rest of the character is dropped at the end too
+    streamer = _token_streamer(tok)
+    streamer.put(torch.tensor([tok.eos_token_id]))  # the prompt, skipped
+    for token in row:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(streamer) == "cat"
 
 
 def test_a_stop_string_across_the_prompt_s_end_does_not_stop_the_answer(causal):
