@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from serve_app import objective
 from serve_app.answers import Generation, has_mask
 from serve_app.api import API_KEYS_ENV, Guard, create_api
-from serve_app.config import POOL_PREFIX, LibraryConfig
+from serve_app.config import POOL_PREFIX, ExpertConfig, LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.learn.route import check_prompt
 from serve_app.protocol import (
@@ -34,6 +34,7 @@ from serve_app.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    ErrorResponse,
     ExpertRequest,
     Failure,
     Health,
@@ -42,6 +43,7 @@ from serve_app.protocol import (
     ModelCard,
     ModelList,
     RankedOut,
+    RouterCard,
     RouteRequest,
     RouteResponse,
     Usage,
@@ -113,6 +115,19 @@ async def _sse(
         yield "data: [DONE]\n\n"
     finally:
         pieces.cancel()
+
+
+def _card(e: ExpertConfig) -> ModelCard:
+    """An expert as `/v1/models` lists it."""
+    return ModelCard(
+        id=e.name,
+        task=e.task,
+        params=e.params,
+        released=e.released.isoformat(),
+        description=e.description,
+        trusted=e.trusted,
+        price=e.price.model_dump() if e.price else None,
+    )
 
 
 def _usage(gen: Generation) -> Usage:
@@ -279,13 +294,12 @@ class Ingress:
         """Wall-clock time at which a generation for this request stops."""
         return time.time() + self.limits.request_timeout_s
 
-    def _new_tokens(self, asked: int | None) -> int:
+    def _new_tokens(self, asked: int | None, field: str = "max_new_tokens") -> int:
+        """Tokens to generate: `asked` (the request's `field`), or the default; over the limit
+        is a 400 naming the field the client sent."""
         n = asked or self.limits.default_new_tokens
         if n > self.limits.max_new_tokens:
-            raise BadRequest(
-                f"max_new_tokens {n} is over the limit {self.limits.max_new_tokens}",
-                "max_new_tokens",
-            )
+            raise BadRequest(f"{field} {n} is over the limit {self.limits.max_new_tokens}", field)
         return n
 
     def _on_expert(self, payload: ExpertRequest) -> Callable[[str], DeploymentResponse]:
@@ -301,7 +315,7 @@ class Ingress:
 
     # endpoints -------------------------------------------------------------------------------
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> Health:
         """ok when the router answers; 503 while it cannot (starting, or being replaced)."""
         try:
@@ -312,22 +326,23 @@ class Ingress:
             raise NoExpertAvailable("the router is not ready; retry shortly")
         return Health()
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(self) -> ModelList:
-        return ModelList(
-            data=[
-                ModelCard(
-                    id=e.name,
-                    task=e.task,
-                    params=e.params,
-                    released=e.released.isoformat(),
-                    description=e.description,
-                    trusted=e.trusted,
-                    price=e.price.model_dump() if e.price else None,
-                )
-                for e in self.library.experts
-            ]
-        )
+        return ModelList(data=[_card(e) for e in self.library.experts])
+
+    @api.get("/v1/models/{model}", responses={404: {"model": ErrorResponse}})
+    async def model(self, model: str) -> ModelCard | RouterCard:
+        """One expert's card (OpenAI's retrieve), or what `tryage` routes among."""
+        if model == "tryage":
+            return RouterCard(
+                description="Routes each request to the expert with the best score: the "
+                "router's predicted loss plus the objective's weighted penalties.",
+                experts=self.library.names,
+            )
+        if model not in self.experts:
+            known = ", ".join(["tryage", *self.experts])
+            raise UnknownExpert(f"unknown model {model!r}; known: {known}", "model")
+        return _card(self.library.expert(model))
 
     @api.post("/v1/route")
     async def route(self, body: RouteRequest) -> RouteResponse:
@@ -388,6 +403,12 @@ class Ingress:
             if body.model not in self.experts:
                 known = ", ".join(["tryage", *self.experts])
                 raise UnknownExpert(f"unknown model {body.model!r}; known: {known}", "model")
+            if allow is not None and body.model not in allow:
+                raise BadRequest(
+                    f"model {body.model!r} is pinned but not in tryage.experts "
+                    f"({', '.join(allow)}); pin one of them, or send model 'tryage' to route",
+                    "tryage.experts",
+                )
             allow = [body.model]
         weights = opts.weights if opts else None
         ranking, _ = await self._rank(endpoint, text, flags, weights, allow, "text-generation")
@@ -422,10 +443,11 @@ class Ingress:
         events = _sse(expert, kind, first, pieces, self.telemetry)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
-    def _settings(self, body: Any, max_tokens: int | None) -> dict:
-        """Generation settings of an OpenAI request."""
+    def _settings(self, body: Any, max_tokens: int | None, field: str = "max_tokens") -> dict:
+        """Generation settings of an OpenAI request (`max_tokens` sent as `field`)."""
+        asked = max_tokens or self.limits.openai_default_max_tokens
         return {
-            "max_new_tokens": self._new_tokens(max_tokens or self.limits.openai_default_max_tokens),
+            "max_new_tokens": self._new_tokens(asked, field),
             "temperature": body.temperature or 0.0,
             "top_p": body.top_p or 1.0,
             "seed": body.seed or 0,
@@ -471,7 +493,8 @@ class Ingress:
                 f"messages have {size} characters; the limit is {self.limits.max_prompt_chars}",
                 "messages",
             )
-        settings = self._settings(body, body.max_completion_tokens or body.max_tokens)
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        settings = self._settings(body, body.max_completion_tokens or body.max_tokens, field)
 
         def build(text: str) -> ExpertRequest:
             messages = [{"role": m.role, "content": m.content} for m in body.messages]

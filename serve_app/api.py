@@ -174,6 +174,18 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+#: FastAPI's own HTTP errors in the error shape: status -> (type, code, message).
+HTTP_ERRORS = {
+    400: (
+        "invalid_request_error",
+        "invalid_body",
+        "the body could not be read: send UTF-8 JSON, uncompressed",
+    ),
+    404: ("not_found_error", "not_found", "no endpoint {path}; the API: /docs"),
+    405: ("invalid_request_error", "method_not_allowed", "{path} does not take {method}"),
+}
+
+
 def create_api() -> FastAPI:
     """The ingress's FastAPI app; every error, ours or the framework's, in one shape."""
     api = FastAPI(
@@ -218,8 +230,14 @@ def create_api() -> FastAPI:
         return error_response(400, message, "invalid_request_error", where, "invalid_value")
 
     @api.exception_handler(HTTPException)
-    async def _http(_: Request, err: HTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), "invalid_request_error")
+    async def _http(request: Request, err: HTTPException) -> JSONResponse:
+        # FastAPI's own: no such path or method, or a body it could not read at all (not
+        # UTF-8, compressed, nested past the JSON parser's depth).
+        type_, code, message = HTTP_ERRORS.get(
+            err.status_code, ("invalid_request_error", None, str(err.detail))
+        )
+        message = message.format(method=request.method, path=request.url.path)
+        return error_response(err.status_code, message, type_, code=code)
 
     @api.exception_handler(Exception)
     async def _internal(_: Request, err: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ service answers, and a field a client relies on cannot go missing without a test
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -199,6 +200,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class RouterCard(BaseModel):
+    """`GET /v1/models/tryage`: the model name that routes."""
+
+    id: Literal["tryage"] = "tryage"
+    object: Literal["model"] = "model"
+    owned_by: str = "tryage"
+    description: str = Field(description="What asking for this model does.")
+    experts: list[str] = Field(description="The experts it routes among.")
+
+
 # --- OpenAI's API -------------------------------------------------------------------------
 
 
@@ -228,6 +239,17 @@ def _text_format(value: Any) -> Any:
             "constrained to JSON; only {'type': 'text'}. Ask for JSON in the prompt instead"
         )
     return value
+
+
+def _only(ok: Callable[[Any], bool], refusal: str) -> Callable[[Any], Any]:
+    """A validator that refuses a value `ok` does not accept, in words saying why."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(refusal)
+        return value
+
+    return check
 
 
 def _no_forced_call(value: Any) -> Any:
@@ -286,6 +308,30 @@ class CompletionRequest(_OpenAIRequest):
     """OpenAI's completions request."""
 
     prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
+    echo: Annotated[
+        bool | None,
+        BeforeValidator(
+            _only(
+                lambda v: v in (False, None),
+                "echo must be false: an answer never repeats its prompt (prepend it yourself)",
+            )
+        ),
+    ] = Field(False, description="Only false: the answer never repeats the prompt; true is a 400.")
+    best_of: Annotated[
+        int | None,
+        BeforeValidator(
+            _only(lambda v: v in (1, None), "best_of must be 1: one answer is generated")
+        ),
+    ] = Field(1, description="Only 1: one answer is generated.")
+    suffix: Annotated[
+        str | None,
+        BeforeValidator(
+            _only(
+                lambda v: not v,
+                "suffix is not supported: the experts continue text, they do not fill it in",
+            )
+        ),
+    ] = Field(None, description="None or empty: the experts continue text; a suffix is a 400.")
 
 
 class TextPart(BaseModel):

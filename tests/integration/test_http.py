@@ -51,6 +51,9 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None) -> di
 
 def test_healthz(api):
     assert api.get("/healthz").json() == {"status": "ok"}
+    # load balancers probe with HEAD
+    assert api.head("/healthz").status_code == 200
+    assert api.head("/v1/models").status_code == 200
 
 
 def test_models_lists_every_expert_with_its_card(api, smoke_library):
@@ -65,6 +68,21 @@ def test_models_lists_every_expert_with_its_card(api, smoke_library):
     assert gen_m["released"] == "2025-01-15"
     assert gen_m["trusted"] is True
     assert gen_m["description"]
+
+
+def test_a_model_s_card_is_retrieved_by_name_as_openai_s_client_does(api, oai, smoke_library):
+    listed = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    for name in load_library(smoke_library).names:
+        assert api.get(f"/v1/models/{name}").json() == listed[name]
+    card = oai.models.retrieve("gen-m")
+    assert card.id == "gen-m" and card.object == "model" and card.owned_by == "tryage"
+    router = api.get("/v1/models/tryage").json()
+    assert router["id"] == "tryage" and router["experts"] == list(listed)
+    assert router["description"]
+    err = assert_error(api.get("/v1/models/nope"), 404, "model")
+    assert err["code"] == "model_not_found" and "tryage" in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("nope")
 
 
 def test_route_ranks_eligible_experts_by_score(api):
@@ -293,6 +311,19 @@ BAD = [
         400,
         "tool_choice",
     ),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100_000},
+        400,
+        "max_completion_tokens",
+    ),
+    (
+        "/v1/completions",
+        {"model": "gen-m", "prompt": "hi", "tryage": {"experts": ["gen-s"]}},
+        400,
+        "tryage.experts",
+    ),
     (
         "/v1/chat/completions",
         {
@@ -333,8 +364,22 @@ def test_malformed_or_non_finite_json_is_a_400(api, raw):
 
 
 def test_unknown_path_and_method_use_the_error_shape(api):
-    assert_error(api.get("/v1/nothing"), 404)
-    assert_error(api.get("/v1/route"), 405)
+    assert assert_error(api.get("/v1/nothing"), 404)["code"] == "not_found"
+    err = assert_error(api.get("/v1/route"), 405)
+    assert err["code"] == "method_not_allowed" and "GET" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "headers"),
+    [
+        (b'{"prompt": "caf\xe9"}', {}),  # Latin-1, not UTF-8
+        (b"\x1f\x8b\x08\x00", {"content-encoding": "gzip"}),
+    ],
+)
+def test_a_body_that_cannot_be_read_is_a_400_saying_what_to_send(api, raw, headers):
+    r = api.post("/v1/route", content=raw, headers={"content-type": "application/json", **headers})
+    err = assert_error(r, 400)
+    assert err["code"] == "invalid_body" and "UTF-8 JSON" in err["message"]
 
 
 def test_service_keeps_serving_after_bad_input(api):

@@ -183,3 +183,14 @@ def test_an_assistant_turn_without_text_is_empty_but_another_role_s_is_a_400():
         r = client.post("/chat", json={"messages": [message]})
         assert r.status_code == 400, message
         assert r.json()["error"]["param"] == "messages.0.content"
+
+
+def test_completion_options_whose_answer_would_lack_what_they_ask_for_are_a_400():
+    client = _client(Guard())
+    for fine in ({"echo": False}, {"best_of": 1}, {"suffix": None}, {"suffix": ""}):
+        r = client.post("/completions", json={"prompt": "hi", **fine})
+        assert r.status_code == 200, (fine, r.text)
+    for field, value in (("echo", True), ("best_of", 3), ("suffix", "\n    return x")):
+        r = client.post("/completions", json={"prompt": "hi", field: value})
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"]["param"] == field
