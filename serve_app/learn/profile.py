@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,11 +410,14 @@ def profile(
             parts.mkdir(parents=True, exist_ok=True)
             n = len(list(parts.glob("*.parquet")))
             meta = {FINGERPRINTS: json.dumps(prints).encode()}
+            left = Counter({name: rows.num_rows for name, rows in todo.items()})
             with tqdm(total=total, desc="profile", unit="row", disable=not progress) as bar:
                 for batch in job.iter_batches(batch_size=None, batch_format="pyarrow"):
                     batch = batch.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
                     pq.write_table(batch.replace_schema_metadata(meta), parts / f"{n:06d}.parquet")
                     n += 1
+                    left.subtract(batch["expert"].to_pylist())
+                    bar.set_postfix_str(_waiting(left), refresh=False)
                     bar.update(batch.num_rows)
 
     table = _done(out, prints, reuse) if total else done
@@ -433,6 +437,16 @@ def profile(
             part.unlink()
         parts.rmdir()
     return ProfileRun(table, measured=total, reused=table.num_rows - total)
+
+
+def _waiting(left: Counter) -> str:
+    """The experts with rows still to measure, most first (the progress bar's postfix): where
+    the bar slows, which expert it waits for."""
+    waiting = [(name, n) for name, n in left.most_common() if n > 0]
+    if not waiting:
+        return ""
+    shown = ", ".join(f"{name} {n}" for name, n in waiting[:3])
+    return f"left: {shown}" + (f" and {len(waiting) - 3} more" if len(waiting) > 3 else "")
 
 
 def _chunks(table: pa.Table, rows: int) -> list[pa.Table]:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
 import pytest
 
 from serve_app.learn.profile import (
     PROFILE_SCHEMA,
+    _waiting,
     expert_print,
     fingerprint,
     measures,
@@ -153,3 +156,10 @@ def test_a_pool_scorer_measures_what_each_expert_s_own_scorer_does(smoke_library
     assert by_pool.schema == PROFILE_SCHEMA
     writes = [e.name for e in experts if e.task == "text-generation"]
     assert sorted(r["expert"] for r in by_pool.to_pylist() if r["output"]) == sorted(writes)
+
+
+def test_the_progress_bar_names_the_experts_it_still_waits_for_most_first():
+    left = Counter({"gemma": 180, "smol": 60, "code-s": 0, "a": 5, "b": 1})
+    assert _waiting(left) == "left: gemma 180, smol 60, a 5 and 1 more"
+    assert _waiting(Counter({"smol": 2, "gemma": 0})) == "left: smol 2"
+    assert _waiting(Counter({"gemma": 0})) == ""
