@@ -315,7 +315,7 @@ class Ingress:
 
     # endpoints -------------------------------------------------------------------------------
 
-    @api.api_route("/healthz", methods=["GET", "HEAD"])
+    @api.get("/healthz")
     async def healthz(self) -> Health:
         """ok when the router answers; 503 while it cannot (starting, or being replaced)."""
         try:
@@ -326,23 +326,44 @@ class Ingress:
             raise NoExpertAvailable("the router is not ready; retry shortly")
         return Health()
 
-    @api.api_route("/v1/models", methods=["GET", "HEAD"])
+    # Load balancers probe with HEAD; kept out of the OpenAPI schema, where a second method of
+    # one path would repeat its operation id.
+    @api.head("/healthz", include_in_schema=False)
+    async def healthz_head(self) -> Response:
+        await self.healthz()
+        return Response()
+
+    @api.head("/v1/models", include_in_schema=False)
+    async def models_head(self) -> Response:
+        return Response()
+
+    @api.get("/v1/models")
     async def models(self) -> ModelList:
         return ModelList(data=[_card(e) for e in self.library.experts])
 
     @api.get("/v1/models/{model}", responses={404: {"model": ErrorResponse}})
     async def model(self, model: str) -> ModelCard | RouterCard:
-        """One expert's card (OpenAI's retrieve), or what `tryage` routes among."""
+        """One expert's card (OpenAI's retrieve), or what `tryage` routes among: the
+        text-generation experts the operator's policy allows."""
         if model == "tryage":
+            trusted_only = self.policy.trusted_only
             return RouterCard(
                 description="Routes each request to the expert with the best score: the "
                 "router's predicted loss plus the objective's weighted penalties.",
-                experts=self.library.names,
+                experts=[
+                    e.name
+                    for e in self.library.experts
+                    if e.task == "text-generation" and (e.trusted or not trusted_only)
+                ],
             )
-        if model not in self.experts:
+        self._known_model(model)
+        return _card(self.library.expert(model))
+
+    def _known_model(self, model: str) -> None:
+        """404 for a model name that is neither `tryage` nor an expert."""
+        if model != "tryage" and model not in self.experts:
             known = ", ".join(["tryage", *self.experts])
             raise UnknownExpert(f"unknown model {model!r}; known: {known}", "model")
-        return _card(self.library.expert(model))
 
     @api.post("/v1/route")
     async def route(self, body: RouteRequest) -> RouteResponse:
@@ -399,16 +420,17 @@ class Ingress:
         text, flags = self._clean(raw)
         opts = body.tryage
         allow = opts.experts if opts else None
+        self._known_model(body.model)
         if body.model != "tryage":
-            if body.model not in self.experts:
-                known = ", ".join(["tryage", *self.experts])
-                raise UnknownExpert(f"unknown model {body.model!r}; known: {known}", "model")
-            if allow is not None and body.model not in allow:
-                raise BadRequest(
-                    f"model {body.model!r} is pinned but not in tryage.experts "
-                    f"({', '.join(allow)}); pin one of them, or send model 'tryage' to route",
-                    "tryage.experts",
-                )
+            if allow is not None:
+                self._count(allow, "experts")
+                objective.eligible(self.library.experts, allow)  # unknown names: a 404
+                if body.model not in allow:
+                    raise BadRequest(
+                        f"model {body.model!r} is pinned but not in tryage.experts; pin one of "
+                        "them, or send model 'tryage' to route among them",
+                        "tryage.experts",
+                    )
             allow = [body.model]
         weights = opts.weights if opts else None
         ranking, _ = await self._rank(endpoint, text, flags, weights, allow, "text-generation")

@@ -26,7 +26,8 @@ ERROR_RESPONSES = {
     for status, text in (
         (400, "Bad request"),
         (401, "No valid API key (where TRYAGE_API_KEYS is set)"),
-        (404, "Unknown expert"),
+        (404, "Unknown expert, model or path"),
+        (405, "Method not allowed on this path"),
         (413, "Request body too large"),
         (503, "No expert can serve now"),
     )
@@ -174,15 +175,20 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-#: FastAPI's own HTTP errors in the error shape: status -> (type, code, message).
+#: FastAPI's and Starlette's own HTTP errors, known by their status and default detail, in
+#: the error shape: (status, detail) -> (type, code, message).
 HTTP_ERRORS = {
-    400: (
+    (400, "There was an error parsing the body"): (
         "invalid_request_error",
         "invalid_body",
         "the body could not be read: send UTF-8 JSON, uncompressed",
     ),
-    404: ("not_found_error", "not_found", "no endpoint {path}; the API: /docs"),
-    405: ("invalid_request_error", "method_not_allowed", "{path} does not take {method}"),
+    (404, "Not Found"): ("not_found_error", "not_found", "no endpoint {path}; the API: /docs"),
+    (405, "Method Not Allowed"): (
+        "invalid_request_error",
+        "method_not_allowed",
+        "{path} does not take {method}; it takes {allow}",
+    ),
 }
 
 
@@ -232,12 +238,20 @@ def create_api() -> FastAPI:
     @api.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException) -> JSONResponse:
         # FastAPI's own: no such path or method, or a body it could not read at all (not
-        # UTF-8, compressed, nested past the JSON parser's depth).
-        type_, code, message = HTTP_ERRORS.get(
-            err.status_code, ("invalid_request_error", None, str(err.detail))
+        # UTF-8, compressed, nested past the JSON parser's depth). Any other keeps its detail.
+        headers = dict(err.headers or {})
+        known = HTTP_ERRORS.get((err.status_code, str(err.detail)))
+        if known is None:
+            return error_response(
+                err.status_code, str(err.detail), "invalid_request_error", headers=headers
+            )
+        type_, code, template = known
+        message = template.format(
+            method=request.method,
+            path=request.url.path,
+            allow={k.lower(): v for k, v in headers.items()}.get("allow", ""),
         )
-        message = message.format(method=request.method, path=request.url.path)
-        return error_response(err.status_code, message, type_, code=code)
+        return error_response(err.status_code, message, type_, code=code, headers=headers)
 
     @api.exception_handler(Exception)
     async def _internal(_: Request, err: Exception) -> JSONResponse:

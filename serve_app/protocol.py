@@ -257,8 +257,8 @@ def _no_forced_call(value: Any) -> Any:
     if value is None or value in ("auto", "none"):
         return value
     raise ValueError(
-        f"a forced tool call ({value!r}) is not supported: the experts answer text and cannot "
-        "call tools; leave tool_choice out or set it to 'auto' or 'none'"
+        f"{value!r} is not supported: only 'auto' or 'none' (or none at all); the experts "
+        "answer text and cannot call tools, so a forced tool call cannot be honoured"
     )
 
 

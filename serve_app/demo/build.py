@@ -460,6 +460,16 @@ def blurb(domain: str, described: dict[str, str]) -> str:
 EXPERT_CPUS = 0.25
 
 
+def machine_cpus() -> float:
+    """The CPUs a local Ray counts on this machine: a container's CPU quota included, which
+    os.cpu_count misses (Ray's own count; os.cpu_count where a Ray lacks that function)."""
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:
+        return float(os.cpu_count() or 1)
+    return float(get_num_cpus(override_docker_cpu_warning=True))
+
+
 def expert_cpus(experts: int, cpus: float, router_cpus: float) -> float:
     """CPUs each expert replica reserves: EXPERT_CPUS, or less where one replica of every
     expert would not fit beside the router at its most replicas (`router_cpus`) in the
@@ -472,15 +482,15 @@ def expert_cpus(experts: int, cpus: float, router_cpus: float) -> float:
 
 def library_dict(experts: list[Expert], cpus: float | None = None) -> dict:
     """The demo's library.yaml as a dict: CPU fractions that let the router at its most
-    replicas and one replica of every expert fit in `cpus` (default: this machine's, where
-    the demo is built to be served), scale to zero. Verbosity and readability come from the
-    router checkpoint's measures."""
+    replicas and one replica of every expert fit in `cpus` (default: this machine's as Ray
+    counts them, where the demo is built to be served), scale to zero. Verbosity and
+    readability come from the router checkpoint's measures."""
     from serve_app.demo.smoke import laptop_library
 
     router = {"num_cpus": 0.5}
     library = laptop_library([], router)
     router_cpus = router["num_cpus"] * library["router"]["autoscaling"]["max_replicas"]
-    share = expert_cpus(len(experts), cpus or os.cpu_count() or 1, router_cpus)
+    share = expert_cpus(len(experts), cpus or machine_cpus(), router_cpus)
     entries = []
     for e in experts:
         entry = {
@@ -755,7 +765,7 @@ def _profile(
         PROFILE_POOL: PoolConfig(
             max_models_per_replica=max(1, len(small)),
             resources=dict(small[0].resources) if small else {},
-            autoscaling={"max_replicas": max(1, min(len(small), os.cpu_count() or 1))},
+            autoscaling={"max_replicas": max(1, min(len(small), int(machine_cpus())))},
         )
     }
     run = profile(

@@ -412,6 +412,7 @@ def profile(
             meta = {FINGERPRINTS: json.dumps(prints).encode()}
             left = Counter({name: rows.num_rows for name, rows in todo.items()})
             with tqdm(total=total, desc="profile", unit="row", disable=not progress) as bar:
+                bar.set_postfix_str(_waiting(left))
                 for batch in job.iter_batches(batch_size=None, batch_format="pyarrow"):
                     batch = batch.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
                     pq.write_table(batch.replace_schema_metadata(meta), parts / f"{n:06d}.parquet")

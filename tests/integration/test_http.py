@@ -77,7 +77,9 @@ def test_a_model_s_card_is_retrieved_by_name_as_openai_s_client_does(api, oai, s
     card = oai.models.retrieve("gen-m")
     assert card.id == "gen-m" and card.object == "model" and card.owned_by == "tryage"
     router = api.get("/v1/models/tryage").json()
-    assert router["id"] == "tryage" and router["experts"] == list(listed)
+    # what model "tryage" routes among: the text-generation experts (not the masked LM)
+    routed = [name for name, card in listed.items() if card["task"] == "text-generation"]
+    assert router["id"] == "tryage" and router["experts"] == routed and "mask-s" not in routed
     assert router["description"]
     err = assert_error(api.get("/v1/models/nope"), 404, "model")
     assert err["code"] == "model_not_found" and "tryage" in err["message"]
@@ -323,6 +325,12 @@ BAD = [
         {"model": "gen-m", "prompt": "hi", "tryage": {"experts": ["gen-s"]}},
         400,
         "tryage.experts",
+    ),
+    (
+        "/v1/completions",
+        {"model": "gen-m", "prompt": "hi", "tryage": {"experts": ["gen-m", "nope"]}},
+        404,
+        "experts",
     ),
     (
         "/v1/chat/completions",

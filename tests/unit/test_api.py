@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from serve_app.api import Guard, create_api
@@ -31,6 +32,10 @@ def _client(guard: Guard) -> TestClient:
     @api.post("/completions")
     async def completions(body: CompletionRequest) -> dict:
         return {"stop": body.stop}
+
+    @api.get("/conflict")
+    async def conflict() -> dict:
+        raise HTTPException(409, detail="taken {twice}", headers={"x-why": "test"})
 
     return TestClient(api)
 
@@ -194,3 +199,24 @@ def test_completion_options_whose_answer_would_lack_what_they_ask_for_are_a_400(
         r = client.post("/completions", json={"prompt": "hi", field: value})
         assert r.status_code == 400, (field, r.text)
         assert r.json()["error"]["param"] == field
+
+
+def test_the_framework_s_own_errors_get_codes_and_others_keep_their_detail_and_headers():
+    client = _client(Guard())
+    r = client.get("/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"] == {
+        "message": "/completions does not take GET; it takes POST",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "method_not_allowed",
+    }
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    gzip = {"content-type": "application/json", "content-encoding": "gzip"}
+    r = client.post("/route", content=b"\x1f\x8b\x08\x00", headers=gzip)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
+    # an HTTPException of the app's own is passed on as it is, braces and headers included
+    r = client.get("/conflict")
+    assert r.status_code == 409 and r.headers["x-why"] == "test"
+    assert r.json()["error"]["message"] == "taken {twice}"

@@ -73,3 +73,17 @@ def test_the_tryage_routing_options_are_strict():
 def test_a_chat_request_needs_a_message():
     with pytest.raises(ValidationError, match="messages"):
         ChatRequest.model_validate({"messages": []})
+
+
+def test_the_openapi_schema_names_every_operation_once_and_leaves_head_probes_out():
+    from deployments.ingress import api
+
+    spec = api.openapi()
+    ops = [
+        (path, method, op["operationId"])
+        for path, p in spec["paths"].items()
+        for method, op in p.items()
+    ]
+    assert len({op for _, _, op in ops}) == len(ops), ops
+    assert "head" not in {method for _, method, _ in ops}
+    assert {"/healthz", "/v1/models", "/v1/models/{model}"} <= set(spec["paths"])
