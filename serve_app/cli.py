@@ -35,7 +35,10 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a library on a local Ray instance (or RAY_ADDRESS's cluster) until Ctrl-C."""
-    from serve_app.app import build_app
+    import ray
+
+    from serve_app.app import build_graph
+    from serve_app.config import load_library
     from serve_app.session import serving
 
     if not args.library.exists():
@@ -43,15 +46,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"no library at {args.library}; build the demo library (tryage demo build, or "
             "make serve) or pass --library FILE"
         )
-    app = build_app({"library": args.library})  # validate before starting Ray
+    library = load_library(args.library)  # validate before starting Ray
+    app = build_graph(library)
     # Ctrl-C and SIGTERM stop cleanly, even where a shell started us with SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:
         init = {"log_to_driver": True}
         if args.metrics_port:
-            import ray
-
             if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
                 print(
                     "tryage: --metrics-port applies to the local Ray this command starts; on a "
@@ -60,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
             init["_metrics_export_port"] = args.metrics_port
         with serving(app, host=args.host, port=args.port, **init) as url:
+            if warning := library.short_of(ray.cluster_resources()):
+                print(f"tryage: warning: {warning}", file=sys.stderr, flush=True)
             print(f"tryage: serving {args.library} on {url} (Ctrl-C stops)", flush=True)
             if args.metrics_port:
                 print(

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -619,6 +620,49 @@ class LibraryConfig(_Strict):
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    def reserved(self) -> dict[str, float]:
+        """CPUs and GPUs that the ingress, the router at its most replicas and one replica of
+        every expert deployment (a pool's once) reserve together: what a cluster needs so that
+        a prompt routed to any idle expert can start a replica at once, instead of waiting for
+        another expert to scale down. Ray counts an actor without `num_cpus` as one CPU."""
+        total = {"CPU": 0.0, "GPU": 0.0}
+
+        def add(options: dict[str, Any], replicas: int) -> None:
+            actor = options["ray_actor_options"] or {}
+            cpus = actor.get("num_cpus")
+            total["CPU"] += (1.0 if cpus is None else cpus) * replicas
+            total["GPU"] += (actor.get("num_gpus") or 0) * replicas
+
+        ingress = self.ingress.serve_options()
+        add(ingress, ingress["num_replicas"])
+        router = self.router.serve_options(self.ingress)
+        add(router, router["autoscaling_config"]["max_replicas"])
+        for expert in self.experts:
+            if expert.pool is None:
+                add(expert.serve_options(self.ingress), 1)
+        for name, (cfg, _) in self.pooled().items():
+            add(cfg.serve_options(name, self.ingress), 1)
+        return total
+
+    def short_of(self, cluster: Mapping[str, float]) -> str | None:
+        """Where `reserved()` exceeds a Ray cluster's resources (`ray.cluster_resources()`),
+        what that costs, in words; None where everything fits."""
+        need = self.reserved()
+        short = [
+            f"{need[k]:g} {k}s (this Ray has {cluster.get(k, 0):g})"
+            for k in ("CPU", "GPU")
+            if need[k] > cluster.get(k, 0) + 1e-9
+        ]
+        if not short:
+            return None
+        return (
+            f"the router at its most replicas and one replica of every expert reserve "
+            f"{' and '.join(short)}: unless an autoscaler adds nodes, a prompt routed to an "
+            "idle expert may wait, minutes, for another expert to scale down; lower the "
+            "experts' `resources` (a demo library: run `tryage demo build` again, seconds) "
+            "(docs/library.md: Reserve so that every expert can start)"
+        )
 
     def pooled(self) -> dict[str, tuple[PoolConfig, list[ExpertConfig]]]:
         """Each pool that serves at least one expert: its config and its experts."""

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from loadtest.observer import rest_source
+from serve_app.demo.build import machine_cpus
 from tests.integration.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
@@ -197,6 +198,9 @@ def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, s
     assert not missing, f"missing from /metrics: {missing}"
     assert queried and not queried - known, f"dashboard queries unknown {queried - known}"
     assert "Prometheus metrics on" in output(proc)
+    # The smoke library reserves 2 CPUs with its router at two replicas: it fits a Ray of 2
+    # or more, and serving it on fewer warns that routed prompts may wait.
+    assert ("tryage: warning:" in output(proc)) == (machine_cpus() < 2.0), output(proc)[-2000:]
     # The load test's cluster mode (`--host`) reads replicas from Serve's REST API on the
     # Ray dashboard that `tryage serve` starts.
     dashboard = re.search(r"View the dashboard at \S*?(http://[\w.]+:\d+)", output(proc))

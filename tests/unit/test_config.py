@@ -211,6 +211,25 @@ def test_pooled_experts_are_grouped_by_pool_with_the_pools_serve_options(variant
     assert library.expert("gen-m").pool is None
 
 
+def test_what_the_router_at_its_most_and_a_replica_of_every_expert_reserve(smoke_library, variant):
+    # the smoke library: the router 0.5 CPU x 2 replicas, 4 experts x 0.25, the ingress 0
+    library = load_library(smoke_library)
+    assert library.reserved() == {"CPU": 2.0, "GPU": 0.0}
+    assert library.short_of({"CPU": 2.0}) is None
+    short = library.short_of({"CPU": 1.5})
+    assert "2 CPUs (this Ray has 1.5)" in short and "wait" in short
+    # an expert asking for a GPU and no CPUs counts as Ray counts it: one CPU
+    gpu = load_library(variant(lambda raw: _expert(raw, "gen-m").update(resources={"num_gpus": 1})))
+    assert gpu.reserved() == {"CPU": 2.75, "GPU": 1.0}
+    short = gpu.short_of({"CPU": 4.0})
+    assert "1 GPUs (this Ray has 0)" in short and "CPU" not in short.split(":")[0]
+    # a pool counts once, however many experts it serves
+    pooled = load_library(variant(_pooled))
+    pools = [cfg.serve_options(n, pooled.ingress) for n, (cfg, _) in pooled.pooled().items()]
+    per_pool = sum(p["ray_actor_options"].get("num_cpus", 1) for p in pools)
+    assert pooled.reserved()["CPU"] == 1.0 + 0.25 + per_pool  # router, gen-m, the two pools
+
+
 # --- every kind of mistake ---------------------------------------------------------------
 
 
