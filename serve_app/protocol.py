@@ -129,9 +129,13 @@ class InferRequest(RouteRequest):
 
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate.")
     temperature: float = Field(
-        0.0, ge=0, le=2, description="0 is greedy (and so is anything below 0.01)."
+        0.0,
+        ge=0,
+        le=2,
+        allow_inf_nan=False,
+        description="0 is greedy (and so is anything below 0.01).",
     )
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0.")
     top_k: int = Field(5, ge=1, le=50, description="Predictions per mask (fill-mask).")
     stop: Stop = None
@@ -273,8 +277,12 @@ class _OpenAIRequest(_Unicode):
     max_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate (ingress.openai_default_max_tokens if none)."
     )
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or none is greedy.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, allow_inf_nan=False, description="0 or none is greedy."
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass."
+    )
     n: int = Field(1, ge=1, le=1, description="Choices; only one is supported.")
     stream: bool = Field(
         False,

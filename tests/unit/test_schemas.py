@@ -39,6 +39,14 @@ def test_infer_request_refuses_out_of_range_sampling(field):
         InferRequest.model_validate({"prompt": "hi", **field})
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("model", [InferRequest, CompletionRequest])
+def test_a_non_finite_sampling_setting_is_refused_as_such(model, field):
+    # not "should be less than or equal to 2": NaN compares false with every bound
+    with pytest.raises(ValidationError, match="finite number"):
+        model.model_validate({"prompt": "hi", field: float("nan")})
+
+
 def test_openai_requests_ignore_fields_tryage_does_not_use():
     req = CompletionRequest.model_validate(
         {"prompt": "hi", "user": "u-1", "logprobs": 2, "max_tokens": 4}
