@@ -339,25 +339,30 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[_card(e) for e in self.library.experts])
+        """The experts' cards, and (`ingress.list_tryage`) tryage's first."""
+        cards = [_card(e) for e in self.library.experts]
+        return ModelList(data=[self._router_card(), *cards] if self.limits.list_tryage else cards)
 
     @api.get("/v1/models/{model}", responses={404: {"model": ErrorResponse}})
     async def model(self, model: str) -> ModelCard | RouterCard:
         """One expert's card (OpenAI's retrieve), or what `tryage` routes among: the
         text-generation experts the operator's policy allows."""
         if model == "tryage":
-            trusted_only = self.policy.trusted_only
-            return RouterCard(
-                description="Routes each request to the expert with the best score: the "
-                "router's predicted loss plus the objective's weighted penalties.",
-                experts=[
-                    e.name
-                    for e in self.library.experts
-                    if e.task == "text-generation" and (e.trusted or not trusted_only)
-                ],
-            )
+            return self._router_card()
         self._known_model(model)
         return _card(self.library.expert(model))
+
+    def _router_card(self) -> RouterCard:
+        trusted_only = self.policy.trusted_only
+        return RouterCard(
+            description="Routes each request to the expert with the best score: the "
+            "router's predicted loss plus the objective's weighted penalties.",
+            experts=[
+                e.name
+                for e in self.library.experts
+                if e.task == "text-generation" and (e.trusted or not trusted_only)
+            ],
+        )
 
     def _known_model(self, model: str) -> None:
         """404 for a model name that is neither `tryage` nor an expert."""

@@ -451,8 +451,24 @@ class IngressConfig(_Strict):
         description="How long one expert may take to answer, cold start included, before the "
         "next in the ranking is tried (within request_timeout_s).",
     )
+    list_tryage: bool = Field(
+        False,
+        description="Also list `tryage` (the model name that routes) first in /v1/models, for "
+        "OpenAI clients and chat UIs that offer only the models listed; off, the list holds "
+        "exactly the experts.",
+    )
 
     _actor = field_validator("resources")(_check_actor_options)
+
+    @model_validator(mode="after")
+    def _defaults_within_the_limit(self) -> IngressConfig:
+        for key in ("default_new_tokens", "openai_default_max_tokens"):
+            if getattr(self, key) > self.max_new_tokens:
+                raise ValueError(
+                    f"{key} {getattr(self, key)} is over max_new_tokens {self.max_new_tokens}: "
+                    "every request that leaves its token count out would be refused"
+                )
+        return self
 
     @field_validator("backpressure")
     @classmethod

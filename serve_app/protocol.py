@@ -199,11 +199,6 @@ class ModelCard(BaseModel):
     price: dict[str, float] | None = None
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 class RouterCard(BaseModel):
     """`GET /v1/models/tryage`: the model name that routes."""
 
@@ -212,6 +207,13 @@ class RouterCard(BaseModel):
     owned_by: str = "tryage"
     description: str = Field(description="What asking for this model does.")
     experts: list[str] = Field(description="The experts it routes among.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard | RouterCard] = Field(
+        description="The experts' cards; with ingress.list_tryage, tryage's card first."
+    )
 
 
 # --- OpenAI's API -------------------------------------------------------------------------

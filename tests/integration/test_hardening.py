@@ -36,6 +36,7 @@ def guarded(serve_port, smoke_library, tmp_path_factory, monkeypatch_module):
     shutil.copytree(smoke_library.parent, folder, dirs_exist_ok=True)
     raw = yaml.safe_load((folder / "library.yaml").read_text())
     raw["policy"] = {"trusted_only": True}
+    raw["ingress"] = {"list_tryage": True}
     (folder / "library.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     tok = folder / "experts" / "gen-m" / "tokenizer_config.json"
     tok.write_text(json.dumps({**json.loads(tok.read_text()), "chat_template": TEMPLATE}))
@@ -60,6 +61,15 @@ def _error(r: httpx.Response, status: int) -> dict:
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     return err
+
+
+def test_tryage_is_listed_first_where_the_operator_asks_with_what_it_routes_among(guarded):
+    # ingress.list_tryage: chat UIs offer only listed models. Under trusted_only, tryage routes
+    # among the trusted text-generation experts: not gen-s (untrusted), not mask-s (fill-mask).
+    listed = guarded.get("/v1/models", headers=AUTH).json()["data"]
+    assert [m["id"] for m in listed] == ["tryage", "gen-xs", "gen-s", "gen-m", "mask-s"]
+    assert listed[0]["experts"] == ["gen-xs", "gen-m"]
+    assert guarded.get("/v1/models/tryage", headers=AUTH).json() == listed[0]
 
 
 def test_without_a_key_every_endpoint_but_healthz_is_401(guarded):

@@ -240,6 +240,11 @@ def _add_expert(raw: dict) -> None:
 BAD = [
     ("top-level-key", lambda raw: raw.update(colour="red"), ["colour"]),
     (
+        "default-over-limit",
+        lambda raw: raw.update(ingress={"openai_default_max_tokens": 600}),
+        ["ingress", "openai_default_max_tokens 600 is over max_new_tokens 512"],
+    ),
+    (
         "expert-key",
         lambda raw: raw["experts"][0].update(colour="red"),
         ["experts[0](gen-xs).colour"],
