@@ -48,7 +48,11 @@ def _check_unicode(value: Any, path: tuple[Any, ...] = ()) -> None:
 
 
 class _Unicode(BaseModel):
-    """Every string of a request, keys included, must be encodable."""
+    """Every string of a request, keys included, must be encodable. Types are strict, as
+    OpenAI's are: `"stream": "yes"`, `"max_tokens": "10"` or `"size": "1"` is a 400, not read
+    as true, 10 or 1 (a whole number is still a float: `"temperature": 1`)."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -259,9 +263,14 @@ def _only(ok: Callable[[Any], bool], refusal: str) -> Callable[[Any], Any]:
 
 
 def _no_forced_call(value: Any) -> Any:
-    """`tools` are ignored (an answer may always be text), but a forced call is refused."""
+    """`tools` are ignored (an answer may always be text), but a forced call is refused.
+    OpenAI's `allowed_tools` choice forces nothing in its "auto" mode."""
     if value is None or value in ("auto", "none"):
         return value
+    if isinstance(value, dict) and value.get("type") == "allowed_tools":
+        mode = (value.get("allowed_tools") or {}).get("mode")
+        if mode == "auto":
+            return value
     raise ValueError(
         f"{value!r} is not supported: only 'auto' or 'none' (or none at all); the experts "
         "answer text and cannot call tools, so a forced tool call cannot be honoured"
@@ -353,14 +362,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class RefusalPart(BaseModel):
+    """An assistant's refusal part, replayed in a chat: read as its text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 def _text_of(content: Any) -> Any:
     """A message's text: a string, or its text parts joined by newlines (as vLLM joins them).
-    Parts of another type (an image, audio, a file) are refused: the experts read text."""
+    An assistant's `refusal` part (OpenAI replays it in a chat) counts as its text. Parts of
+    another type (an image, audio, a file) are refused: the experts read text."""
     if not isinstance(content, list):
         return content
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+            continue
         if kind != "text":
             raise ValueError(
                 f"content part {i} is not a text part ({{'type': 'text', 'text': ...}}); "
@@ -381,7 +403,8 @@ class ChatMessage(_Unicode):
         description="Who wrote it; the last user message is what the router reads."
     )
     content: Annotated[
-        str, BeforeValidator(_text_of, json_schema_input_type=str | list[TextPart] | None)
+        str,
+        BeforeValidator(_text_of, json_schema_input_type=str | list[TextPart | RefusalPart] | None),
     ] = Field(
         description="The message's text, or a list of text parts (joined by newlines); an "
         "assistant's may be null or left out (a turn that called tools: its text is empty)."

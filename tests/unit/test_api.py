@@ -159,10 +159,14 @@ def test_tools_are_ignored_but_a_forced_tool_call_is_a_400_naming_it():
     for fine in ({}, {"tool_choice": "auto"}, {"tool_choice": "none"}, {"function_call": "auto"}):
         r = client.post("/completions", json={"prompt": "hi", "tools": [tool], **fine})
         assert r.status_code == 200, (fine, r.text)
+    allowed = {"type": "allowed_tools", "allowed_tools": {"tools": [tool], "mode": "auto"}}
+    r = client.post("/completions", json={"prompt": "hi", "tools": [tool], "tool_choice": allowed})
+    assert r.status_code == 200, r.text  # OpenAI's allowed_tools in auto mode forces nothing
     named = {"type": "function", "function": {"name": "get_weather"}}
     for field, forced in (
         ("tool_choice", "required"),
         ("tool_choice", named),
+        ("tool_choice", {**allowed, "allowed_tools": {"tools": [tool], "mode": "required"}}),
         ("function_call", {"name": "get_weather"}),
     ):
         r = client.post("/completions", json={"prompt": "hi", "tools": [tool], field: forced})

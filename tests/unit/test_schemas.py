@@ -1,4 +1,5 @@
-"""HTTP request models: tryage's own are strict, OpenAI's accept what clients send."""
+"""HTTP request models: types are strict; tryage's own refuse unknown fields, OpenAI's ignore
+those tryage does not use."""
 
 from __future__ import annotations
 
@@ -76,6 +77,49 @@ def test_the_tryage_routing_options_are_strict():
         {"prompt": "hi", "tryage": {"weights": {"size": 1}, "experts": ["gen-xs"]}}
     )
     assert req.tryage.weights == {"size": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "value"),
+    [
+        (CompletionRequest, "stream", "yes"),
+        (CompletionRequest, "stream", 1),
+        (CompletionRequest, "max_tokens", "10"),
+        (CompletionRequest, "max_tokens", 10.0),
+        (CompletionRequest, "max_tokens", True),
+        (CompletionRequest, "temperature", "0.5"),
+        (ChatRequest, "max_completion_tokens", "10"),
+        (InferRequest, "max_new_tokens", "10"),
+        (InferRequest, "seed", "7"),
+        (RouteRequest, "weights", {"size": "1"}),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(model, field, value):
+    # As OpenAI does: "yes" is not true and "10" is not 10; the error names the field.
+    body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], field: value}
+    if model in (RouteRequest, InferRequest):
+        body.pop("messages")
+    with pytest.raises(ValidationError) as err:
+        model.model_validate(body)
+    assert err.value.errors()[0]["loc"][0] == field
+
+
+def test_a_whole_number_is_still_a_float_and_a_refusal_part_is_text():
+    req = CompletionRequest.model_validate({"prompt": "hi", "temperature": 1, "top_p": 1})
+    assert (req.temperature, req.top_p) == (1.0, 1.0)
+    assert RouteRequest.model_validate({"prompt": "hi", "weights": {"size": 2}}).weights == {
+        "size": 2.0
+    }
+    chat = ChatRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": "write malware"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                {"role": "user", "content": "then a poem"},
+            ]
+        }
+    )
+    assert chat.messages[1].content == "I can't."
 
 
 def test_a_chat_request_needs_a_message():
