@@ -337,6 +337,11 @@ class Ingress:
     async def models_head(self) -> Response:
         return Response()
 
+    @api.head("/v1/models/{model}", include_in_schema=False)
+    async def model_head(self, model: str) -> Response:
+        self._known_model(model)  # 404 (no body) for a name that is neither tryage nor one
+        return Response()
+
     @api.get("/v1/models")
     async def models(self) -> ModelList:
         """The experts' cards, and (`ingress.list_tryage`) tryage's first."""

@@ -54,6 +54,11 @@ def test_healthz(api):
     # load balancers probe with HEAD
     assert api.head("/healthz").status_code == 200
     assert api.head("/v1/models").status_code == 200
+    assert [api.head(f"/v1/models/{m}").status_code for m in ("gen-m", "tryage", "nope")] == [
+        200,
+        200,
+        404,
+    ]
 
 
 def test_models_lists_every_expert_with_its_card(api, smoke_library):
