@@ -10,6 +10,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def plain_mode() -> int:
+    """The mode a plain write gives a new file here: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def readable(path: str | Path) -> Path:
+    """Give `path` (a file, or every file under a folder) the mode a plain write would.
+    safetensors writes its files 0600, so weights, heads and references saved by `tryage` would
+    be unreadable to a replica running as another user, or to a copy on shared storage."""
+    path = Path(path)
+    mode = plain_mode()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, mode)
+    return path
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temporary sibling of `path`, then rename it over `path`."""
     path = Path(path)
@@ -22,7 +40,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 @contextlib.contextmanager
 def new_folder(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `path` to fill; on success it replaces `path`.
+    """Yield an empty temporary sibling of `path` to fill; on success its files get the mode
+    of a plain write (`readable`) and it replaces `path`.
 
     A folder cannot be swapped in one rename: the old one is renamed aside first, the new one
     renamed in, then the old one removed (a crash in between leaves `.NAME.old-PID` beside it).
@@ -39,6 +58,7 @@ def new_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    readable(tmp)
     if path.exists():
         path.rename(old)
     tmp.rename(path)

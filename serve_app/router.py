@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from serve_app.config import HEAD_META, HEAD_WEIGHTS, MEASURES, REFERENCE
 from serve_app.experts import pick_device
+from serve_app.files import readable
 
 __all__ = ["HEAD_META", "HEAD_WEIGHTS", "MEASURES", "Encoder", "LearnedRouter", "Router"]
 
@@ -130,6 +131,7 @@ def save_head(head: RouterHead, folder: str | Path, encoder: str = "minilm") -> 
     (folder / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     save_file(state, str(folder / HEAD_WEIGHTS))
+    readable(folder / HEAD_WEIGHTS)  # safetensors writes 0600
     return folder
 
 

@@ -41,6 +41,7 @@ from typing import Any
 from serve_app.config import LibraryConfig, LibraryError, load_library, parse_library, write_library
 from serve_app.demo.lm import LMConfig, ModelSize
 from serve_app.demo.pretrained import PRETRAINED, FetchError, Pretrained, convert, fetch
+from serve_app.files import readable
 from serve_app.learn.data import Prompt, cut_text, load_prompts, unit_draw
 
 GENERAL_S, GENERAL_L = "general-s", "general-l"
@@ -346,6 +347,7 @@ def train_expert(
     folder = out / "experts" / name
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    readable(folder)  # safetensors writes 0600
     tail = losses[-10:]
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -706,7 +708,10 @@ def build_demo(
         lambda: _grouped(draft, table, profile_path, groups, train_cfg),
     )
 
-    # 8. the library, last
+    # 8. the library, last; weights of an earlier build (safetensors wrote them 0600, as every
+    # build before 2026-12-07 left them) are made readable as any file written here
+    for folder in ("experts", "router"):
+        readable(out / folder)
     header = "# The demo library written by `tryage demo build`.\n"
     library = write_library(library_path, raw, header)
     load_library(library)  # it must load as any library does

@@ -16,6 +16,7 @@ import torch
 
 from serve_app.config import MINILM, write_library
 from serve_app.demo.lm import masked_tokenizer, train_tokenizer
+from serve_app.files import readable
 from serve_app.router import HeadConfig, RouterHead, save_head
 
 #: name, task, width, layers, released, trusted, description
@@ -111,6 +112,7 @@ def build_smoke_library(out: str | Path, *, gpus: bool = False, seed: int = 0) -
             folder, safe_serialization=True
         )
         (causal_tok if task == "text-generation" else masked_tok).save_pretrained(folder)
+        readable(folder)  # safetensors writes 0600
         experts.append(
             {
                 "name": name,

@@ -34,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from serve_app.config import LibraryConfig, LibraryError
+from serve_app.files import readable
 from serve_app.learn.data import in_split, unit_draw
 from serve_app.learn.matrix import Matrix, Measure, pivot, save_reference
 from serve_app.learn.metrics import choose, expert_errors, summarize
@@ -611,6 +612,7 @@ def embeddings(encoder: Encoder, matrix: Matrix, cache: Path | None) -> torch.Te
     if file:
         file.parent.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": emb.contiguous()}, str(file))
+        readable(file)
     return emb
 
 

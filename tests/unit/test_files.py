@@ -38,3 +38,26 @@ def test_a_failed_write_leaves_the_old_folder_as_it_was(tmp_path):
         raise RuntimeError("crash while writing")
     assert (folder / "router.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["router"]
+
+
+def test_saved_weights_are_as_readable_as_any_file_written_here(tmp_path):
+    # safetensors writes 0600: a replica running as another user could not load them.
+    import torch
+    from safetensors.torch import save_file
+
+    from serve_app.files import plain_mode
+    from serve_app.router import HeadConfig, RouterHead, save_head
+
+    with new_folder(tmp_path / "router") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "reference.safetensors"))
+    head = (
+        save_head(RouterHead(HeadConfig(experts=["a", "b"])), tmp_path / "smoke")
+        / "head.safetensors"
+    )
+    (tmp_path / "plain.txt").write_text("x")
+    modes = {
+        p.name: p.stat().st_mode & 0o777
+        for p in (tmp_path / "router" / "reference.safetensors", head, tmp_path / "plain.txt")
+    }
+    assert set(modes.values()) == {plain_mode()}, modes
+    assert plain_mode() & 0o044, "this test needs a umask that lets others read"
