@@ -179,7 +179,11 @@ def _profile_truth(args: argparse.Namespace, library):
         seen = pa.array(sorted(trained_ids(library.router.checkpoint)), pa.string())
         table = table.filter(pc.invert(pc.is_in(table["prompt_id"], seen)))
         if table.num_rows == 0:
-            raise LibraryError(f"every prompt in {args.profile} was used to train the router")
+            raise LibraryError(
+                f"every prompt in {args.profile} was used to train the router: pass a "
+                "profile it did not train on (import held-out scores with tryage scores "
+                "import), or --include-trained to judge it on its training prompts anyway"
+            )
     return table
 
 

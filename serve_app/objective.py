@@ -72,6 +72,14 @@ class Ranked:
         return asdict(self)
 
 
+def weighted_penalties(
+    expert: str, table: Mapping[str, Mapping[str, float | None]], weights: Mapping[str, float]
+) -> dict[str, float]:
+    """An expert's weighted penalty terms by weight name (the weights set, `penalties`'s
+    table): what its `penalty` in a ranking sums."""
+    return {w: v * table[expert][w] for w, v in weights.items() if v}
+
+
 def _spread(values: Mapping[str, float | None], lower_is_better: bool = True) -> dict:
     """Min-max normalise to [0, 1] (0 = best); None stays None; all equal -> all 0."""
     known = [v for v in values.values() if v is not None]

@@ -147,6 +147,15 @@ def save_reference(folder: Path, emb: torch.Tensor, matrix: Matrix) -> None:
     )
 
 
+def checkpoint_measure(checkpoint: str | Path) -> Measure:
+    """What the router of a checkpoint predicts: the measure of the profile it was trained on
+    (its report.json), bits per byte where it says none (an untrained router)."""
+    report = Path(checkpoint) / "report.json"
+    if not report.is_file():
+        return BITS_PER_BYTE
+    return Measure(**json.loads(report.read_text()).get("measure", BITS_PER_BYTE.as_json()))
+
+
 def trained_ids(checkpoint: Path) -> set[str]:
     """Ids of the prompts the router was trained on (empty for an untrained router)."""
     from safetensors import safe_open

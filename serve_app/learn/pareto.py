@@ -4,7 +4,9 @@ For each weight value the router's choice on every prompt is the expert with the
 predicted loss + weight * penalty (the serving objective with that one weight); each choice
 is judged on its true loss. Every single expert is a point too. A point is on the front
 (non-dominated) when no other point has both a lower or equal mean true loss and a lower or
-equal mean penalty, one of them strictly.
+equal mean penalty, one of them strictly. Every point is judged on the same prompts: those
+measured on every expert compared (imported scores have gaps; a prompt missing a score would
+count for some points and not others).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Point:
     top1: float
     regret: float
     mean_cost: float | None = None  # the profile's measured cost of the choices, where it has one
+    prompts: int = 0  # prompts judged: the same for every point
     pareto: bool = False
 
 
@@ -61,8 +64,17 @@ def sweep(
     weight: str,
     values: tuple[float, ...] = SWEEP,
 ) -> list[Point]:
-    """Router points for each weight value, one point per expert, the front marked."""
+    """Router points for each weight value, one point per expert, the front marked; all on
+    the prompts of `truth` measured on every expert."""
     pen = penalty_vector(library, truth.experts, weight)  # (E,)
+    complete = ~np.isnan(truth.losses).any(axis=1)
+    if not complete.any():
+        raise LibraryError(
+            f"no prompt was measured on all {len(truth.experts)} experts compared; the Pareto "
+            "front compares every point on the same prompts (--task, or a profile with fewer "
+            "gaps)"
+        )
+    truth, predicted = truth.subset(complete), np.asarray(predicted)[complete]
     params = np.array([float(library.expert(e).params or 0) for e in truth.experts])  # (E,)
     rows = np.arange(len(truth.ids))
 
@@ -81,6 +93,7 @@ def sweep(
             m["top1"],
             m["regret"],
             cost,
+            m["scored"],
         )
 
     points = [
@@ -153,13 +166,26 @@ def calibration(points: list[Point], weight: str, measure: Measure = BITS_PER_BY
     return lines
 
 
-def write_csv(points: list[Point], path: Path) -> None:
-    """pareto.csv: one row per point, the fields of Point."""
+def write_csv(points: list[Point], path: Path, measure: Measure = BITS_PER_BYTE) -> None:
+    """pareto.csv: one row per point, the fields of Point; for a profile of scores (higher is
+    better), `mean_score` (the score itself) in place of `mean_loss`."""
+
+    def row(p: Point) -> dict:
+        fields = asdict(p)
+        if measure.higher_is_better:
+            fields = {
+                ("mean_score" if k == "mean_loss" else k): measure.shown(v)
+                if k == "mean_loss"
+                else v
+                for k, v in fields.items()
+            }
+        return fields
+
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
+        writer = csv.DictWriter(f, fieldnames=list(row(points[0])))
         writer.writeheader()
         for p in points:
-            writer.writerow(asdict(p))
+            writer.writerow(row(p))
 
 
 def plot(points: list[Point], weight: str, path: Path, measure: Measure = BITS_PER_BYTE) -> None:
@@ -240,6 +266,7 @@ class ParetoResult:
 
     points: list[Point]
     lines: list[str]
+    left_out: int = 0  # prompts of the truth left out: not measured on every expert
 
 
 def run_pareto(
@@ -261,8 +288,14 @@ def run_pareto(
     _, scores, truth = evaluate(library, table, task=task, k=k)
     points = sweep(library, scores["router"], truth, weight, tuple(values) if values else SWEEP)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(points, out / "pareto.csv")
+    write_csv(points, out / "pareto.csv", truth.measure)
     plot(points, weight, out / "pareto.png", truth.measure)
     lines = calibration(points, weight, truth.measure)
+    left_out = len(truth.ids) - points[0].prompts
+    if left_out:
+        lines.append(
+            f"(every point on the {points[0].prompts} prompts measured on every expert; "
+            f"{left_out} of {len(truth.ids)} left out)"
+        )
     (out / "calibration.txt").write_text("\n".join(lines) + "\n")
-    return ParetoResult(points, lines)
+    return ParetoResult(points, lines, left_out)

@@ -5,9 +5,14 @@ make: the served router's own predictions (serve_app.router.LearnedRouter, in ba
 library's objective and policy (serve_app.objective.plan and rank), prompt flags included.
 One output row per input row, in order:
 
-    {"text", "domain", "expert", "ranking": [{"expert", "predicted_loss", "penalty", "score"}]}
+    {"text", "domain", "expert",
+     "ranking": [{"expert", "predicted_loss", "penalty", "score", "penalties"}]}
 
-A row the service would refuse (an unknown flag, say) gets `"expert": null` and `"error"`.
+the ranking as /v1/route answers it (`penalties`: the weighted terms `penalty` sums). For a
+router trained on scores (higher is better; `tryage scores import`), `predicted_loss` is the
+negated score the objective minimises, and each entry also has `predicted_score`. A row the
+service would refuse (an unknown flag, say) gets `"expert": null`, `"ranking": null` and
+`"error"`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from serve_app.errors import BadRequest, TryageError
 from serve_app.learn.data import read_rows
 
 if TYPE_CHECKING:  # the ingress checks prompts here and loads no model: no torch at import
+    from serve_app.learn.matrix import Measure
     from serve_app.router import Router
 
 
@@ -77,8 +83,10 @@ def decide(
     weights: dict[str, float] | None = None,
     allow: list[str] | None = None,
     task: str | None = None,
+    measure: Measure | None = None,
 ) -> list[dict]:
-    """The decisions for one batch of (text, domain) rows, as output rows."""
+    """The decisions for one batch of (text, domain) rows, as output rows; `measure` is what
+    the router predicts (checkpoint_measure)."""
     penalties = objective.penalties(library.experts)
     out: list[dict | None] = [None] * len(rows)
     todo: list[tuple[int, str, list[str], dict[str, float]]] = []
@@ -88,7 +96,13 @@ def decide(
             names, merged = objective.plan(library, flags, weights, allow, task, has_mask(text))
             todo.append((i, clean, names, merged))
         except TryageError as err:
-            out[i] = {"text": text, "domain": domain, "expert": None, "error": str(err)}
+            out[i] = {
+                "text": text,
+                "domain": domain,
+                "expert": None,
+                "ranking": None,
+                "error": str(err),
+            }
     predicted = router.predict([t for _, t, _, _ in todo]) if todo else []
     for (i, _, names, merged), pred in zip(todo, predicted, strict=True):
         ranking = objective.rank(pred, penalties, merged, names)
@@ -97,9 +111,18 @@ def decide(
             "text": text,
             "domain": domain,
             "expert": ranking[0].expert,
-            "ranking": [r.as_dict() for r in ranking],
+            "ranking": [_entry(r, penalties, merged, measure) for r in ranking],
         }
     return [r for r in out if r is not None]
+
+
+def _entry(
+    r: objective.Ranked, penalties: dict, weights: dict[str, float], measure: Measure | None
+) -> dict:
+    entry = {**r.as_dict(), "penalties": objective.weighted_penalties(r.expert, penalties, weights)}
+    if measure is not None and measure.higher_is_better:
+        entry["predicted_score"] = measure.shown(r.predicted_loss)
+    return entry
 
 
 def route_data(
@@ -117,6 +140,7 @@ def route_data(
     renamed into place)."""
     from tqdm import tqdm
 
+    from serve_app.learn.matrix import checkpoint_measure
     from serve_app.router import LearnedRouter
 
     router = router or LearnedRouter(
@@ -124,11 +148,12 @@ def route_data(
     )
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
+    measure = checkpoint_measure(library.router.checkpoint)
     routed = Routed(0, 0, 0.0, {})
     with tmp.open("w", encoding="utf-8") as f:
         for batch in tqdm(_batches(read_rows(data), batch_size), desc="route", unit="batch"):
             start = time.perf_counter()
-            decided = decide(library, router, batch, weights, allow, task)
+            decided = decide(library, router, batch, weights, allow, task, measure)
             routed.seconds += time.perf_counter() - start
             for row in decided:
                 routed.rows += 1

@@ -60,24 +60,40 @@ SCORES_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Row:
-    """One imported (prompt, model) measurement."""
+    """One imported (prompt, model) measurement; `where` says where it was read."""
 
     text: str
     domain: str
     model: str
     score: float | None
     cost: float | None = None
+    where: str = ""
 
 
-def _number(value: object, where: str) -> float | None:
-    """A score or cost cell: a number, or None where empty."""
+def _number(value: object, where: str, cost: bool = False) -> float | None:
+    """A score or cost cell: a finite number (a cost not negative), or None where empty or
+    NaN (missing)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DataError(f"{where}: {value!r} is not a number") from None
-    return None if math.isnan(x) else x
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        raise DataError(f"{where}: {value!r} is not a finite number")
+    if cost and x < 0:
+        raise DataError(f"{where}: a cost cannot be negative ({value!r})")
+    return x
+
+
+def _json_number(value: object, where: str, cost: bool = False) -> float | None:
+    """A JSON score or cost: a number, or null (or left out) for missing. A string or a
+    boolean is refused, not read as a number: `"0.3"` or `true` is most likely a mistake."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise DataError(f"{where}: {value!r} is not a JSON number (null for missing)")
+    return _number(value, where, cost)
 
 
 def read_routerdc(path: Path) -> Iterator[Row]:
@@ -100,7 +116,7 @@ def read_routerdc(path: Path) -> Iterator[Row]:
             value = _number(raw, f"{path}[{n}].scores.{model}")
             if value is not None and not share:
                 value = 1.0 if value > 0 else 0.0
-            yield Row(row["question"], task, str(model), value)
+            yield Row(row["question"], task, str(model), value, where=f"{path}[{n}]")
 
 
 def read_routerbench(path: Path) -> Iterator[Row]:
@@ -123,7 +139,10 @@ def read_routerbench(path: Path) -> Iterator[Row]:
                     row["eval_name"] or path.stem,
                     model,
                     _number(row.get(model), f"{path}:{n}: {model}"),
-                    _number(row.get(f"{model}|total_cost"), f"{path}:{n}: {model}|total_cost"),
+                    _number(
+                        row.get(f"{model}|total_cost"), f"{path}:{n}: {model}|total_cost", True
+                    ),
+                    f"{path}:{n}",
                 )
 
 
@@ -133,12 +152,15 @@ def read_jsonl(path: Path) -> Iterator[Row]:
         where = f"{path}:{n}"
         if not isinstance(row.get("model"), str) or not row["model"]:
             raise DataError(f"{where}: a row needs a string 'model'")
+        if not row["text"].strip():
+            raise DataError(f"{where}: 'text' is empty")
         yield Row(
             row["text"],
             str(row.get("domain") or path.stem),
             row["model"],
-            _number(row.get("score"), f"{where}: score"),
-            _number(row.get("cost"), f"{where}: cost"),
+            _json_number(row.get("score"), f"{where}: score"),
+            _json_number(row.get("cost"), f"{where}: cost", cost=True),
+            where,
         )
 
 
@@ -166,12 +188,18 @@ class Imported:
     experts: dict[str, str]  # library name -> model
     missing: int  # (prompt, model) pairs without a score
     domains: dict[str, int]  # prompts per domain
+    repeated: int = 0  # (prompt, model) pairs read more than once: the last one kept
 
     def table(self) -> str:
         lines = [
             f"imported {self.prompts} prompts x {len(self.experts)} models "
             f"({self.measure.name}, {self.measure.direction}); "
-            f"{self.missing} missing score(s) kept missing",
+            f"{self.missing} missing score(s) kept missing"
+            + (
+                f"; {self.repeated} repeated (prompt, model) pair(s), the last one kept"
+                if self.repeated
+                else ""
+            ),
             "domains: " + ", ".join(f"{d} {n}" for d, n in self.domains.items()),
             "experts: " + ", ".join(f"{n} ({m})" for n, m in self.experts.items()),
             f"wrote {self.profile} and {self.library}",
@@ -208,13 +236,25 @@ def import_scores(
         measure = Measure("accuracy", True)
     else:
         measure = Measure("loss", False) if lower_is_better else Measure("score", True)
-    # One value per (prompt, model): a repeated pair keeps its last measurement.
+    # One value per (prompt, model). A benchmark's repeated pair (RouterDC repeats a few
+    # questions) keeps its last measurement, counted; in a JSONL file of one's own, a pair
+    # measured twice with different values is refused: which one is meant is not ours to guess.
     cells: dict[tuple[str, str], Row] = {}
     texts: dict[str, Row] = {}
+    repeated = 0
     for f in files:
         for row in READERS[fmt](f):
             pid = prompt_id(row.text)
             texts.setdefault(pid, row)
+            old = cells.get((pid, row.model))
+            if old is not None:
+                repeated += 1
+                if fmt == "jsonl" and (old.score, old.cost) != (row.score, row.cost):
+                    raise DataError(
+                        f"{row.where}: {row.model!r} on this text was already measured at "
+                        f"{old.where} (score {old.score}, cost {old.cost}); one measurement "
+                        "per (text, model)"
+                    )
             cells[(pid, row.model)] = row
     if not cells:
         raise DataError(f"no rows in {', '.join(map(str, files))}")
@@ -256,6 +296,7 @@ def import_scores(
             f"# Imported by tryage scores import --format {fmt}: {measure.name} of "
             f"{len(models)} models on {len(pids)} prompts ({measure.direction}).\n"
             "# The experts are served elsewhere: set each base_url to a server of its model.\n"
+            "# released is the import date: set each model's own for the recency weight.\n"
             "# Train the router: tryage train --library THIS --profile profile.parquet\n"
         ),
     )
@@ -270,6 +311,7 @@ def import_scores(
         {v: k for k, v in names.items()},
         missing,
         dict(sorted(domains.items())),
+        repeated,
     )
 
 

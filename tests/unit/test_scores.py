@@ -94,7 +94,18 @@ def test_jsonl_losses_and_default_domains(tmp_path):
     ("fmt", "body", "message"),
     [
         ("jsonl", '{"text": "x", "score": 1}\n', "a row needs a string 'model'"),
-        ("jsonl", '{"text": "x", "model": "m", "score": "high"}\n', "is not a number"),
+        ("jsonl", '{"text": "x", "model": "m", "score": "high"}\n', "is not a JSON number"),
+        ("jsonl", '{"text": "x", "model": "m", "score": "0.3"}\n', "bad.txt:1: score: '0.3'"),
+        ("jsonl", '{"text": "x", "model": "m", "score": true}\n', "is not a JSON number"),
+        ("jsonl", '{"text": " ", "model": "m", "score": 1}\n', "bad.txt:1: 'text' is empty"),
+        ("jsonl", '{"text": "x", "model": "m", "score": 1, "cost": -5}\n', "cannot be negative"),
+        ("jsonl", '{"text": "x", "model": "m", "score": 1e999}\n', "not a finite number"),
+        (
+            "jsonl",
+            '{"text": "x", "model": "m", "score": 1}\n{"text": "x", "model": "m", "score": 0}\n',
+            "bad.txt:2: 'm' on this text was already measured at .*bad.txt:1",
+        ),
+        ("routerbench", "prompt,eval_name,m,m|total_cost\nhi,t,1,-0.5\n", "cannot be negative"),
         ("jsonl", "not json\n", "not JSON"),
         ("routerdc", '{"question": "x"}', "expected a JSON list"),
         ("routerbench", "a,b\n1,2\n", "not a RouterBench CSV"),
@@ -105,6 +116,21 @@ def test_bad_files_name_the_file_and_row(tmp_path, fmt, body, message):
     f.write_text(body)
     with pytest.raises(DataError, match=message):
         import_scores(fmt, [f], tmp_path / "out")
+
+
+def test_a_pair_repeated_with_the_same_measurement_or_in_a_benchmark_keeps_one(tmp_path):
+    same = tmp_path / "mine.jsonl"
+    row = '{"text": "x", "model": "m", "score": 1}\n'
+    same.write_text(row + row + '{"text": "y", "model": "m", "score": null}\n')
+    mine = import_scores("jsonl", [same], tmp_path / "a")
+    assert (mine.prompts, mine.missing, mine.repeated) == (2, 1, 1)
+    # RouterDC repeats a few questions: the last measurement is kept, and counted.
+    dc = tmp_path / "mmlu.json"
+    q = {"question": "Q? A. x B. y", "scores": {"m": 0.5}}
+    dc.write_text(json.dumps([q, {**q, "scores": {"m": 0}}]))
+    bench = import_scores("routerdc", [dc], tmp_path / "b")
+    assert bench.repeated == 1 and "1 repeated (prompt, model) pair(s)" in bench.table()
+    assert pivot(read_profile(bench.profile), ["m"]).losses.tolist() == [[-0.0]]
 
 
 def test_training_skips_missing_scores():
@@ -119,7 +145,7 @@ def test_training_skips_missing_scores():
     assert all(torch.isfinite(p).all() for p in head.parameters())
 
 
-def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path):
+def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path, capsys):
     """A RouterBench-style import with per-prompt costs: `tryage pareto --weight cost` draws
     quality against the measured cost of the chosen answers, with no model run here."""
     from serve_app.cli import main
@@ -129,9 +155,8 @@ def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path):
         hard = i % 2 == 0  # the big model is right on hard prompts, both on easy ones
         task = "Prove a theorem about primes" if hard else "Add 2 and 3"
         text = f'"{task}, item {i}"'  # quoted: the comma is part of the prompt
-        lines.append(
-            f"s{i},{text},{'proofs' if hard else 'sums'},1.0,{0.0 if hard else 1.0},0.01,0.001"
-        )
+        small = "" if i == 39 else (0.0 if hard else 1.0)  # one gap: left out of the front
+        lines.append(f"s{i},{text},{'proofs' if hard else 'sums'},1.0,{small},0.01,0.001")
     csv = tmp_path / "rb.csv"
     csv.write_text("\n".join(lines) + "\n")
     out = tmp_path / "lib"
@@ -150,13 +175,32 @@ def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path):
         "--out",
         str(sweep),
     ]
+    # Every prompt trained the router: say how to evaluate anyway.
+    assert main(args) == 2
+    assert "--include-trained" in capsys.readouterr().err
     assert main([*args, "--include-trained", "--values", "0", "100"]) == 0
     rows = list(__import__("csv").DictReader((sweep / "pareto.csv").open()))
     router = {float(r["weight"]): r for r in rows if r["kind"] == "router"}
     # At weight 0 the router pays for the big model where it is needed; at 100 it always
-    # takes the cheap one: lower measured cost, lower accuracy.
+    # takes the cheap one: lower measured cost, lower accuracy (a score: higher is better).
     assert float(router[100]["mean_cost"]) == pytest.approx(0.001)
     assert float(router[0]["mean_cost"]) > float(router[100]["mean_cost"])
-    assert float(router[0]["mean_loss"]) < float(router[100]["mean_loss"])
+    assert float(router[0]["mean_score"]) > float(router[100]["mean_score"])
+    assert "mean_loss" not in rows[0]
+    # Every point on the same 39 prompts: the one without the small model's score is out.
+    assert {r["prompts"] for r in rows} == {"39"}
     assert (sweep / "pareto.png").stat().st_size > 0
-    assert "of the cost" in (sweep / "calibration.txt").read_text()
+    text = (sweep / "calibration.txt").read_text()
+    assert "of the cost" in text and "1 of 40 left out" in text
+    # `tryage route` on a router of scores gives each prediction as a score too.
+    data, routed = tmp_path / "p.jsonl", tmp_path / "routed.jsonl"
+    data.write_text('{"text": "Add 4 and 5", "domain": "sums"}\n{"text": "[flag: x] hi"}\n')
+    route = ["route", "--library", lib, "--data", str(data), "--out", str(routed)]
+    assert main([*route, "--weight", "cost=2"]) == 0
+    good, refused = (json.loads(line) for line in routed.read_text().splitlines())
+    assert {r["expert"] for r in good["ranking"]} == {"big", "small"}
+    for r in good["ranking"]:
+        assert r["predicted_score"] == pytest.approx(-r["predicted_loss"])
+        assert r["penalties"] == {"cost": pytest.approx(r["penalty"])}  # the one weight set
+    assert good["ranking"][0]["penalties"]["cost"] < good["ranking"][1]["penalties"]["cost"]
+    assert refused["expert"] is None and refused["ranking"] is None
