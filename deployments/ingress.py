@@ -13,7 +13,8 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -61,10 +62,19 @@ def _ranking(
     return [
         RankedOut(
             **r.as_dict(),
-            penalties={w: v * penalties[r.expert][w] for w, v in weights.items() if v},
+            penalties=objective.weighted_penalties(r.expert, penalties, weights),
         )
         for r in ranking
     ]
+
+
+def _head(payload: BaseModel) -> Response:
+    """A HEAD answer: the headers GET's answer carries (its type and length), no body."""
+    rendered = JSONResponse(payload.model_dump(mode="json"))
+    return Response(
+        headers={"content-length": rendered.headers["content-length"]},
+        media_type=rendered.media_type,
+    )
 
 
 def _answered_by(response: Response, expert: str, skipped: list[str]) -> None:
@@ -330,17 +340,15 @@ class Ingress:
     # one path would repeat its operation id.
     @api.head("/healthz", include_in_schema=False)
     async def healthz_head(self) -> Response:
-        await self.healthz()
-        return Response()
+        return _head(await self.healthz())
 
     @api.head("/v1/models", include_in_schema=False)
     async def models_head(self) -> Response:
-        return Response()
+        return _head(await self.models())
 
     @api.head("/v1/models/{model}", include_in_schema=False)
     async def model_head(self, model: str) -> Response:
-        self._known_model(model)  # 404 (no body) for a name that is neither tryage nor one
-        return Response()
+        return _head(await self.model(model))  # 404 for a name that is neither tryage nor one
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
@@ -423,11 +431,17 @@ class Ingress:
         )
 
     async def _openai_ranking(
-        self, endpoint: str, body: Any, raw: str
+        self, endpoint: str, body: Any, raw: str, where: str = "prompt"
     ) -> tuple[str, list[objective.Ranked]]:
         """Route (or pin) an OpenAI request among text-generation experts: the text routed on
-        (`raw`, the prompt or the last user message, its flags stripped) and the ranking."""
-        text, flags = self._clean(raw)
+        (`raw`, the prompt or the last user message, its flags stripped; `where` names its
+        field) and the ranking."""
+        try:
+            text, flags = self._clean(raw)
+        except BadRequest as err:
+            if where == "prompt" or err.param != "prompt":
+                raise
+            raise BadRequest(f"{where}, the last user message: {err.message}", where) from None
         opts = body.tryage
         allow = opts.experts if opts else None
         self._known_model(body.model)
@@ -534,7 +548,10 @@ class Ingress:
             return ExpertRequest(messages=messages, **settings)
 
         endpoint = "/v1/chat/completions"
-        text, ranking = await self._openai_ranking(endpoint, body, body.messages[users[-1]].content)
+        last = f"messages.{users[-1]}.content"
+        text, ranking = await self._openai_ranking(
+            endpoint, body, body.messages[users[-1]].content, last
+        )
         if body.stream:
             return await self._stream(endpoint, ranking, build(text), "chat.completion.chunk")
         call = self._on_expert(build(text))

@@ -181,7 +181,8 @@ HTTP_ERRORS = {
     (400, "There was an error parsing the body"): (
         "invalid_request_error",
         "invalid_body",
-        "the body could not be read: send UTF-8 JSON, uncompressed",
+        "the body could not be read as JSON: send it as UTF-8, uncompressed, and not nested "
+        "hundreds of levels deep",
     ),
     (404, "Not Found"): ("not_found_error", "not_found", "no endpoint {path}; the API: /docs"),
     (405, "Method Not Allowed"): (
@@ -190,6 +191,30 @@ HTTP_ERRORS = {
         "{path} does not take {method}; it takes {allow}",
     ),
 }
+
+
+def _body_problem(request: Request, error: dict) -> str:
+    """What is wrong with a body that is not a JSON object, in words: none sent, sent without a
+    JSON content type (curl -d sends a form's), or JSON that is not an object."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if error.get("type") == "missing":
+        return (
+            "the body is empty: send a JSON object, with the header content-type: application/json"
+        )
+    if kind != "application/json" and not kind.endswith("+json"):
+        return (
+            "send the body as a JSON object with the header content-type: application/json "
+            f"(it came as {kind or 'no content type'})"
+        )
+    value = error.get("input")
+    kinds = {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return f"the body must be a JSON object, not {kinds.get(type(value), 'null')}"
 
 
 def create_api() -> FastAPI:
@@ -224,6 +249,11 @@ def create_api() -> FastAPI:
         if malformed:
             return error_response(
                 400, "malformed JSON body", "invalid_request_error", code="invalid_json"
+            )
+        whole = tuple(first.get("loc", ())) == ("body",)
+        if whole and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            return error_response(
+                400, _body_problem(request, first), "invalid_request_error", code="invalid_body"
             )
         loc = [str(p) for p in first.get("loc", ())][1:]  # drop "body" / "query"
         where = ".".join(loc) or None

@@ -281,7 +281,7 @@ class _OpenAIRequest(_Unicode):
     # OpenAI clients send fields tryage does not use (user, logprobs, tools, ...): accept and
     # ignore them (an answer's `logprobs` says null, and it never calls a tool); refuse those
     # whose answer would silently lack what was asked (n > 1, a JSON response_format, a
-    # forced tool call).
+    # forced tool call, token biases).
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field("tryage", description="'tryage' routes; an expert's name pins it.")
@@ -318,6 +318,15 @@ class _OpenAIRequest(_Unicode):
         str | dict[str, Any] | None,
         BeforeValidator(_no_forced_call, json_schema_input_type=Literal["auto", "none"] | None),
     ] = Field(None, description="The legacy tool_choice, likewise.")
+    logit_bias: Annotated[
+        dict[str, Any] | None,
+        BeforeValidator(
+            _only(
+                lambda v: not v,
+                "logit_bias is not supported: the experts sample without token biases",
+            )
+        ),
+    ] = Field(None, description="None or empty: token biases are not applied; any is a 400.")
     tryage: RoutingOptions | None = Field(
         None, description="tryage's routing options: weights and an allow-list of experts."
     )

@@ -59,6 +59,11 @@ def test_healthz(api):
         200,
         404,
     ]
+    for path in ("/healthz", "/v1/models", "/v1/models/gen-m", "/v1/models/tryage"):
+        head, get = api.head(path), api.get(path)
+        assert head.content == b""
+        for name in ("content-type", "content-length"):  # the headers GET's answer has
+            assert head.headers[name] == get.headers[name], (path, name)
 
 
 def test_models_lists_every_expert_with_its_card(api, smoke_library):
@@ -298,6 +303,14 @@ BAD = [
     ("/v1/chat/completions", {"model": "tryage", "messages": []}, 400, "messages"),
     (
         "/v1/chat/completions",
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": " "}]},
+        400,
+        "messages.1.content",  # the last user message is what is routed: empty, it is named
+    ),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    (
+        "/v1/chat/completions",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         400,
         "messages.0.content",
@@ -392,7 +405,7 @@ def test_unknown_path_and_method_use_the_error_shape(api):
 def test_a_body_that_cannot_be_read_is_a_400_saying_what_to_send(api, raw, headers):
     r = api.post("/v1/route", content=raw, headers={"content-type": "application/json", **headers})
     err = assert_error(r, 400)
-    assert err["code"] == "invalid_body" and "UTF-8 JSON" in err["message"]
+    assert err["code"] == "invalid_body" and "UTF-8" in err["message"]
 
 
 def test_service_keeps_serving_after_bad_input(api):
@@ -450,5 +463,9 @@ def test_offline_route_matches_the_service_row_by_row(api, smoke_library, tmp_pa
         offline = {r["expert"]: r for r in row["ranking"]}
         for r in served["ranking"]:
             assert offline[r["expert"]]["score"] == pytest.approx(r["score"], abs=1e-5)
+            assert offline[r["expert"]]["penalties"] == pytest.approx(r["penalties"])
+            assert "predicted_score" not in offline[r["expert"]]  # bits per byte, a loss
+    assert rows[3]["ranking"][0]["penalties"]["size"] == 0  # the smallest: no size penalty
     assert rows[-1]["expert"] is None and "unknown flag" in rows[-1]["error"]
+    assert rows[-1]["ranking"] is None
     assert api.post("/v1/route", json={"prompt": prompts[-1]}).status_code == 400

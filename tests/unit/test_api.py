@@ -196,10 +196,22 @@ def test_an_assistant_turn_without_text_is_empty_but_another_role_s_is_a_400():
 
 def test_completion_options_whose_answer_would_lack_what_they_ask_for_are_a_400():
     client = _client(Guard())
-    for fine in ({"echo": False}, {"best_of": 1}, {"suffix": None}, {"suffix": ""}):
+    for fine in (
+        {"echo": False},
+        {"best_of": 1},
+        {"suffix": None},
+        {"suffix": ""},
+        {"logit_bias": {}},
+        {"logit_bias": None},
+    ):
         r = client.post("/completions", json={"prompt": "hi", **fine})
         assert r.status_code == 200, (fine, r.text)
-    for field, value in (("echo", True), ("best_of", 3), ("suffix", "\n    return x")):
+    for field, value in (
+        ("echo", True),
+        ("best_of", 3),
+        ("suffix", "\n    return x"),
+        ("logit_bias", {"50256": -100}),
+    ):
         r = client.post("/completions", json={"prompt": "hi", field: value})
         assert r.status_code == 400, (field, r.text)
         assert r.json()["error"]["param"] == field
@@ -224,3 +236,27 @@ def test_the_framework_s_own_errors_get_codes_and_others_keep_their_detail_and_h
     r = client.get("/conflict")
     assert r.status_code == 409 and r.headers["x-why"] == "test"
     assert r.json()["error"]["message"] == "taken {twice}"
+
+
+def test_a_body_that_is_not_a_json_object_is_a_400_saying_what_to_send():
+    client = _client(Guard())
+
+    def message(**kw) -> str:
+        r = client.post("/route", **kw)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body", r.text
+        return r.json()["error"]["message"]
+
+    assert message().startswith("the body is empty")
+    # curl -d without a content type sends a form's; so does a text/plain one
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    assert "(it came as application/x-www-form-urlencoded)" in message(
+        content=b'{"prompt": "hi"}', headers=form
+    )
+    assert "content-type: application/json" in message(
+        content=b'{"prompt": "hi"}', headers={"content-type": "text/plain"}
+    )
+    assert message(json=["hi"]) == "the body must be a JSON object, not an array"
+    assert message(json="hi") == "the body must be a JSON object, not a string"
+    # valid JSON nested past the parser's depth: not a question of encoding alone
+    deep = b"[" * 50_000 + b"]" * 50_000
+    assert "nested" in message(content=deep, headers={"content-type": "application/json"})
