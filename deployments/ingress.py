@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -69,12 +69,10 @@ def _ranking(
 
 
 def _head(payload: BaseModel) -> Response:
-    """A HEAD answer: the headers GET's answer carries (its type and length), no body."""
-    rendered = JSONResponse(payload.model_dump(mode="json"))
-    return Response(
-        headers={"content-length": rendered.headers["content-length"]},
-        media_type=rendered.media_type,
-    )
+    """A HEAD answer: the headers GET's answer carries (its type and length), no body. GET's
+    body is pydantic's own JSON of the model (FastAPI's path), measured the same way."""
+    length = len(payload.model_dump_json().encode())
+    return Response(headers={"content-length": str(length)}, media_type="application/json")
 
 
 def _answered_by(response: Response, expert: str, skipped: list[str]) -> None:

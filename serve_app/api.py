@@ -245,13 +245,21 @@ def create_api() -> FastAPI:
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
         malformed = first.get("type") == "json_invalid"
-        _count(request, "invalid_json" if malformed else "invalid_value")
+        whole = tuple(first.get("loc", ())) == ("body",)
+        not_an_object = whole and first.get("type") in (
+            "missing",
+            "model_attributes_type",
+            "dict_type",
+        )
+        _count(
+            request,
+            "invalid_json" if malformed else "invalid_body" if not_an_object else "invalid_value",
+        )
         if malformed:
             return error_response(
                 400, "malformed JSON body", "invalid_request_error", code="invalid_json"
             )
-        whole = tuple(first.get("loc", ())) == ("body",)
-        if whole and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        if not_an_object:
             return error_response(
                 400, _body_problem(request, first), "invalid_request_error", code="invalid_body"
             )

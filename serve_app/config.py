@@ -207,8 +207,12 @@ class Price(_Strict):
     """What an expert costs per million tokens (a hosted API's price list), for the cost
     penalty."""
 
-    input_per_mtok: float = Field(0.0, ge=0, description="Price of a million prompt tokens.")
-    output_per_mtok: float = Field(0.0, ge=0, description="Price of a million generated tokens.")
+    input_per_mtok: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Price of a million prompt tokens."
+    )
+    output_per_mtok: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Price of a million generated tokens."
+    )
 
     @property
     def blended(self) -> float:

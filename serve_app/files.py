@@ -11,9 +11,14 @@ from pathlib import Path
 
 
 def plain_mode() -> int:
-    """The mode a plain write gives a new file here: 0o666 less the process's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode a plain write gives a new file here: 0o666 less the process's umask (read
+    from /proc where it is there: setting the umask to read it is process-wide)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
@@ -23,7 +28,10 @@ def readable(path: str | Path) -> Path:
     be unreadable to a replica running as another user, or to a copy on shared storage."""
     path = Path(path)
     mode = plain_mode()
-    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        if f.is_symlink() or f.stat().st_uid != os.getuid():
+            continue  # not ours to change: a link's target, another user's file
         os.chmod(f, mode)
     return path
 

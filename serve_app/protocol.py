@@ -268,8 +268,8 @@ def _no_forced_call(value: Any) -> Any:
     if value is None or value in ("auto", "none"):
         return value
     if isinstance(value, dict) and value.get("type") == "allowed_tools":
-        mode = (value.get("allowed_tools") or {}).get("mode")
-        if mode == "auto":
+        inner = value.get("allowed_tools")
+        if isinstance(inner, dict) and inner.get("mode") == "auto":
             return value
     raise ValueError(
         f"{value!r} is not supported: only 'auto' or 'none' (or none at all); the experts "
@@ -389,7 +389,9 @@ def _text_of(content: Any) -> Any:
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "refusal" and isinstance(part.get("refusal"), str):
+        if kind == "refusal":
+            if not isinstance(part.get("refusal"), str):
+                raise ValueError(f"content part {i} is a refusal part without a string 'refusal'")
             texts.append(part["refusal"])
             continue
         if kind != "text":
@@ -425,12 +427,15 @@ class ChatMessage(_Unicode):
         # An assistant turn that called tools has no content (null or absent): replaying such
         # a chat from another model is normal, and its text is empty. Other roles must say
         # something.
-        if (
-            isinstance(data, dict)
-            and data.get("role") == "assistant"
-            and data.get("content") is None
+        if not isinstance(data, dict):
+            return data
+        content = data.get("content")
+        if data.get("role") == "assistant":
+            return {**data, "content": ""} if content is None else data
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") == "refusal" for part in content
         ):
-            return {**data, "content": ""}
+            raise ValueError("a refusal content part is an assistant's; this message is not")
         return data
 
 

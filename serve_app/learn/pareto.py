@@ -68,11 +68,13 @@ def sweep(
     the prompts of `truth` measured on every expert."""
     pen = penalty_vector(library, truth.experts, weight)  # (E,)
     complete = ~np.isnan(truth.losses).any(axis=1)
+    if weight == "cost" and truth.costs is not None:  # the costs compared, too
+        complete &= ~np.isnan(truth.costs).any(axis=1)
     if not complete.any():
         raise LibraryError(
-            f"no prompt was measured on all {len(truth.experts)} experts compared; the Pareto "
-            "front compares every point on the same prompts (--task, or a profile with fewer "
-            "gaps)"
+            f"no prompt was measured (and, for cost, priced) on all {len(truth.experts)} "
+            "experts compared; the Pareto front compares every point on the same prompts "
+            "(--task, or a profile with fewer gaps)"
         )
     truth, predicted = truth.subset(complete), np.asarray(predicted)[complete]
     params = np.array([float(library.expert(e).params or 0) for e in truth.experts])  # (E,)

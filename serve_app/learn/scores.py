@@ -79,6 +79,8 @@ def _number(value: object, where: str, cost: bool = False) -> float | None:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DataError(f"{where}: {value!r} is not a number") from None
+    except OverflowError:  # a JSON integer of hundreds of digits
+        raise DataError(f"{where}: {str(value)[:20]}... is not a finite number") from None
     if math.isnan(x):
         return None
     if math.isinf(x):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
+from deployments.ingress import _head
 from serve_app.api import Guard, create_api
-from serve_app.protocol import ChatRequest, CompletionRequest, RouteRequest
+from serve_app.protocol import ChatRequest, CompletionRequest, ModelCard, RouteRequest
 
 
 def _client(guard: Guard) -> TestClient:
@@ -167,6 +168,7 @@ def test_tools_are_ignored_but_a_forced_tool_call_is_a_400_naming_it():
         ("tool_choice", "required"),
         ("tool_choice", named),
         ("tool_choice", {**allowed, "allowed_tools": {"tools": [tool], "mode": "required"}}),
+        ("tool_choice", {"type": "allowed_tools", "allowed_tools": "auto"}),  # malformed
         ("function_call", {"name": "get_weather"}),
     ):
         r = client.post("/completions", json={"prompt": "hi", "tools": [tool], field: forced})
@@ -260,3 +262,49 @@ def test_a_body_that_is_not_a_json_object_is_a_400_saying_what_to_send():
     # valid JSON nested past the parser's depth: not a question of encoding alone
     deep = b"[" * 50_000 + b"]" * 50_000
     assert "nested" in message(content=deep, headers={"content-type": "application/json"})
+
+
+def test_a_refusal_part_is_an_assistant_s_and_holds_a_string():
+    client = _client(Guard())
+    refusal = {"type": "refusal", "refusal": "I can't."}
+    for messages, where in (
+        ([{"role": "user", "content": [refusal]}], "messages.0"),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": 3}]},
+                {"role": "user", "content": "hi"},
+            ],
+            "messages.1.content",
+        ),
+    ):
+        r = client.post("/chat", json={"messages": messages})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == where and "refusal" in r.json()["error"]["message"]
+
+
+def test_head_carries_the_length_get_s_body_has():
+    # GET's body is pydantic's JSON (5e-5 where json.dumps writes 5e-05): HEAD must match it.
+    card = ModelCard(
+        id="remote-é",
+        task="text-generation",
+        params=None,
+        released="2025-01-01",
+        description="priced in millionths: ünïcode",
+        trusted=False,
+        price={"input_per_mtok": 5e-05, "output_per_mtok": 1e-7},
+    )
+    api = create_api()
+
+    @api.get("/card")
+    async def get_card() -> ModelCard:
+        return card
+
+    @api.head("/card")
+    async def head_card():
+        return _head(card)
+
+    client = TestClient(api)
+    got, head = client.get("/card"), client.head("/card")
+    assert head.headers["content-length"] == str(len(got.content))
+    assert head.headers["content-type"] == got.headers["content-type"]

@@ -375,6 +375,11 @@ BAD = [
         lambda raw: raw.update(pools={"longtail": {"autoscaling": {"max_replica": 3}}}),
         ["pools.longtail.autoscaling", "'max_replica'"],
     ),
+    (
+        "infinite-price",  # /v1/models could not answer it as JSON
+        lambda raw: raw["experts"][0].update(price={"input_per_mtok": float("inf")}),
+        ["experts[0](gen-xs).price.input_per_mtok", "finite"],
+    ),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.files import new_folder, write_text
+from serve_app.files import new_folder, plain_mode, readable, write_text
 
 
 def test_write_text_replaces_the_file_and_leaves_nothing_beside_it(tmp_path):
@@ -45,7 +45,6 @@ def test_saved_weights_are_as_readable_as_any_file_written_here(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from serve_app.files import plain_mode
     from serve_app.router import HeadConfig, RouterHead, save_head
 
     with new_folder(tmp_path / "router") as tmp:
@@ -61,3 +60,17 @@ def test_saved_weights_are_as_readable_as_any_file_written_here(tmp_path):
     }
     assert set(modes.values()) == {plain_mode()}, modes
     assert plain_mode() & 0o044, "this test needs a umask that lets others read"
+
+
+def test_readable_leaves_a_linked_file_alone(tmp_path):
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_text("not ours to open up")
+    outside.chmod(0o600)
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    (folder / "link.bin").symlink_to(outside)
+    (folder / "own.bin").write_text("x")
+    (folder / "own.bin").chmod(0o600)
+    readable(folder)
+    assert outside.stat().st_mode & 0o777 == 0o600
+    assert (folder / "own.bin").stat().st_mode & 0o777 == plain_mode()

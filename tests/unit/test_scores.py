@@ -100,6 +100,7 @@ def test_jsonl_losses_and_default_domains(tmp_path):
         ("jsonl", '{"text": " ", "model": "m", "score": 1}\n', "bad.txt:1: 'text' is empty"),
         ("jsonl", '{"text": "x", "model": "m", "score": 1, "cost": -5}\n', "cannot be negative"),
         ("jsonl", '{"text": "x", "model": "m", "score": 1e999}\n', "not a finite number"),
+        ("jsonl", '{"text": "x", "model": "m", "score": 1' + "0" * 400 + "}\n", "not a finite"),
         (
             "jsonl",
             '{"text": "x", "model": "m", "score": 1}\n{"text": "x", "model": "m", "score": 0}\n',
@@ -155,8 +156,9 @@ def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path, cap
         hard = i % 2 == 0  # the big model is right on hard prompts, both on easy ones
         task = "Prove a theorem about primes" if hard else "Add 2 and 3"
         text = f'"{task}, item {i}"'  # quoted: the comma is part of the prompt
-        small = "" if i == 39 else (0.0 if hard else 1.0)  # one gap: left out of the front
-        lines.append(f"s{i},{text},{'proofs' if hard else 'sums'},1.0,{small},0.01,0.001")
+        small = "" if i == 39 else (0.0 if hard else 1.0)  # gaps, left out of the front:
+        cost = "" if i == 37 else 0.001  # a score without its cost too, for the cost front
+        lines.append(f"s{i},{text},{'proofs' if hard else 'sums'},1.0,{small},0.01,{cost}")
     csv = tmp_path / "rb.csv"
     csv.write_text("\n".join(lines) + "\n")
     out = tmp_path / "lib"
@@ -187,11 +189,11 @@ def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path, cap
     assert float(router[0]["mean_cost"]) > float(router[100]["mean_cost"])
     assert float(router[0]["mean_score"]) > float(router[100]["mean_score"])
     assert "mean_loss" not in rows[0]
-    # Every point on the same 39 prompts: the one without the small model's score is out.
-    assert {r["prompts"] for r in rows} == {"39"}
+    # Every point on the same 38 prompts: those without the small model's score or cost are out.
+    assert {r["prompts"] for r in rows} == {"38"}
     assert (sweep / "pareto.png").stat().st_size > 0
     text = (sweep / "calibration.txt").read_text()
-    assert "of the cost" in text and "1 of 40 left out" in text
+    assert "of the cost" in text and "2 of 40 left out" in text
     # `tryage route` on a router of scores gives each prediction as a score too.
     data, routed = tmp_path / "p.jsonl", tmp_path / "routed.jsonl"
     data.write_text('{"text": "Add 4 and 5", "domain": "sums"}\n{"text": "[flag: x] hi"}\n')
