@@ -70,10 +70,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"tryage: Prometheus metrics on http://127.0.0.1:{args.metrics_port}/metrics",
                     flush=True,
                 )
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt:
-        print("tryage: stopping")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:  # said before Serve and Ray log their shutdown
+                print("tryage: stopping", flush=True)
+    except KeyboardInterrupt:  # while starting
+        print("tryage: stopping", flush=True)
     return 0
 
 

@@ -209,6 +209,7 @@ def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, s
     assert {s.deployment for s in samples} == {"Ingress", "Router", *EXPERTS}, samples
     assert {s.deployment: s.running for s in samples}["Router"] >= 1
     assert stop(proc) == 0
+    assert "tryage: stopping" in output(proc)
 
 
 def _sorted_labels(line: str) -> str:
