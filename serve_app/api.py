@@ -270,6 +270,8 @@ def create_api() -> FastAPI:
         if isinstance(error, ValueError):  # our own validators' words, without pydantic's prefix
             msg = str(error)
             where = getattr(error, "where", where)  # checked on the whole body, names the field
+            if getattr(error, "field", None):  # a model's check, about one of its fields
+                where = f"{where}.{error.field}" if where else error.field
         message = f"{where}: {msg}" if where else msg
         return error_response(400, message, "invalid_request_error", where, "invalid_value")
 

@@ -7,6 +7,7 @@ service answers, and a field a client relies on cannot go missing without a test
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 MAX_SEED = 2**63 - 1
 #: Stop strings a request may give, and their longest (OpenAI's limit is 4 strings).
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
+
+
+class FieldError(ValueError):
+    """A model-level check's finding about one of the model's fields (`field`): the error
+    names it under the model's own place, as `messages.0.content`."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 class LoneSurrogate(ValueError):
@@ -267,13 +277,21 @@ def _no_forced_call(value: Any) -> Any:
     OpenAI's `allowed_tools` choice forces nothing in its "auto" mode."""
     if value is None or value in ("auto", "none"):
         return value
-    if isinstance(value, dict) and value.get("type") == "allowed_tools":
-        inner = value.get("allowed_tools")
-        if isinstance(inner, dict) and inner.get("mode") == "auto":
-            return value
+    kind = value.get("type") if isinstance(value, dict) else None
+    inner = value.get("allowed_tools") if kind == "allowed_tools" else None
+    mode = inner.get("mode") if isinstance(inner, dict) else None
+    if mode == "auto":
+        return value
+    named = isinstance(value, dict) and ("function" in value or "name" in value)  # a function
+    forced = value == "required" or named or mode == "required"
+    if not forced:  # not one of OpenAI's shapes at all
+        raise ValueError(
+            f"{json.dumps(value)} is not a tool choice: 'auto', 'none', 'required', a named "
+            "function, or allowed_tools with a mode 'auto' or 'required'"
+        )
     raise ValueError(
-        f"{value!r} is not supported: only 'auto' or 'none' (or none at all); the experts "
-        "answer text and cannot call tools, so a forced tool call cannot be honoured"
+        f"{json.dumps(value)} is not supported: only 'auto' or 'none' (or none at all); the "
+        "experts answer text and cannot call tools, so a forced tool call cannot be honoured"
     )
 
 
@@ -322,8 +340,9 @@ class _OpenAIRequest(_Unicode):
         dict[str, Any] | None,
         BeforeValidator(
             _only(
-                lambda v: not v,
-                "logit_bias is not supported: the experts sample without token biases",
+                lambda v: not v or (isinstance(v, dict) and not any(v.values())),
+                "not supported: the experts sample without token biases (an empty or all-zero "
+                "one is accepted)",
             )
         ),
     ] = Field(None, description="None or empty: token biases are not applied; any is a 400.")
@@ -435,7 +454,9 @@ class ChatMessage(_Unicode):
         if isinstance(content, list) and any(
             isinstance(part, dict) and part.get("type") == "refusal" for part in content
         ):
-            raise ValueError("a refusal content part is an assistant's; this message is not")
+            raise FieldError(
+                "a refusal content part is an assistant's; this message is not", "content"
+            )
         return data
 
 

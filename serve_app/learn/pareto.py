@@ -295,9 +295,13 @@ def run_pareto(
     lines = calibration(points, weight, truth.measure)
     left_out = len(truth.ids) - points[0].prompts
     if left_out:
+        unscored = int(np.isnan(truth.losses).any(axis=1).sum())
+        why = f"{unscored} without every expert's score"
+        if left_out > unscored:
+            why += f", {left_out - unscored} without every expert's cost"
         lines.append(
             f"(every point on the {points[0].prompts} prompts measured on every expert; "
-            f"{left_out} of {len(truth.ids)} left out)"
+            f"{left_out} of {len(truth.ids)} left out: {why})"
         )
     (out / "calibration.txt").write_text("\n".join(lines) + "\n")
     return ParetoResult(points, lines, left_out)

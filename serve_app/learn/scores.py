@@ -94,7 +94,9 @@ def _json_number(value: object, where: str, cost: bool = False) -> float | None:
     """A JSON score or cost: a number, or null (or left out) for missing. A string or a
     boolean is refused, not read as a number: `"0.3"` or `true` is most likely a mistake."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise DataError(f"{where}: {value!r} is not a JSON number (null for missing)")
+        raise DataError(f"{where}: {json.dumps(value)} is not a JSON number (null for missing)")
+    if isinstance(value, float) and math.isnan(value):  # Python's json reads NaN; JSON has none
+        raise DataError(f"{where}: NaN is not JSON; null says a value is missing")
     return _number(value, where, cost)
 
 
@@ -156,6 +158,10 @@ def read_jsonl(path: Path) -> Iterator[Row]:
             raise DataError(f"{where}: a row needs a string 'model'")
         if not row["text"].strip():
             raise DataError(f"{where}: 'text' is empty")
+        if "score" not in row:  # a misspelt key would otherwise read as a missing score
+            raise DataError(f"{where}: a row needs a 'score' (null where it is missing)")
+        if not isinstance(row.get("domain") or "", str):
+            raise DataError(f"{where}: 'domain' must be a string")
         yield Row(
             row["text"],
             str(row.get("domain") or path.stem),
@@ -191,6 +197,7 @@ class Imported:
     missing: int  # (prompt, model) pairs without a score
     domains: dict[str, int]  # prompts per domain
     repeated: int = 0  # (prompt, model) pairs read more than once: the last one kept
+    missing_costs: int = 0  # scored (prompt, model) pairs without a cost, where any has one
 
     def table(self) -> str:
         lines = [
@@ -201,6 +208,11 @@ class Imported:
                 f"; {self.repeated} repeated (prompt, model) pair(s), the last one kept"
                 if self.repeated
                 else ""
+            ),
+            *(
+                [f"{self.missing_costs} scored pair(s) without a cost, kept missing"]
+                if self.missing_costs
+                else []
             ),
             "domains: " + ", ".join(f"{d} {n}" for d, n in self.domains.items()),
             "experts: " + ", ".join(f"{n} ({m})" for n, m in self.experts.items()),
@@ -314,7 +326,18 @@ def import_scores(
         missing,
         dict(sorted(domains.items())),
         repeated,
+        _missing_costs(columns),
     )
+
+
+def _missing_costs(columns: dict[str, list]) -> int:
+    """Scored cells without a cost, in a profile where some cell has one (0 where none has:
+    a source that measured no costs is not missing them)."""
+    values = columns.get("score", columns.get("loss", []))
+    costs = columns["cost"]
+    if all(c is None for c in costs):
+        return 0
+    return sum(v is not None and c is None for v, c in zip(values, costs, strict=True))
 
 
 def library_dict(

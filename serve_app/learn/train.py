@@ -662,10 +662,10 @@ def train(
             encoder_name = library.router.model
         folded, mixes, pred = settle_mix(head, emb, matrix, val_mask, cfg, by_prompt)
         if folded:  # figures out of fold over every prompt held out in a fold
-            scored, single = matrix.losses[folded.judged], choose(folded.base)
-        else:  # figures over the validation prompts
+            scored, base = matrix.losses[folded.judged], folded.base
+        else:  # figures over the validation prompts; the base rate of the training ones
             scored = val_m.losses
-            single = np.full(len(scored), int(np.nanargmin(np.nanmean(train_m.losses, 0))))
+            base = np.broadcast_to(np.nanmean(train_m.losses, 0), scored.shape)
         save_head(head, folder, encoder=encoder_name)
         # The knn and best_single baselines read the whole profile (training and validation
         # prompts: neither learns anything that needs holding out) from the checkpoint.
@@ -681,8 +681,8 @@ def train(
             epochs=epochs,
             val_error=err,
             untrained_val_error=untrained,
-            val=summarize(choose(pred), scored),
-            val_best_single=summarize(single, scored),
+            val=summarize(choose(among_measured(pred, scored)), scored),
+            val_best_single=summarize(choose(among_measured(base, scored)), scored),
             val_oracle=summarize(choose(scored), scored),
             expert_mae=expert_errors(pred, scored, matrix.experts),
             group_by=cfg.group_by,
@@ -695,6 +695,13 @@ def train(
         )
         (folder / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def among_measured(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Predictions (N, E) with the experts a prompt was never measured on (NaN in `truth`)
+    made the worst: a choice among the measured ones, as the mix was chosen (_search_mix),
+    so every method of the report is judged on the same prompts."""
+    return np.where(np.isnan(truth), np.inf, pred)
 
 
 def length_batches(

@@ -168,7 +168,6 @@ def test_tools_are_ignored_but_a_forced_tool_call_is_a_400_naming_it():
         ("tool_choice", "required"),
         ("tool_choice", named),
         ("tool_choice", {**allowed, "allowed_tools": {"tools": [tool], "mode": "required"}}),
-        ("tool_choice", {"type": "allowed_tools", "allowed_tools": "auto"}),  # malformed
         ("function_call", {"name": "get_weather"}),
     ):
         r = client.post("/completions", json={"prompt": "hi", "tools": [tool], field: forced})
@@ -176,6 +175,11 @@ def test_tools_are_ignored_but_a_forced_tool_call_is_a_400_naming_it():
         error = r.json()["error"]
         assert error["param"] == field
         assert "forced tool call" in error["message"] and "cannot call tools" in error["message"]
+    for malformed in ("bogus", 5, {"type": "allowed_tools", "allowed_tools": "auto"}):
+        body = {"prompt": "hi", "tool_choice": malformed}
+        r = client.post("/completions", json=body)
+        assert r.status_code == 400, (malformed, r.text)  # not a 500
+        assert "is not a tool choice" in r.json()["error"]["message"]
 
 
 def test_an_assistant_turn_without_text_is_empty_but_another_role_s_is_a_400():
@@ -205,6 +209,7 @@ def test_completion_options_whose_answer_would_lack_what_they_ask_for_are_a_400(
         {"suffix": ""},
         {"logit_bias": {}},
         {"logit_bias": None},
+        {"logit_bias": {"50256": 0}},  # changes nothing
     ):
         r = client.post("/completions", json={"prompt": "hi", **fine})
         assert r.status_code == 200, (fine, r.text)
@@ -268,7 +273,7 @@ def test_a_refusal_part_is_an_assistant_s_and_holds_a_string():
     client = _client(Guard())
     refusal = {"type": "refusal", "refusal": "I can't."}
     for messages, where in (
-        ([{"role": "user", "content": [refusal]}], "messages.0"),
+        ([{"role": "user", "content": [refusal]}], "messages.0.content"),
         (
             [
                 {"role": "user", "content": "hi"},

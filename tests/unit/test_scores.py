@@ -95,8 +95,15 @@ def test_jsonl_losses_and_default_domains(tmp_path):
     [
         ("jsonl", '{"text": "x", "score": 1}\n', "a row needs a string 'model'"),
         ("jsonl", '{"text": "x", "model": "m", "score": "high"}\n', "is not a JSON number"),
-        ("jsonl", '{"text": "x", "model": "m", "score": "0.3"}\n', "bad.txt:1: score: '0.3'"),
-        ("jsonl", '{"text": "x", "model": "m", "score": true}\n', "is not a JSON number"),
+        (
+            "jsonl",
+            '{"text": "x", "model": "m", "score": "0.3"}\n',
+            'bad.txt:1: score: "0.3" is not',
+        ),
+        ("jsonl", '{"text": "x", "model": "m", "score": true}\n', "true is not a JSON number"),
+        ("jsonl", '{"text": "x", "model": "m", "score": NaN}\n', "NaN is not JSON"),
+        ("jsonl", '{"text": "x", "model": "m", "scroe": 0.3}\n', "a row needs a 'score'"),
+        ("jsonl", '{"text": "x", "model": "m", "score": 1, "domain": 5}\n', "'domain' must be"),
         ("jsonl", '{"text": " ", "model": "m", "score": 1}\n', "bad.txt:1: 'text' is empty"),
         ("jsonl", '{"text": "x", "model": "m", "score": 1, "cost": -5}\n', "cannot be negative"),
         ("jsonl", '{"text": "x", "model": "m", "score": 1e999}\n', "not a finite number"),
@@ -117,6 +124,49 @@ def test_bad_files_name_the_file_and_row(tmp_path, fmt, body, message):
     f.write_text(body)
     with pytest.raises(DataError, match=message):
         import_scores(fmt, [f], tmp_path / "out")
+
+
+def test_training_and_its_report_judge_every_method_on_the_same_prompts(tmp_path):
+    # With gaps, a choice of an expert never measured on a prompt would drop that prompt
+    # from the router's figures and not from the oracle's: the router could look better.
+    from serve_app.learn.train import TrainConfig, train
+
+    rows = []
+    for i in range(60):
+        text = f"{'proof' if i % 2 else 'sum'} number {i}"
+        for model in ("a", "b", "c"):
+            missing = model == "c" and i % 3 == 0
+            rows.append(
+                {
+                    "text": text,
+                    "model": model,
+                    "score": None if missing else (i * 7 + ord(model)) % 5 / 4,
+                }
+            )
+    f = tmp_path / "s.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = import_scores("jsonl", [f], tmp_path / "lib")
+    library = load_library(result.library, router=False)
+    report = train(
+        library,
+        read_profile(result.profile),
+        tmp_path / "lib" / "router",
+        TrainConfig(max_epochs=3),
+    )
+    n = {report.val["scored"], report.val_best_single["scored"], report.val_oracle["scored"]}
+    assert len(n) == 1, report
+    assert report.val["mean_loss"] >= report.val_oracle["mean_loss"] - 1e-12
+
+
+def test_an_import_says_how_many_scored_pairs_have_no_cost(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(
+        '{"text": "x", "model": "m", "score": 1, "cost": 0.1}\n'
+        '{"text": "y", "model": "m", "score": 0}\n'
+        '{"text": "z", "model": "m", "score": null}\n'
+    )
+    got = import_scores("jsonl", [f], tmp_path / "out")
+    assert got.missing_costs == 1 and "1 scored pair(s) without a cost" in got.table()
 
 
 def test_a_pair_repeated_with_the_same_measurement_or_in_a_benchmark_keeps_one(tmp_path):
@@ -193,7 +243,7 @@ def test_pareto_on_imported_costs_trades_quality_for_measured_cost(tmp_path, cap
     assert {r["prompts"] for r in rows} == {"38"}
     assert (sweep / "pareto.png").stat().st_size > 0
     text = (sweep / "calibration.txt").read_text()
-    assert "of the cost" in text and "2 of 40 left out" in text
+    assert "of the cost" in text and "2 of 40 left out: 1 without every expert's score, 1 " in text
     # `tryage route` on a router of scores gives each prediction as a score too.
     data, routed = tmp_path / "p.jsonl", tmp_path / "routed.jsonl"
     data.write_text('{"text": "Add 4 and 5", "domain": "sums"}\n{"text": "[flag: x] hi"}\n')
