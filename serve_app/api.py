@@ -256,8 +256,10 @@ def create_api() -> FastAPI:
             "invalid_json" if malformed else "invalid_body" if not_an_object else "invalid_value",
         )
         if malformed:
+            blank = isinstance(err.body, str | bytes) and not err.body.strip()
+            message = _body_problem(request, {"type": "missing"}) if blank else None
             return error_response(
-                400, "malformed JSON body", "invalid_request_error", code="invalid_json"
+                400, message or "malformed JSON body", "invalid_request_error", code="invalid_json"
             )
         if not_an_object:
             return error_response(

@@ -254,6 +254,8 @@ def test_a_body_that_is_not_a_json_object_is_a_400_saying_what_to_send():
         return r.json()["error"]["message"]
 
     assert message().startswith("the body is empty")
+    r = client.post("/route", content=b"  \n", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is empty")
     # curl -d without a content type sends a form's; so does a text/plain one
     form = {"content-type": "application/x-www-form-urlencoded"}
     assert "(it came as application/x-www-form-urlencoded)" in message(
