@@ -6,6 +6,7 @@ The CLI, the demo build, the benchmarks, the load test and the tests all come th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import socket
@@ -63,6 +64,26 @@ def ray_session(**init: Any) -> Iterator[None]:
             ray.shutdown()
 
 
+class _Reconnect(logging.Filter):
+    """Drops Serve's `Connecting to existing Serve app ... New http_options/controller_options
+    will not be applied`, which `serve.run` logs on the Serve that `serve.start` has just
+    started with our host and port: they were applied, and the line says otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Connecting to existing Serve app" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_reconnect() -> Iterator[None]:
+    log = logging.getLogger("ray.serve")
+    quiet = _Reconnect()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 @contextlib.contextmanager
 def serving(
     app: Any,
@@ -81,7 +102,8 @@ def serving(
     with ray_session(**init):
         try:
             serve.start(http_options={"host": host, "port": port})
-            serve.run(app, name=name, route_prefix="/")
+            with _quiet_reconnect():
+                serve.run(app, name=name, route_prefix="/")
             yield f"http://{host}:{port}"
         finally:
             serve.shutdown()

@@ -210,6 +210,8 @@ def test_tryage_serve_answers_exports_metrics_and_stops_on_ctrl_c(cli_library, s
     assert {s.deployment: s.running for s in samples}["Router"] >= 1
     assert stop(proc) == 0
     assert "tryage: stopping" in output(proc)
+    # Serve's "New http_options ... will not be applied": they were (the port answered).
+    assert "will not be applied" not in output(proc)
 
 
 def _sorted_labels(line: str) -> str:
