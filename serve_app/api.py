@@ -193,14 +193,15 @@ HTTP_ERRORS = {
 }
 
 
+EMPTY_BODY = "the body is empty: send a JSON object, with the header content-type: application/json"
+
+
 def _body_problem(request: Request, error: dict) -> str:
     """What is wrong with a body that is not a JSON object, in words: none sent, sent without a
     JSON content type (curl -d sends a form's), or JSON that is not an object."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if error.get("type") == "missing":
-        return (
-            "the body is empty: send a JSON object, with the header content-type: application/json"
-        )
+        return EMPTY_BODY
     if kind != "application/json" and not kind.endswith("+json"):
         return (
             "send the body as a JSON object with the header content-type: application/json "
@@ -257,10 +258,8 @@ def create_api() -> FastAPI:
         )
         if malformed:
             blank = isinstance(err.body, str | bytes) and not err.body.strip()
-            message = _body_problem(request, {"type": "missing"}) if blank else None
-            return error_response(
-                400, message or "malformed JSON body", "invalid_request_error", code="invalid_json"
-            )
+            message = EMPTY_BODY if blank else "malformed JSON body"
+            return error_response(400, message, "invalid_request_error", code="invalid_json")
         if not_an_object:
             return error_response(
                 400, _body_problem(request, first), "invalid_request_error", code="invalid_body"

@@ -347,7 +347,6 @@ def train_expert(
     folder = out / "experts" / name
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    readable(folder)  # safetensors writes 0600
     tail = losses[-10:]
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -708,8 +707,8 @@ def build_demo(
         lambda: _grouped(draft, table, profile_path, groups, train_cfg),
     )
 
-    # 8. the library, last; weights of an earlier build (safetensors wrote them 0600, as every
-    # build before 2026-12-07 left them) are made readable as any file written here
+    # 8. the library, last; the weights made readable as any file written here (safetensors
+    # writes them 0600), this build's and those an earlier build left so
     for folder in ("experts", "router"):
         readable(out / folder)
     header = "# The demo library written by `tryage demo build`.\n"

@@ -172,16 +172,13 @@ def write_csv(points: list[Point], path: Path, measure: Measure = BITS_PER_BYTE)
     """pareto.csv: one row per point, the fields of Point; for a profile of scores (higher is
     better), `mean_score` (the score itself) in place of `mean_loss`."""
 
+    name = "mean_score" if measure.higher_is_better else "mean_loss"
+
     def row(p: Point) -> dict:
-        fields = asdict(p)
-        if measure.higher_is_better:
-            fields = {
-                ("mean_score" if k == "mean_loss" else k): measure.shown(v)
-                if k == "mean_loss"
-                else v
-                for k, v in fields.items()
-            }
-        return fields
+        fields = asdict(p)  # mean_loss renamed and shown in the measure's own sign, in place
+        return {(name if k == "mean_loss" else k): v for k, v in fields.items()} | {
+            name: measure.shown(p.mean_loss)
+        }
 
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row(points[0])))
@@ -268,7 +265,6 @@ class ParetoResult:
 
     points: list[Point]
     lines: list[str]
-    left_out: int = 0  # prompts of the truth left out: not measured on every expert
 
 
 def run_pareto(
@@ -304,4 +300,4 @@ def run_pareto(
             f"{left_out} of {len(truth.ids)} left out: {why})"
         )
     (out / "calibration.txt").write_text("\n".join(lines) + "\n")
-    return ParetoResult(points, lines, left_out)
+    return ParetoResult(points, lines)

@@ -344,14 +344,13 @@ def _search_mix(
     chance. Among those, the lowest regret wins."""
     # Settings compare on the same prompts: a choice is made among the measured experts of
     # each prompt, so no setting gains by choosing unmeasured ones.
-    unmeasured = torch.from_numpy(np.isnan(losses))
     best_true = np.nanmin(losses, axis=1)
     rows = np.arange(len(losses))
     mlp, knn = parts["mlp"], parts["knn"]
     prior = parts["prior"] if head.cfg.domains else None
 
     def regrets(pred: torch.Tensor) -> np.ndarray:
-        picked = choose(pred.masked_fill(unmeasured, np.inf).numpy())
+        picked = choose(among_measured(pred.numpy(), losses))
         return losses[rows, picked] - best_true  # (N,)
 
     default = regrets(mlp)
@@ -699,8 +698,8 @@ def train(
 
 def among_measured(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Predictions (N, E) with the experts a prompt was never measured on (NaN in `truth`)
-    made the worst: a choice among the measured ones, as the mix was chosen (_search_mix),
-    so every method of the report is judged on the same prompts."""
+    made the worst: a choice among the measured ones, so every method compared (the mixes
+    _search_mix tries, the rows of the training report) is judged on the same prompts."""
     return np.where(np.isnan(truth), np.inf, pred)
 
 
