@@ -13,10 +13,12 @@ The load logic lives in loadtest/shape.py and loadtest/prompts.py, which do not 
 import os
 import random
 import threading
+import time
 
 from locust import HttpUser, LoadTestShape, between, events, task
 
 from loadtest import prompts, shape
+from loadtest.report import LOAD_START
 
 _shared: dict = {}
 _lock = threading.Lock()
@@ -87,7 +89,7 @@ class TryageUser(HttpUser):
         with self.client.post(
             spec.path, json=spec.body, name=spec.name, timeout=180, catch_response=True
         ) as answer:
-            result = prompts.outcome(answer.status_code, answer.headers)
+            result = prompts.outcome(answer.status_code, answer.headers, _json(answer))
             if result == "rejected":
                 # Backpressure by design: its own name, not a failure.
                 answer.request_meta["name"] = spec.name + prompts.REJECTED
@@ -116,4 +118,11 @@ class StagesShape(LoadTestShape):
         self.stages = _stages()
 
     def tick(self):
-        return shape.tick(self.stages, self.get_run_time())
+        run_time = self.get_run_time()
+        out = os.environ.get("TRYAGE_LOADTEST_OUT")
+        if out and "started" not in _shared:
+            # The shape's t = 0 in Unix seconds: the report counts its stages from here.
+            _shared["started"] = time.time() - run_time
+            with open(os.path.join(out, LOAD_START), "w") as f:
+                f.write(f"{_shared['started']:.3f}\n")
+        return shape.tick(self.stages, run_time)

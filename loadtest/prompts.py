@@ -194,19 +194,24 @@ def experts_from_models(models: Mapping[str, Any]) -> list[Expert]:
 # --- outcomes --------------------------------------------------------------------------------
 
 
-def outcome(status: int, headers: Mapping[str, str]) -> str:
-    """'ok', 'rejected' (deliberate backpressure: 503/429 with Retry-After) or 'failure'.
+def outcome(status: int, headers: Mapping[str, str], body: Any = None) -> str:
+    """'ok', 'rejected' (deliberate backpressure) or 'failure'; `body`: the answer's JSON.
 
-    Serve answers 503 (or 429) with a Retry-After header when a deployment's
-    max_queued_requests is full; that is the service shedding load as configured, counted
-    apart. A 503 without Retry-After (no expert could answer) is a failure.
+    Shedding load as configured is counted apart: Serve's own 503 (or 429) with Retry-After
+    when a deployment's max_queued_requests is full (its body is not tryage's error shape),
+    and tryage's `overloaded_error`. Every other answer that is not 2xx is a failure, tryage's
+    503 `no_expert_available` included: it carries Retry-After too, but it says the experts
+    failed or the deadline passed, not that the service chose to shed load.
     """
     if 200 <= status < 300:
         return "ok"
     retry_after = any(k.lower() == "retry-after" for k in headers)
-    if status in (429, 503) and retry_after:
-        return "rejected"
-    return "failure"
+    if status not in (429, 503) or not retry_after:
+        return "failure"
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if isinstance(error, Mapping):  # tryage's error shape: only overloaded_error is shedding
+        return "rejected" if error.get("type") == "overloaded_error" else "failure"
+    return "rejected"
 
 
 def rerouted(body: Any) -> bool:

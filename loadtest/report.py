@@ -7,8 +7,9 @@ Reads Locust's CSVs (`locust_stats.csv`, `locust_stats_history.csv`) and the obs
     python -m loadtest.report loadtest/results/latest
 
 Definitions (also written into report.md):
-- the load window runs from the first history second with a simulated user to the first
-  second after it with none (the end of the ramp-down);
+- the load window runs from the load shape's start (`load_start.txt`, which the locustfile
+  writes; in a folder without it, the first history second with a simulated user) to the
+  first history second after it with no user (the end of the ramp-down);
 - `scale_up_s`: seconds from the load start until a deployment first ran more replicas than
   at the load start; only deployments that scaled up are listed;
 - `scale_down_s`: seconds from the load end until such a deployment was back to its minimum
@@ -35,6 +36,7 @@ FAILURES = "locust_failures.csv"
 REPLICAS = "replicas.csv"
 REQUESTS = "requests.csv"  # one row per request (the locustfile writes it)
 RUN = "run.json"
+LOAD_START = "load_start.txt"  # the load shape's t = 0, Unix seconds (the locustfile writes it)
 
 
 @dataclass
@@ -65,18 +67,32 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-def load_window(history: list[dict[str, str]]) -> Window:
-    """First second with users, and the first second after it with none (or the last)."""
+def load_window(history: list[dict[str, str]], started: float | None = None) -> Window:
+    """From the load shape's start (`started`; else the first history second with users) to
+    the first history second after the users came with none (or the last).
+
+    Locust's history is kept in whole seconds and the first user comes about a second after
+    the shape starts, so the history alone starts the window, and the stages counted from
+    it, a second or two late: the first requests, those that meet cold starts, would fall
+    before the first phase."""
     rows = [r for r in history if r["Name"] == "Aggregated"]
     if not rows:
         raise ValueError(f"{HISTORY} has no Aggregated rows: did Locust run?")
     busy = [i for i, r in enumerate(rows) if _num(r["User Count"]) > 0]
     if not busy:
         raise ValueError(f"{HISTORY}: no second with a simulated user")
-    start = float(rows[busy[0]]["Timestamp"])
+    start = float(rows[busy[0]]["Timestamp"]) if started is None else started
     after = [r for r in rows[busy[0] :] if _num(r["User Count"]) == 0]
     end = float(after[0]["Timestamp"]) if after else float(rows[-1]["Timestamp"])
     return Window(start, end)
+
+
+def window_of(folder: Path) -> Window:
+    """A results folder's load window (load_window)."""
+    started = folder / LOAD_START
+    return load_window(
+        read_csv(folder / HISTORY), float(started.read_text()) if started.is_file() else None
+    )
 
 
 def replica_series(rows: list[dict[str, str]]) -> dict[str, list[tuple[float, int]]]:
@@ -175,7 +191,7 @@ def build_report(folder: str | Path) -> dict[str, Any]:
     total = next((r for r in stats if r["Name"] == "Aggregated"), None)
     if total is None:
         raise ValueError(f"{folder / STATS}: no Aggregated row; did Locust run?")
-    window = load_window(read_csv(folder / HISTORY))
+    window = window_of(folder)
     replica_rows = read_csv(folder / REPLICAS)
     replicas, up, down = scaling(replica_rows, window)
     rejected = sum(int(r["Request Count"]) for r in stats if r["Name"].endswith(REJECTED))
@@ -270,11 +286,12 @@ DEFINITIONS = """## Definitions
 - **requests**: every request Locust sent, rejected ones included; **rps**: requests per
   second over the load window; **p50/p95/p99**: response-time percentiles of all requests.
 - **failures**: every request that failed: an HTTP error other than backpressure (a 4xx, a
-  500, a 503 without `Retry-After`), a timeout or a broken connection.
-- **rejected**: 503 or 429 answers that carry `Retry-After`: load shed on purpose at a
-  queue limit (`max_queued_requests`). Either Serve's proxy refused the request because the
-  ingress's queue was full, or every expert the ingress tried (up to `max_attempts` down the
-  ranking) had its queue full, or the router's was (tryage's `overloaded_error`). They are
+  500, tryage's 503 `no_expert_available`: every expert tried failed or the deadline
+  passed), a timeout or a broken connection.
+- **rejected**: load shed on purpose at a queue limit (`max_queued_requests`): Serve's
+  proxy's 503 or 429 with `Retry-After` when the ingress's queue was full, or tryage's
+  `overloaded_error` when every expert the ingress tried (up to `max_attempts` down the
+  ranking) had its queue full, or the router's was. They are
   counted apart, under the endpoint's name with ` [rejected]`, and are not failures: the
   client is told to retry later. A deployment without `max_queued_requests` (Serve's
   default, -1) queues instead of rejecting, so its load shows up as latency.
@@ -282,7 +299,7 @@ DEFINITIONS = """## Definitions
   ranking because the ones above it were at their queue limit (or failed): the answer's
   `skipped`. Reported under the endpoint's name with ` [rerouted]`; they are successes. The
   OpenAI endpoints reroute the same way but do not say so, so they are not counted here.
-- **load window**: from the first second with a simulated user to the first second after it
+- **load window**: from the start of the load shape to the first second after its users came
   with none (the end of the ramp-down); `load_s` is its length.
 - **scale_up_s**: seconds from the load start until a deployment first ran more replicas than
   at the load start (an expert at zero: its first replica running). Only deployments that
@@ -333,7 +350,7 @@ def plot(folder: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     history = read_csv(folder / HISTORY)
-    window = load_window(history)
+    window = window_of(folder)
     agg = [r for r in history if r["Name"] == "Aggregated"]
     times = [float(r["Timestamp"]) for r in agg]
     t = [x - window.start for x in times]

@@ -43,7 +43,7 @@ APP = "tryage"
 #: The default of --downscale-to-zero-s by profile; None keeps the library's own delays.
 DOWNSCALE_S = {"short": 15.0, "long": None}
 #: The default of --max-queued by profile (each expert's max_queued_requests); None keeps the
-#: library's own. The short profile peaks at 8 users, one request each, and a replica takes 8
+#: library's own. The short profile peaks at 16 users, one request each, and a replica takes 8
 #: at once, so an expert's queue only grows while it has no replica (a cold start) or when most
 #: users are routed to it at once; a limit of 2 sheds that load to the next expert in the
 #: ranking without refusing a steady stream.
@@ -90,6 +90,7 @@ OUTPUTS = (
     "report.md",
     "report.png",
     "requests.csv",
+    "load_start.txt",
 )
 
 
@@ -146,6 +147,12 @@ def derive_library(
         changes.append(f"scale-out targets {scale_out}")
     for expert in raw["experts"]:
         expert["model"] = absolute(expert["model"])
+    # An expert's own deployment, or its pool's (a pooled expert's replicas are the pool's).
+    raw["pools"] = pools = raw.get("pools") or {}
+    for name in {e["pool"] for e in raw["experts"] if e.get("pool")}:
+        pools[name] = pools.get(name) or {}
+    deployments = [e for e in raw["experts"] if not e.get("pool")] + list(pools.values())
+    for expert in deployments:
         if max_queued is not None:
             expert["max_queued_requests"] = max_queued
         if scale_out:
@@ -184,7 +191,7 @@ def queue_limits(library: Path) -> dict[str, Any]:
         INGRESS_DEPLOYMENT: lib.ingress.max_queued_requests,
         ROUTER_DEPLOYMENT: lib.router.max_queued_requests,
     }
-    limits.update({e.name: e.max_queued_requests for e in lib.experts})
+    limits.update({name: d.max_queued_requests for name, d in _replica_groups(lib)})
     return {"max_queued_requests": limits, "backpressure": lib.ingress.backpressure}
 
 
@@ -203,9 +210,18 @@ def logical_cpus(library: Path) -> int:
 
     total = need(lib.router.resources, int(lib.router.autoscaling.get("max_replicas", 1)))
     total += need(lib.ingress.resources, lib.ingress.num_replicas)
-    for e in lib.experts:
-        total += need(e.resources, int(e.autoscaling["max_replicas"]))
+    for _, d in _replica_groups(lib):
+        total += need(d.resources, int(d.autoscaling["max_replicas"]))
     return max(os.cpu_count() or 1, math.ceil(total) + 1)
+
+
+def _replica_groups(lib: Any) -> list[tuple[str, Any]]:
+    """(deployment name, its config) of every expert deployment: the experts of their own,
+    then the pools (a pooled expert runs on its pool's replicas)."""
+    from serve_app.config import POOL_PREFIX
+
+    own = [(e.name, e) for e in lib.experts if not e.pool]
+    return own + [(POOL_PREFIX + name, pool) for name, pool in sorted(lib.pools.items())]
 
 
 def clear(out: Path) -> None:
@@ -342,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if served:
             library = (args.library or default_library()).resolve()
             run["library"] = str(library)
-            downscale = args.downscale_to_zero_s or DOWNSCALE_S[args.profile]
+            downscale = _given(args.downscale_to_zero_s, DOWNSCALE_S[args.profile])
             max_queued = _given(args.max_queued, MAX_QUEUED[args.profile])
             scale_out = None if args.no_scale_out else SCALE_OUT[args.profile]
             if (downscale, max_queued, args.ingress_max_queued, scale_out) != (None,) * 4:

@@ -58,3 +58,7 @@ def test_short_load_test_scales_experts_up_and_back_to_zero(smoke_library, tmp_p
         assert report["scale_down_s"][name] is not None, report
     for name in ("locust_stats.csv", "replicas.csv", "report.md", "report.png"):
         assert (tmp_path / name).is_file()
+    # The phases count from the shape's start, so every request is in one of them.
+    assert (tmp_path / "load_start.txt").is_file()
+    logged = len((tmp_path / "requests.csv").read_text().splitlines()) - 1
+    assert sum(p["requests"] for p in report["phases"]) == logged

@@ -14,10 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
 from loadtest import prompts, shape
 from loadtest.observer import parse_serve_details
 from loadtest.report import build_report, write_report
+from serve_app.api import create_api
+from serve_app.errors import NoExpertAvailable, Overloaded
 from serve_app.protocol import ChatRequest, CompletionRequest, InferRequest, RouteRequest
 
 RUN = Path(__file__).resolve().parents[1] / "data" / "loadtest_run"
@@ -163,9 +166,9 @@ def test_experts_from_models_reads_the_models_list():
     ("status", "headers", "expected"),
     [
         (200, {}, "ok"),
-        (503, {"Retry-After": "1"}, "rejected"),
+        (503, {"Retry-After": "1"}, "rejected"),  # Serve's proxy: a plain-text body
         (429, {"retry-after": "2"}, "rejected"),
-        (503, {}, "failure"),  # no expert could answer: not deliberate backpressure
+        (503, {}, "failure"),
         (500, {"Retry-After": "1"}, "failure"),
         (400, {}, "failure"),
         (0, {}, "failure"),  # Locust's status for a broken connection
@@ -173,6 +176,28 @@ def test_experts_from_models_reads_the_models_list():
 )
 def test_outcome_counts_backpressure_apart(status, headers, expected):
     assert prompts.outcome(status, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (Overloaded("every expert is at its queue limit"), "rejected"),
+        (Overloaded("the router is at its queue limit", status=429), "rejected"),
+        (NoExpertAvailable("every expert tried failed"), "failure"),
+    ],
+)
+def test_outcome_of_tryage_s_own_503s(error, expected):
+    # Through the ingress's real error handler: both answers carry Retry-After, and only
+    # load shed on purpose is kept out of the failures.
+    api = create_api()
+
+    @api.post("/v1/infer")
+    async def infer() -> dict:
+        raise error
+
+    answer = TestClient(api).post("/v1/infer", json={})
+    assert answer.status_code == error.status and "retry-after" in answer.headers
+    assert prompts.outcome(answer.status_code, answer.headers, answer.json()) == expected
 
 
 def test_rerouted_answers_are_those_with_skipped_experts():
@@ -330,6 +355,37 @@ def test_derived_library_scales_out_the_router_and_the_experts(smoke_library, tm
         assert expert.autoscaling["min_replicas"] == 0
 
 
+def test_derived_library_sets_a_pool_s_replicas_not_its_experts(smoke_library, tmp_path):
+    # A pooled expert runs on its pool's replicas: the load test's settings go to the pool.
+    from loadtest.run import SCALE_OUT, derive_library, logical_cpus, queue_limits
+    from serve_app.config import POOLED_BY_POOL, load_library
+
+    raw = yaml.safe_load(smoke_library.read_text())
+    for expert in raw["experts"][2:]:
+        expert["pool"] = "tail"
+        for key in POOLED_BY_POOL:
+            expert.pop(key, None)
+    raw["pools"] = {"tail": {"resources": {"num_cpus": 0.25}}}
+    raw["router"]["checkpoint"] = str(smoke_library.parent / raw["router"]["checkpoint"])
+    for expert in raw["experts"]:
+        expert["model"] = str(smoke_library.parent / expert["model"])
+    pooled = tmp_path / "pooled.yaml"
+    pooled.write_text(yaml.safe_dump(raw))
+    load_library(pooled)
+
+    out = derive_library(pooled, tmp_path / "library.yaml", 15.0, 2, None, SCALE_OUT["short"])
+    library = load_library(out)
+    pool = library.pools["tail"]
+    assert pool.max_queued_requests == 2
+    assert pool.autoscaling["downscale_to_zero_delay_s"] == 15.0
+    assert pool.autoscaling["max_replicas"] == 3
+    own = [e for e in library.experts if not e.pool]
+    assert len(own) == 2 and all(e.autoscaling["max_replicas"] == 3 for e in own)
+    limits = queue_limits(out)["max_queued_requests"]
+    assert limits["Pool-tail"] == 2 and not set(limits) & {e.name for e in library.experts[2:]}
+    assert logical_cpus(out) >= 3
+
+
 def test_phases_and_timeline_come_from_the_request_log_and_replicas(tmp_path):
     from loadtest.report import Window, phases, timeline
 
@@ -348,6 +404,32 @@ def test_phases_and_timeline_come_from_the_request_log_and_replicas(tmp_path):
         for t, n in [(100, 0), (101, 1), (102, 1), (105, 2), (130, 0)]
     ]
     assert timeline(replicas, Window(100.0, 115.0)) == {"gen-s": [[0, 0], [1, 1], [5, 2], [30, 0]]}
+
+
+def test_the_load_window_starts_where_the_shape_started(tmp_path):
+    # Locust's history is in whole seconds and its first user comes about a second after the
+    # shape starts: counted from the history, the first requests (the cold starts) would fall
+    # before the first phase. With the shape's recorded start, every request is in a phase.
+    from loadtest.report import LOAD_START, load_window, phases, window_of
+
+    history = [
+        {"Timestamp": str(t), "Name": "Aggregated", "User Count": str(u)}
+        for t, u in [(100, 0), (101, 0), (102, 1), (103, 2), (112, 0), (113, 0)]
+    ]
+    assert load_window(history) == load_window(history, None)
+    assert (load_window(history).start, load_window(history).end) == (102.0, 112.0)
+    assert load_window(history, 100.9).start == 100.9
+    fields = ["Timestamp", "Name", "User Count"]
+    lines = [",".join(fields)] + [",".join(r[f] for f in fields) for r in history]
+    (tmp_path / "locust_stats_history.csv").write_text("\n".join(lines) + "\n")
+    run = {"stages": [{"name": "up", "duration_s": 5}, {"name": "down", "duration_s": 6}]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    requests = ["start,name,response_ms,failed", "101.8,/v1/route,900,0", "109,/v1/route,10,0"]
+    (tmp_path / "requests.csv").write_text("\n".join(requests) + "\n")
+    assert sum(p["requests"] for p in phases(tmp_path, window_of(tmp_path))) == 1  # lost one
+    (tmp_path / LOAD_START).write_text("100.900\n")
+    got = phases(tmp_path, window_of(tmp_path))
+    assert [p["requests"] for p in got] == [1, 1] and got[0]["p50_ms"] == 900
 
 
 def test_the_dashboard_token_is_found_where_ray_looks_for_it(tmp_path, monkeypatch):
