@@ -120,6 +120,9 @@ async def _sse(
                 item = await pieces.__anext__()
             except StopAsyncIteration:
                 break
+            except Exception as err:  # the replica died, a remote stream broke: say so, end
+                logger.exception("expert %s's stream broke", expert)
+                item = Failure(message=f"{type(err).__name__} while streaming")
         yield "data: [DONE]\n\n"
     finally:
         pieces.cancel()
@@ -215,9 +218,16 @@ class Ingress:
         start = time.perf_counter()
         names, merged = objective.plan(self.library, flags, weights, allow, task, has_mask(text))
         spent = time.perf_counter() - start
+        # A router that hangs (a wedged device) must not hold requests for ever: it gets the
+        # request's deadline, and then the answer is a 503 the client can retry.
+        response = self.router.predict.remote(text)
         try:
             with self.telemetry.stage(endpoint, "router"):
-                predicted = await self.router.predict.remote(text)
+                predicted = await asyncio.wait_for(response, self.limits.request_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            logger.error("the router gave no answer in %g s", self.limits.request_timeout_s)
+            raise NoExpertAvailable("the router gave no answer in time; retry shortly") from None
         except BackPressureError as err:
             raise Overloaded(
                 "the router is at its queue limit; retry shortly",
@@ -239,7 +249,11 @@ class Ingress:
     ) -> tuple[str, Any, list[str]]:
         """Run `call` (an expert's name -> an awaitable that can be cancelled: a deployment
         response, or a task) on the best expert; on failure or timeout the next, up to max_attempts,
-        all within ingress.request_timeout_s. A client-caused failure is a 400 at once.
+        all within ingress.request_timeout_s.
+
+        An expert that refuses the request itself (its chat template rejects a system message,
+        a remote server answers 400) is passed for the next too: another expert may take it.
+        When every expert tried refused it, the answer is a 400 with the first refusal's reason.
 
         An expert whose deployment already refused this request for a full queue (a pool's
         other experts) is passed over without spending an attempt, since it would be refused
@@ -250,6 +264,7 @@ class Ingress:
         busy: BackPressureError | None = None
         full: set[str] = set()  # deployments at their queue limit, as found by this request
         attempts = 0
+        refusals: list[Failure] = []  # the request itself refused, by the experts tried
         for ranked in ranking:
             left = end - time.monotonic()
             if attempts >= self.limits.max_attempts or left <= 0:
@@ -280,11 +295,16 @@ class Ingress:
                     self.telemetry.answered(endpoint, ranked.expert, ranked.predicted_loss)
                     return ranked.expert, answer, skipped
                 if answer.client:
-                    raise BadRequest(answer.message, "messages")
-                logger.error("expert %s failed on this request: %s", ranked.expert, answer.message)
-                reason = "failed"
+                    logger.info("expert %s refused the request: %s", ranked.expert, answer.message)
+                    refusals.append(answer)
+                    reason = "refused"
+                else:
+                    logger.error("expert %s failed on it: %s", ranked.expert, answer.message)
+                    reason = "failed"
             self.telemetry.fallback(ranked.expert, reason)
             skipped.append(ranked.expert)
+        if refusals and len(refusals) == attempts:
+            raise BadRequest(refusals[0].message, "messages")
         if busy is not None:
             raise Overloaded(
                 f"the experts that could answer are busy ({', '.join(skipped)}); retry shortly",

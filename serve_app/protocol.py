@@ -183,8 +183,9 @@ class InferResponse(RouteResponse):
     output: Any = Field(description="Generated text, or the fill-mask predictions.")
     skipped: list[str] = Field(
         default_factory=list,
-        description="Experts ranked higher that were tried and failed, were busy or gave no "
-        "answer in time (not those of a pool that had already refused the request).",
+        description="Experts ranked higher that were tried and failed, refused the request, "
+        "were busy or gave no answer in time (not those of a pool that had already refused "
+        "the request for a full queue).",
     )
     fallback: bool = Field(
         False, description="Whether an expert below the first of the ranking answered."

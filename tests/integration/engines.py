@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from serve_app.experts import HFExpert
+from serve_app.router import LearnedRouter
 
 
 class BrokenGenerator(HFExpert):
@@ -90,3 +91,45 @@ def load_device_fault_once(model: str, task: str) -> DeviceFaultOnce:
 def load_unloadable(model: str, task: str) -> HFExpert:
     """An expert whose weights cannot be loaded (a corrupt or missing file)."""
     raise OSError(f"simulated unreadable weights at {model}")
+
+
+#: A chat template that refuses a system message, as Mistral's and Gemma 2's own templates do.
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+)
+
+
+def load_no_system_role(model: str, task: str) -> HFExpert:
+    """A real model whose chat template refuses a system message."""
+    expert = HFExpert(model, task)
+    expert.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    return expert
+
+
+def wedge_marker(checkpoint: str | Path) -> Path:
+    """While this file exists, WedgingRouter's device hangs (per router checkpoint)."""
+    digest = hashlib.sha1(str(Path(checkpoint).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"tryage-wedged-router-{digest}"
+
+
+class WedgingRouter(LearnedRouter):
+    """A real router whose device hangs while its wedge_marker exists (at most a minute), as
+    a stuck GPU would: it neither answers nor fails."""
+
+    def __init__(self, encoder: str, checkpoint: str | Path, revision: str | None = None):
+        super().__init__(encoder, checkpoint, revision=revision)
+        self.marker = wedge_marker(checkpoint)
+
+    def predict(self, prompts: list[str]) -> list[dict[str, float]]:
+        end = time.monotonic() + 60
+        while self.marker.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        return super().predict(prompts)
+
+
+def load_wedging_router(
+    encoder: str, checkpoint: str | Path, revision: str | None = None
+) -> WedgingRouter:
+    return WedgingRouter(encoder, checkpoint, revision=revision)

@@ -15,7 +15,10 @@ from tests.integration.engines import (
     fault_marker,
     load_broken,
     load_device_fault_once,
+    load_no_system_role,
     load_slow,
+    load_wedging_router,
+    wedge_marker,
 )
 
 TIMEOUT_S = 3.0
@@ -114,3 +117,103 @@ def test_a_client_that_leaves_a_stream_stops_the_generation(api):
     # The client has gone: the expert stops at its next token, long before 20 s.
     wait_for(lambda: handle.info.remote().result()["streaming"] == 0, 10, "the stream to stop")
     assert time.monotonic() - left < 15
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_chunk_and_done(api):
+    # gen-s streams a token every 0.1 s; its replica is killed mid-stream, as a crash would.
+    import json
+
+    import ray
+
+    body = {"model": "gen-s", "prompt": "Tell me everything.", "max_tokens": 200, "stream": True}
+    with api.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(3)]  # tokens are coming
+        prefix = "SERVE_REPLICA::fallback#gen-s#"
+        (name,) = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(prefix)
+        ]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "error"
+
+
+#: The deadline of a request to the "refusals" app: its router may hang (WedgingRouter).
+DEADLINE_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def refusing(serve_port, smoke_library) -> httpx.Client:
+    # The smoke library, but gen-xs's chat template refuses a system message and the router's
+    # device hangs while its wedge marker exists.
+    library = load_library(smoke_library)
+    wedge_marker(library.router.checkpoint).unlink(missing_ok=True)
+    ingress = library.ingress.model_copy(update={"request_timeout_s": DEADLINE_S})
+    app = build_graph(
+        library.model_copy(update={"ingress": ingress}),
+        load_router=load_wedging_router,
+        load_experts={"gen-xs": load_no_system_role},
+    )
+    serve.run(app, name="refusals", route_prefix="/refusals")
+    warm({"refusals": ("gen-xs", "gen-m")})
+    with client(serve_port, "/refusals") as c:
+        yield c
+    wedge_marker(library.router.checkpoint).unlink(missing_ok=True)
+    undeploy("refusals")
+
+
+def chat(model: str, experts: list[str] | None = None) -> dict:
+    """A chat with a system message, routed among `experts` or pinned to `model`."""
+    body = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello."},
+        ],
+        "max_tokens": 3,
+    }
+    if experts:
+        body["tryage"] = {"experts": experts, "weights": {"size": 50}}
+    return body
+
+
+def test_an_expert_that_refuses_the_request_passes_it_to_the_next(refusing):
+    # gen-xs ranks first, and its template refuses the system message: gen-m answers.
+    r = refusing.post("/v1/chat/completions", json=chat("tryage", ["gen-xs", "gen-m"]))
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "gen-m"
+    assert r.headers["x-tryage-fallback"] == "true"
+    stream = {**chat("tryage", ["gen-xs", "gen-m"]), "stream": True}
+    r = refusing.post("/v1/chat/completions", json=stream)
+    assert r.status_code == 200 and r.headers["x-tryage-expert"] == "gen-m", r.text
+    assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_request_every_expert_refuses_is_a_400_naming_why(refusing):
+    for body in (chat("gen-xs"), {**chat("gen-xs"), "stream": True}):
+        r = refusing.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "System role not supported" in err["message"]
+    assert refusing.post("/v1/chat/completions", json=chat("gen-m")).status_code == 200
+
+
+def test_a_hung_router_is_a_503_at_the_deadline_and_the_service_recovers(refusing, smoke_library):
+    marker = wedge_marker(load_library(smoke_library).router.checkpoint)
+    marker.write_text("wedged")
+    try:
+        start = time.monotonic()
+        r = refusing.post("/v1/route", json={"prompt": "hello"})
+        waited = time.monotonic() - start
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.json()["error"]["code"] == "no_expert_available"
+        assert DEADLINE_S - 1 < waited < DEADLINE_S + 20
+    finally:
+        marker.unlink(missing_ok=True)
+    r = refusing.post("/v1/route", json={"prompt": "hello"})
+    assert r.status_code == 200, r.text
