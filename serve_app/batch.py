@@ -9,6 +9,7 @@ group fails its requests run one by one, so the failure lands on the request tha
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from itertools import groupby
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ T = TypeVar("T")
 
 #: Text of exceptions that mean the device is broken, not the request: the replica reports
 #: itself unhealthy (check_health) and Serve replaces it.
-DEVICE_FAULTS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "out of memory")
+DEVICE_FAULTS = ("CUDA error", "device-side assert", "CUBLAS_STATUS")
 
 
 def isolated(
@@ -66,9 +67,27 @@ def _seen(err: BaseException, on_fault: Callable[[BaseException], None] | None) 
 
 
 def is_device_fault(err: BaseException) -> bool:
-    """Whether an exception says the accelerator itself is broken."""
+    """Whether an exception says the accelerator itself is broken. Running out of its memory
+    is not: one batch or prompt too large for it fails alone (isolated reruns the others one
+    by one), and replacing the replica would cost every other request on it its answer."""
+    if is_out_of_memory(err):
+        return False
     text = f"{type(err).__name__}: {err}"
     return any(marker in text for marker in DEVICE_FAULTS)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether an exception is the accelerator running out of memory (torch's
+    OutOfMemoryError, or the CUDA runtime's "out of memory")."""
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+def free_device_cache() -> None:
+    """Hand torch's cached accelerator memory back after an out-of-memory error, so the
+    requests rerun one by one have room (no-op without torch or CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class DeviceHealth:
@@ -83,5 +102,7 @@ class DeviceHealth:
             raise RuntimeError(f"the device is broken: {self.fault}")
 
     def _noticed(self, err: BaseException) -> None:
-        if is_device_fault(err):
+        if is_out_of_memory(err):
+            free_device_cache()
+        elif is_device_fault(err):
             self.fault = f"{type(err).__name__}: {err}"[:500]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from serve_app.batch import is_device_fault, isolated
+import pytest
+
+from serve_app.batch import DeviceHealth, is_device_fault, isolated
 from serve_app.protocol import Failure
 
 
@@ -39,3 +41,27 @@ def test_every_exception_is_shown_to_the_fault_hook():
 def test_device_faults_are_told_from_request_faults():
     assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
     assert not is_device_fault(ValueError("bad seed"))
+
+
+def test_running_out_of_device_memory_fails_the_request_not_the_replica():
+    # One batch too large for the GPU: its requests rerun one by one, the one that still does
+    # not fit fails alone, and the replica stays healthy (no replacement, no lost answers).
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    oom = OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not is_device_fault(oom)
+    assert not is_device_fault(RuntimeError("CUDA error: out of memory"))
+
+    def run(_: tuple, group: list[int]) -> list[int]:
+        if sum(group) > 10:  # the memory a batch takes grows with its prompts
+            raise oom
+        return [x * 2 for x in group]
+
+    health = DeviceHealth()
+    out = isolated([3, 4, 20], lambda _: (), run, health._noticed)
+    assert out[:2] == [6, 8] and isinstance(out[2], Failure)
+    health.check_health()  # still healthy
+    health._noticed(RuntimeError("CUDA error: device-side assert triggered"))
+    with pytest.raises(RuntimeError, match="the device is broken"):
+        health.check_health()
