@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import objective
 from serve_app.answers import Generation, has_mask
-from serve_app.api import API_KEYS_ENV, Guard, create_api
+from serve_app.api import Guard, create_api
 from serve_app.config import POOL_PREFIX, ExpertConfig, LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.learn.route import check_prompt
@@ -182,7 +182,7 @@ class Ingress:
         api.state.telemetry = self.telemetry  # the error handlers count rejections
         api.state.guard = Guard(
             max_body_bytes=self.limits.max_body_bytes,
-            api_keys=Guard.keys_from(os.environ.get(API_KEYS_ENV)),
+            key_digests=Guard.digests_from(os.environ),
         )
 
     # routing ----------------------------------------------------------------------------------

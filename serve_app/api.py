@@ -3,10 +3,12 @@ HTTP answers here and nowhere else, all in the one error shape (serve_app.protoc
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,17 @@ ERROR_RESPONSES = {
 
 #: The environment variable with the accepted API keys (comma-separated).
 API_KEYS_ENV = "TRYAGE_API_KEYS"
+#: Where the builder hands the keys to the ingress replicas: their SHA-256 digests (hex,
+#: comma-separated). Serve's REST API shows every deployment's runtime environment, so the
+#: keys themselves never go there.
+API_KEY_DIGESTS_ENV = "TRYAGE_API_KEY_DIGESTS"
+
+
+def key_digest(key: str) -> str:
+    """An API key's SHA-256, hex: what the ingress keeps and compares."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 #: Paths open without a key: the load balancer's health check.
 OPEN_PATHS = ("/healthz",)
 
@@ -73,12 +86,19 @@ class Guard:
     """What the ingress checks before FastAPI reads a request: body size, API key."""
 
     max_body_bytes: int = 1 << 20
-    api_keys: list[str] = field(default_factory=list)
+    key_digests: list[str] = field(default_factory=list)  # key_digest of each accepted key
 
     @staticmethod
     def keys_from(value: str | None) -> list[str]:
         """The keys of a TRYAGE_API_KEYS value: comma-separated, blanks ignored."""
         return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+    @classmethod
+    def digests_from(cls, environ: Mapping[str, str]) -> list[str]:
+        """The accepted keys' digests: of TRYAGE_API_KEYS (set in the Ray processes'
+        environment) and TRYAGE_API_KEY_DIGESTS (from the builder)."""
+        digests = [key_digest(k) for k in cls.keys_from(environ.get(API_KEYS_ENV))]
+        return digests + [d.lower() for d in cls.keys_from(environ.get(API_KEY_DIGESTS_ENV))]
 
     def authorised(self, headers: dict[bytes, bytes]) -> bool:
         """Whether the Authorization header carries an accepted key (constant-time compare)."""
@@ -86,9 +106,10 @@ class Guard:
         scheme, _, key = given.partition(" ")
         if scheme.lower() != "bearer" or not key:
             return False
+        digest = key_digest(key.strip()).encode()
         found = False
-        for accepted in self.api_keys:  # no early exit: the time does not tell which key
-            found |= hmac.compare_digest(key.strip().encode(), accepted.encode())
+        for accepted in self.key_digests:  # no early exit: the time does not tell which key
+            found |= hmac.compare_digest(digest, accepted.encode())
         return found
 
 
@@ -110,7 +131,7 @@ class GuardMiddleware:
         headers = dict(scope.get("headers") or [])
         path, root = scope["path"], scope.get("root_path") or ""
         path = path[len(root) :] if root and path.startswith(root) else path  # under a prefix
-        if guard.api_keys and path not in OPEN_PATHS and not guard.authorised(headers):
+        if guard.key_digests and path not in OPEN_PATHS and not guard.authorised(headers):
             message = "a valid API key is needed: send the header 'Authorization: Bearer <key>'"
             return await _send_error(
                 send,

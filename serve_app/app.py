@@ -18,7 +18,7 @@ from deployments.ingress import Ingress
 from deployments.pool import PoolDeployment
 from deployments.remote import RemoteExpertDeployment
 from deployments.router import RouterDeployment
-from serve_app.api import API_KEYS_ENV
+from serve_app.api import API_KEY_DIGESTS_ENV, API_KEYS_ENV, Guard, key_digest
 from serve_app.config import ExpertConfig, LibraryConfig, load_library
 from serve_app.loaders import load_expert, load_router
 
@@ -94,5 +94,7 @@ def build_graph(
     experts = {
         e.name: pooled.get(e.name) or _expert(e, library, load_experts) for e in library.experts
     }
-    ingress = library.ingress.serve_options(api_keys=os.environ.get(API_KEYS_ENV))
+    # The API keys reach the ingress as digests: Serve's REST API shows runtime environments.
+    digests = ",".join(key_digest(k) for k in Guard.keys_from(os.environ.get(API_KEYS_ENV)))
+    ingress = library.ingress.serve_options({API_KEY_DIGESTS_ENV: digests} if digests else None)
     return Ingress.options(**ingress).bind(library, router, experts)

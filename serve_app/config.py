@@ -483,15 +483,15 @@ class IngressConfig(_Strict):
         BackpressureConfig.model_validate(value)  # forbids unknown keys itself
         return value
 
-    def serve_options(self, api_keys: str | None = None) -> dict[str, Any]:
-        """The ingress deployment's `.options(...)`. `api_keys` (TRYAGE_API_KEYS of the
-        process that builds the app) reaches the replicas through their runtime environment,
-        never through a file."""
+    def serve_options(self, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+        """The ingress deployment's `.options(...)`. `env_vars` (the digests of the API keys
+        of the process that builds the app) reach the replicas through their runtime
+        environment, never through a file."""
         actor = dict(self.resources)
-        if api_keys:
+        if env_vars:
             runtime_env = dict(actor.get("runtime_env") or {})
-            env_vars = {**runtime_env.get("env_vars", {}), "TRYAGE_API_KEYS": api_keys}
-            actor["runtime_env"] = {**runtime_env, "env_vars": env_vars}
+            merged = {**runtime_env.get("env_vars", {}), **env_vars}
+            actor["runtime_env"] = {**runtime_env, "env_vars": merged}
         return {
             "name": INGRESS_DEPLOYMENT,
             "ray_actor_options": actor,

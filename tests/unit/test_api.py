@@ -6,7 +6,7 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from deployments.ingress import _head
-from serve_app.api import Guard, create_api
+from serve_app.api import Guard, create_api, key_digest
 from serve_app.protocol import ChatRequest, CompletionRequest, ModelCard, RouteRequest
 
 
@@ -51,7 +51,8 @@ def test_without_keys_every_request_passes():
 
 
 def test_with_keys_a_request_needs_a_bearer_key_but_healthz_does_not():
-    client = _client(Guard(api_keys=["k1", "k2"]))
+    environ = {"TRYAGE_API_KEYS": "k1", "TRYAGE_API_KEY_DIGESTS": key_digest("k2")}
+    client = _client(Guard(key_digests=Guard.digests_from(environ)))
     r = client.post("/echo", json={})
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"
@@ -60,6 +61,9 @@ def test_with_keys_a_request_needs_a_bearer_key_but_healthz_does_not():
     assert bad.status_code == 401
     ok = client.post("/echo", json={"x": 2}, headers={"Authorization": "Bearer k2"})
     assert ok.status_code == 200 and ok.json() == {"x": 2}
+    assert client.post("/echo", json={}, headers={"Authorization": "Bearer k1"}).status_code == 200
+    digest = {"Authorization": f"Bearer {key_digest('k2')}"}  # the digest is not a key
+    assert client.post("/echo", json={}, headers=digest).status_code == 401
     assert client.get("/healthz").status_code == 200
 
 

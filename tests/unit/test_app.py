@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
+from serve_app.api import key_digest
 from serve_app.app import build_app
 from serve_app.config import EXPERT_AUTOSCALING_DEFAULTS, LibraryError, load_library
 
@@ -22,6 +25,18 @@ def test_every_expert_gets_a_deployment_named_after_it(smoke_library):
     assert router.name == "Router"
     assert list(experts) == library.names
     assert [d.name for d in experts.values()] == library.names
+
+
+def test_api_keys_reach_the_ingress_as_digests_only(smoke_library, monkeypatch):
+    # Serve's REST API (GET /api/serve/applications/) shows every deployment's
+    # ray_actor_options, runtime environment included: the keys must not be there.
+    monkeypatch.setenv("TRYAGE_API_KEYS", "sk-first, sk-second")
+    ingress, _, _ = _graph(build_app({"library": str(smoke_library)}))
+    options = json.dumps(ingress.ray_actor_options)
+    assert "sk-first" not in options and "sk-second" not in options
+    env_vars = ingress.ray_actor_options["runtime_env"]["env_vars"]
+    digests = f"{key_digest('sk-first')},{key_digest('sk-second')}"
+    assert env_vars == {"TRYAGE_API_KEY_DIGESTS": digests}
 
 
 def test_library_options_reach_serve(smoke_library, tmp_path):
