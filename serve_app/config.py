@@ -80,7 +80,8 @@ def _check_autoscaling(value: dict[str, Any]) -> dict[str, Any]:
 def _merge_autoscaling(value: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """An autoscaling config merged over `defaults`, validated."""
     merged = {**defaults, **value}
-    if "initial_replicas" not in value:  # Serve wants min <= initial: start at the minimum
+    if "initial_replicas" in defaults and "initial_replicas" not in value:
+        # Serve wants min <= initial: start at the minimum
         merged["initial_replicas"] = max(merged["initial_replicas"], merged["min_replicas"])
     return _check_autoscaling(merged)
 
@@ -147,7 +148,9 @@ class RouterConfig(_Strict):
     )
     autoscaling: dict[str, Any] = Field(
         default_factory=lambda: dict(ROUTER_AUTOSCALING_DEFAULTS),
-        description="Serve autoscaling_config of the router; replaces the defaults when given.",
+        validate_default=True,
+        description="Serve autoscaling_config of the router; merged over the defaults (at "
+        "least one replica, at most 2, 16 ongoing requests each).",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once.")
     max_queued_requests: int = Field(
@@ -172,7 +175,11 @@ class RouterConfig(_Strict):
     )
 
     _actor = field_validator("resources")(_check_actor_options)
-    _scale = field_validator("autoscaling")(_check_autoscaling)
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _merge_autoscaling(value, ROUTER_AUTOSCALING_DEFAULTS)
 
     def serve_options(self, ingress: IngressConfig) -> dict[str, Any]:
         """The router deployment's `.options(...)`."""

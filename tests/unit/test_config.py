@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from serve_app.config import (
     EXPERT_AUTOSCALING_DEFAULTS,
+    ROUTER_AUTOSCALING_DEFAULTS,
     LibraryError,
     load_library,
     minilm_path,
@@ -109,6 +110,19 @@ def test_router_autoscaling_and_resources_are_kept_as_written(smoke_library):
         "upscale_delay_s": 2.0,
     }
     assert router.resources == {"num_cpus": 0.5}
+
+
+def test_a_partial_router_autoscaling_is_merged_over_the_defaults(variant):
+    # As the experts': raising max_replicas keeps the router's target of 16 (not Serve's 2).
+    path = variant(lambda raw: raw["router"].update(autoscaling={"max_replicas": 4}))
+    router = load_library(path).router
+    assert router.autoscaling == {**ROUTER_AUTOSCALING_DEFAULTS, "max_replicas": 4}
+    assert (
+        router.serve_options(load_library(path).ingress)["autoscaling_config"][
+            "target_ongoing_requests"
+        ]
+        == 16
+    )
 
 
 def test_the_smoke_router_keeps_one_replica_on_a_gpu():
