@@ -40,6 +40,7 @@ FLAGS = {
 # in the prompt's length even for thousands of unclosed `[flag:` (the body of a marker has no
 # brackets anyway).
 _FLAG = re.compile(r"\[\s*flag\s*:([^\[\]]*)\][ \t]?", re.IGNORECASE)
+_FLAG_AT_END = re.compile(_FLAG.pattern + r"\s*\Z", re.IGNORECASE)
 
 
 class ExpertMeta(Protocol):
@@ -150,7 +151,21 @@ def parse_flags(prompt: str) -> tuple[str, dict[str, float]]:
         check_weights(weights)
     except ValueError as err:
         raise BadRequest(f"in a flag: {err}", "prompt") from None
-    return _FLAG.sub("", prompt).strip(), weights
+    return _without_flags(prompt), weights
+
+
+def _without_flags(prompt: str) -> str:
+    """The prompt without its markers. Its own whitespace is kept (a completion prompt's
+    trailing indentation or "A: " is part of what the expert continues); only whitespace
+    that a marker at the very start or end leaves behind goes."""
+    text = _FLAG.sub("", prompt)
+    if text == prompt:
+        return prompt
+    if _FLAG.match(prompt, len(prompt) - len(prompt.lstrip())):
+        text = text.lstrip()
+    if _FLAG_AT_END.search(prompt):
+        text = text.rstrip()
+    return text
 
 
 def user_layer(

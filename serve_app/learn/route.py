@@ -71,7 +71,7 @@ def check_prompt(library: LibraryConfig, prompt: str) -> tuple[str, dict[str, fl
     if not library.policy.prompt_flags:
         return prompt, {}
     clean, flags = objective.parse_flags(prompt)
-    if not clean:
+    if not clean.strip():
         raise BadRequest("prompt is empty once its [flag: ...] markers are removed", "prompt")
     return clean, flags
 

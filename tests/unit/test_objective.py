@@ -221,6 +221,21 @@ def test_a_prompt_without_flags_is_unchanged():
     assert objective.parse_flags("Explain [brackets] please") == ("Explain [brackets] please", {})
 
 
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("def add(a, b):\n    ", "def add(a, b):\n    "),  # the indentation is continued
+        ("Q: 2+2?\nA: ", "Q: 2+2?\nA: "),
+        ("\n\nHuman: hi\n\nAssistant: ", "\n\nHuman: hi\n\nAssistant: "),
+        ("[flag: smallest] def f():\n    ", "def f():\n    "),
+        ("  [flag: smallest]\n\nWrite a poem", "Write a poem"),
+        ("Explain recursion [flag: smallest]\n", "Explain recursion"),
+    ],
+)
+def test_a_prompt_keeps_its_own_whitespace_and_loses_what_a_marker_left(prompt, expected):
+    assert objective.parse_flags(prompt)[0] == expected
+
+
 def test_an_unknown_flag_is_a_bad_request_naming_it():
     with pytest.raises(BadRequest, match="'fastest'") as err:
         objective.parse_flags("[flag: fastest] hi")
