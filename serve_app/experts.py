@@ -40,8 +40,8 @@ def pick_device() -> torch.device:
 
 
 def context_length(model: Any) -> int:
-    """Positions the model can attend to."""
-    cfg = model.config
+    """Positions the model can attend to (a multimodal model's text model's)."""
+    cfg = model.config.get_text_config()
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
@@ -71,6 +71,15 @@ class HFExpert:
         )
         self.model.to(self.device).eval()
         self.max_length = min(context_length(self.model), 4096)
+        # A fast tokenizer keeps its truncation and padding settings in itself and sets them on
+        # each call: calls from two threads (a stream's and a batch's) would encode with each
+        # other's settings. Every encoding of this expert takes this lock.
+        self._tokenizing = threading.Lock()
+        # Where an answer ends: the tokenizer's EOS and every end id the model's generation
+        # config names (an instruct model's end-of-turn), as model.generate stops on them.
+        ends = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ends = ends if isinstance(ends, list) else [ends]
+        self.end_ids = {i for i in [self.tokenizer.eos_token_id, *ends] if i is not None}
         # A prompt longer than the context keeps its end: that is what a continuation follows.
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -82,7 +91,7 @@ class HFExpert:
 
     def _encode(self, text: str, budget: int) -> tuple[list[int], int]:
         """Token ids of `text` (no special tokens), cut to `budget`, and the bytes they cover."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenize(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if len(ids) <= budget:
             return ids, len(text.encode("utf-8"))
@@ -103,7 +112,7 @@ class HFExpert:
         assert start is not None, "a causal tokenizer needs a BOS or EOS token to start from"
         encoded = [self._encode(t, self.max_length - 1) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
-        vocab = int(self.model.config.vocab_size)
+        vocab = int(self.model.config.get_text_config().vocab_size)
         scores: list[Score | None] = [None] * len(texts)
         for group in _groups(order, lambda j: (len(encoded[j][0]) + 1) * vocab, budget):
             width = len(encoded[group[-1]][0]) + 1  # sorted: the last is the longest
@@ -139,6 +148,11 @@ class HFExpert:
             bits += float(-logp.sum() / LN2)
         return Score(bits=bits, bytes=nbytes, tokens=len(ids))
 
+    def tokenize(self, *args: Any, **kwargs: Any) -> Any:
+        """The tokenizer's encoding, one thread at a time (see __init__)."""
+        with self._tokenizing:
+            return self.tokenizer(*args, **kwargs)
+
     # --- serving ----------------------------------------------------------------------------
 
     def new_tokens(self, asked: int, prompt_tokens: int = 1) -> int:
@@ -157,29 +171,55 @@ class HFExpert:
         seed: int = 0,
         stop: tuple[str, ...] = (),
         deadline: float | None = None,
+        chat: bool = False,
     ) -> list[Generation]:
         """Continue each prompt; greedy unless temperature >= MIN_TEMPERATURE (then seeded
-        sampling). Prompt and new tokens always fit the context: max_new_tokens is clamped to
-        what fits beside the prompt (which keeps at least half the context), and a prompt
-        longer than the rest keeps its last tokens. An answer ends before the first of the
-        `stop` strings. Generation stops where it is at `deadline` (time.time()), as a request
-        that timed out needs no more tokens."""
-        tok = self.tokenizer
-        lengths = tok(prompts, truncation=True, max_length=self.max_length)["input_ids"]
-        longest = max(len(ids) for ids in lengths)
-        max_new_tokens = self.new_tokens(max_new_tokens, longest)
-        budget = self.max_length - max_new_tokens
-        enc = tok(
+        sampling, the same for a prompt alone or in any batch: SeededSampling). Prompt and new
+        tokens always fit the context: each prompt's max_new_tokens is clamped to what fits
+        beside it (the prompt keeps at least half the context), never to what fits beside
+        another prompt of the batch, and a prompt longer than the rest keeps its last tokens.
+        An answer ends before the first of the `stop` strings. Generation stops where it is at
+        `deadline` (time.time()), as a request that timed out needs no more tokens. `chat`:
+        the prompts were rendered by the chat template, which writes its own special tokens
+        (a BOS among them), so none are added."""
+        special = not chat
+        lengths = self.tokenize(
+            prompts, truncation=True, max_length=self.max_length, add_special_tokens=special
+        )["input_ids"]
+        caps = [self.new_tokens(max_new_tokens, len(ids)) for ids in lengths]
+        out: list[Generation | None] = [None] * len(prompts)
+        for cap in sorted(set(caps)):  # prompts that may have as many new tokens run together
+            idx = [i for i, c in enumerate(caps) if c == cap]
+            group = [prompts[i] for i in idx]
+            answers = self._generate(group, cap, temperature, top_p, seed, stop, deadline, special)
+            for i, answer in zip(idx, answers, strict=True):
+                out[i] = answer
+        return out  # type: ignore[return-value]
+
+    def _generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stop: tuple[str, ...],
+        deadline: float | None,
+        special: bool,
+    ) -> list[Generation]:
+        """One padded batch of prompts that fit the context beside max_new_tokens."""
+        enc = self.tokenize(
             prompts,
             return_tensors="pt",
             padding=True,
             padding_side="left",
             truncation=True,
-            max_length=budget,
+            max_length=self.max_length - max_new_tokens,
+            add_special_tokens=special,
         ).to(self.device)
         start = enc["input_ids"].shape[1]
         ended: dict[int, int] = {}  # row -> new tokens when a stop string ended it
-        stopping = _until(deadline, None, start, stop, tok, ended)
+        stopping = _until(deadline, None, start, stop, self.tokenizer, ended)
         out = self._run(enc, max_new_tokens, temperature, top_p, seed, stopping)
         new = out[:, start:]  # (B, new)
         return [
@@ -195,11 +235,12 @@ class HFExpert:
         max_new_tokens: int,
         ended: int | None = None,
     ) -> Generation:
-        """One generated row as an answer: up to EOS, or its first `ended` tokens where a stop
-        string ended it (the batch goes on padding it), the text cut before that string."""
+        """One generated row as an answer: up to its first end id (self.end_ids), or its first
+        `ended` tokens where a stop string ended it (the batch goes on padding it), the text
+        cut before that string."""
         tok = self.tokenizer
-        eos = tok.eos_token_id
-        end = min(row.index(eos) if eos in row else len(row), len(row) if ended is None else ended)
+        end = next((i for i, t in enumerate(row) if t in self.end_ids), len(row))
+        end = end if ended is None else min(end, ended)
         kept = row[:end]
         text = tok.decode(kept, skip_special_tokens=True)
         cut = stop_at(text, stop)
@@ -222,20 +263,25 @@ class HFExpert:
         stopping: Any,
         streamer: Any = None,
     ) -> torch.Tensor:
-        """model.generate: greedy, or seeded sampling from MIN_TEMPERATURE up."""
-        sample = temperature >= MIN_TEMPERATURE
-        if sample:
-            torch.manual_seed(seed)
+        """model.generate: greedy, or from MIN_TEMPERATURE up sampling with a generator of its
+        own per row (SeededSampling), which picks the token greedy decoding then takes."""
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList()
+        if temperature >= MIN_TEMPERATURE:
+            rows = enc["input_ids"].shape[0]
+            processors.append(SeededSampling(rows, temperature, top_p, seed, self.device))
         return self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
             stopping_criteria=stopping,
+            logits_processor=processors,
         )
 
     def stream(
@@ -248,19 +294,26 @@ class HFExpert:
         stop: tuple[str, ...] = (),
         deadline: float | None = None,
         cancel: threading.Event | None = None,
+        chat: bool = False,
     ) -> Iterator[str | Generation]:
         """Continue one prompt as `generate` does, yielding text as it is decoded (transformers'
         TextIteratorStreamer; text that may begin a stop string is held back until it does
         not), then the whole answer as a Generation (for usage). Setting `cancel` ends the
         generation at the next token."""
         tok = self.tokenizer
-        length = len(tok(prompt, truncation=True, max_length=self.max_length)["input_ids"])
+        special = not chat
+        length = len(
+            self.tokenize(
+                prompt, truncation=True, max_length=self.max_length, add_special_tokens=special
+            )["input_ids"]
+        )
         max_new_tokens = self.new_tokens(max_new_tokens, length)
-        enc = tok(
+        enc = self.tokenize(
             [prompt],
             return_tensors="pt",
             truncation=True,
             max_length=self.max_length - max_new_tokens,
+            add_special_tokens=special,
         ).to(self.device)
         streamer = _token_streamer(tok)
         done: dict[str, Any] = {}
@@ -304,7 +357,7 @@ class HFExpert:
         """Top predictions for every mask in each prompt, and the prompt filled with the best."""
         tok = self.tokenizer
         texts = [MASK_MARKERS.sub(tok.mask_token, p) for p in prompts]
-        enc = tok(
+        enc = self.tokenize(
             texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
         ).to(self.device)
         logits = self.model(**enc).logits.float()  # (B, T, V)
@@ -324,12 +377,41 @@ class HFExpert:
                         for s, i in zip(p.tolist(), ids.tolist(), strict=True)
                     ]
                 )
-            parts = text.split(tok.mask_token)  # masks cut off by truncation stay as they are
+            # A prompt longer than the context keeps its end, so the masks it lost are its first
+            # ones: they stay as they are, and the predictions fill the last.
+            parts = text.split(tok.mask_token)
             best = [choices[0]["token"] for choices in masks]
-            best += [tok.mask_token] * (len(parts) - 1 - len(best))
+            best = [tok.mask_token] * (len(parts) - 1 - len(best)) + best
             filled = parts[0] + "".join(b + p for b, p in zip(best, parts[1:], strict=True))
             results.append(Filled(text=filled, masks=masks))
         return results
+
+
+class SeededSampling:
+    """Sampling as a logits processor: temperature, then top-p, then one token drawn per row
+    from a generator of its own seeded with the request's seed; every other token gets -inf,
+    so greedy decoding takes the drawn one. torch's global generator is shared by every
+    thread of the replica and by the rows of a batch, so seeding it gave a request a
+    different answer beside other requests; with a generator per row the same request gives
+    the same answer alone, in any batch, beside any other generation."""
+
+    def __init__(self, rows: int, temperature: float, top_p: float, seed: int, device: Any):
+        self.temperature, self.top_p = temperature, top_p
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature  # (B, V)
+        if self.top_p < 1.0:  # the fewest most likely tokens that hold top_p of the mass
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            beyond = probs.cumsum(-1) - probs >= self.top_p  # the first always stays
+            ordered = ordered.masked_fill(beyond, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, ordered)
+        probs = logits.softmax(-1)
+        picks = torch.cat(
+            [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)]
+        )  # (B,)
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks[:, None], 0.0)
 
 
 def _token_streamer(tokenizer: Any) -> Any:
@@ -429,10 +511,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     safe = []
     for m in messages:
         content = m["content"]
+        # OpenAI's newer name for the system role; chat templates know only "system".
+        role = "system" if m["role"] == "developer" else m["role"]
         for token in specials:
             if token in content:
                 content = content.replace(token, token[0] + DEFUSE + token[1:])
-        safe.append({"role": m["role"], "content": content})
+        safe.append({"role": role, "content": content})
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(safe, tokenize=False, add_generation_prompt=True)
     return "\n".join([*(f"{m['role']}: {m['content']}" for m in safe), "assistant:"])

@@ -563,8 +563,8 @@ class Failure(BaseModel):
     """One request of a batch that could not be answered; the rest of the batch was.
 
     `client`: the request itself caused it (a chat template that refuses the messages, say):
-    the answer is a 400 and no other expert is tried. Otherwise the expert failed: the next
-    in the ranking is tried."""
+    the next expert in the ranking may take it, and a request every expert tried refuses is a
+    400. Otherwise the expert failed: the next in the ranking is tried."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -43,7 +43,7 @@ class ExpertCalls(DeviceHealth):
     ) -> list[Generation | Failure]:
         # A prompt that cannot be rendered (a chat template refusing the messages) is the
         # request's own fault: it fails alone, as a client error, and never reaches the model.
-        prompts: dict[int, str] = {}
+        prompts: dict[int, tuple[str, bool]] = {}
         out: list[Generation | Failure | None] = [None] * len(requests)
         for i, request in enumerate(requests):
             try:
@@ -52,11 +52,16 @@ class ExpertCalls(DeviceHealth):
                 out[i] = Failure(message=f"the chat cannot be rendered: {err}", client=True)
         todo = [i for i in range(len(requests)) if out[i] is None]
 
-        def run(settings: tuple, group: list[int]) -> list[Generation]:
-            deadline = min((d for i in group if (d := requests[i].deadline)), default=None)
-            return engine.generate([prompts[i] for i in group], *settings, deadline)
+        def settings(i: int) -> tuple:  # templated chats and plain prompts run apart
+            return (*requests[i].generation_settings(), prompts[i][1])
 
-        answers = isolated(todo, lambda i: requests[i].generation_settings(), run, self._noticed)
+        def run(shared: tuple, group: list[int]) -> list[Generation]:
+            *generation, chat = shared
+            deadline = min((d for i in group if (d := requests[i].deadline)), default=None)
+            texts = [prompts[i][0] for i in group]
+            return engine.generate(texts, *generation, deadline, chat=chat)
+
+        answers = isolated(todo, settings, run, self._noticed)
         for i, answer in zip(todo, answers, strict=True):
             out[i] = answer
         return out  # type: ignore[return-value]
@@ -68,7 +73,7 @@ class ExpertCalls(DeviceHealth):
         A request that cannot start yields one Failure. When the caller goes away (the client
         disconnected), the generation stops at its next token."""
         try:
-            prompt = _prompt(engine, request)
+            prompt, chat = _prompt(engine, request)
         except Exception as err:
             yield Failure(message=f"the chat cannot be rendered: {err}", client=True)
             return
@@ -80,7 +85,8 @@ class ExpertCalls(DeviceHealth):
         def work() -> None:
             self.streaming += 1
             try:
-                for item in engine.stream(prompt, *settings, request.deadline, cancel):
+                stream = engine.stream(prompt, *settings, request.deadline, cancel, chat=chat)
+                for item in stream:
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except Exception as err:
                 self._noticed(err)
@@ -109,14 +115,16 @@ class ExpertCalls(DeviceHealth):
         return isolated(texts, lambda _: (), run, self._noticed)
 
 
-def _prompt(engine: HFExpert, request: ExpertRequest) -> str:
-    """The request's prompt; a chat is rendered with the expert's chat template (or a plain
-    transcript), message text unable to forge a role (serve_app.experts)."""
+def _prompt(engine: HFExpert, request: ExpertRequest) -> tuple[str, bool]:
+    """The request's prompt, and whether the expert's chat template wrote it (then it holds
+    its own special tokens); a chat is rendered with the template (or as a plain transcript),
+    message text unable to forge a role (serve_app.experts)."""
     if request.messages is None:
-        return request.prompt or ""
+        return request.prompt or "", False
     from serve_app.experts import render_chat
 
-    return render_chat(engine.tokenizer, request.messages)
+    templated = bool(getattr(engine.tokenizer, "chat_template", None))
+    return render_chat(engine.tokenizer, request.messages), templated
 
 
 def rss_bytes() -> int:

@@ -19,12 +19,11 @@ def test_smollm2_is_converted_and_answers_a_question_through_its_chat_template(t
     expert = HFExpert(str(tmp_path / "smollm2"), "text-generation")
     assert expert.tokenizer.chat_template  # ChatML, from the GGUF's metadata
     question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    (answer,) = expert.generate([render_chat(expert.tokenizer, question)], max_new_tokens=12)
+    chat = render_chat(expert.tokenizer, question)
+    (answer,) = expert.generate([chat], max_new_tokens=12, chat=True)
     assert "Paris" in answer.text
     # A stop string on a real tokenizer: the same answer, ended before it, generation stopped.
-    (stopped,) = expert.generate(
-        [render_chat(expert.tokenizer, question)], max_new_tokens=12, stop=("Paris",)
-    )
+    (stopped,) = expert.generate([chat], max_new_tokens=12, stop=("Paris",), chat=True)
     assert stopped.text == answer.text[: answer.text.index("Paris")]
     assert stopped.finish_reason == "stop"
     assert stopped.completion_tokens < answer.completion_tokens  # it stopped generating there

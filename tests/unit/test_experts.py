@@ -452,3 +452,107 @@ def test_a_chat_without_a_template_is_a_plain_transcript(causal_tok):
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert render_chat(causal_tok, messages) == "system: Be brief.\nuser: Hi\nassistant:"
+
+
+# --- answers that do not depend on their neighbours -------------------------------------
+
+
+def test_a_seeded_sample_is_the_same_alone_in_any_batch_and_beside_other_work(causal):
+    # torch's global generator is shared by the replica's threads and by a batch's rows: a
+    # sample drawn from it changed with what else ran. Each row now has its own generator.
+    p, q = "the cat", "hello world, the dog sat on"
+    (alone,) = causal.generate([p], max_new_tokens=8, temperature=1.0, seed=7)
+    torch.manual_seed(123)  # another request's use of the global generator
+    assert causal.generate([p, q], max_new_tokens=8, temperature=1.0, seed=7)[0] == alone
+    assert causal.generate([q, p], max_new_tokens=8, temperature=1.0, seed=7)[1] == alone
+    *_, streamed = causal.stream(p, max_new_tokens=8, temperature=1.0, seed=7)
+    assert streamed == alone
+    others = [causal.generate([p], 8, temperature=1.0, seed=s)[0].text for s in range(8, 12)]
+    assert any(text != alone.text for text in others)  # the seed matters
+    (greedy,) = causal.generate([p], max_new_tokens=8)
+    (narrow,) = causal.generate([p], max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)
+    assert narrow.text == greedy.text  # top-p that keeps one token is greedy
+
+
+def test_each_prompt_is_clamped_to_its_own_room_not_its_batchmates(causal_short):
+    # A 16-token context: a long prompt keeps 8 tokens and leaves room for 8 new ones; a short
+    # prompt beside it still has room for the 10 it asked.
+    short, long = causal_short.generate(["the cat", LONG], max_new_tokens=10)
+    assert (short.max_new_tokens, long.max_new_tokens) == (10, 8)
+    assert causal_short.generate(["the cat"], max_new_tokens=10)[0] == short
+
+
+def test_encodings_from_several_threads_keep_their_own_settings(causal):
+    # A fast tokenizer sets its truncation on each call: unguarded, threads encoding with
+    # different limits got each other's (a stream's prompt past the context, say).
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = LONG * 4
+
+    def encode(limit: int) -> list[int]:  # the lengths it got
+        call = lambda: causal.tokenize(text, truncation=True, max_length=limit)  # noqa: E731
+        return [len(call()["input_ids"]) for _ in range(150)]
+
+    with ThreadPoolExecutor(3) as pool:
+        got = dict(zip((10, 50, 120), pool.map(encode, (10, 50, 120)), strict=True))
+    assert all(lengths == [limit] * 150 for limit, lengths in got.items())
+
+
+def test_an_answer_ends_at_any_end_id_of_the_generation_config(causal_tok, folders):
+    # An instruct model ends a turn with an id of its generation config (Gemma's
+    # <end_of_turn>), not the tokenizer's EOS; the answer ends there ("stop"), not at the
+    # length limit with the end id and the padding counted as completion tokens.
+    model = _gpt2(len(causal_tok), zero=True)  # greedy always picks id 0
+    tok = causal_tok.__class__.from_pretrained(_save(model, causal_tok, folders / "eot-tok"))
+    tok.eos_token = tok.convert_ids_to_tokens(7)
+    model.generation_config.eos_token_id = [7, 0]
+    expert = HFExpert(str(_save(model, tok, folders / "eot")), "text-generation")
+    assert expert.tokenizer.eos_token_id == 7 and expert.end_ids == {0, 7}
+    (gen,) = expert.generate(["the cat"], max_new_tokens=5)
+    assert (gen.completion_tokens, gen.finish_reason) == (0, "stop")
+
+
+def test_a_chat_template_s_own_bos_is_not_doubled(causal_tok, folders):
+    # Llama 3's, Gemma's and Mistral's templates write the BOS themselves; the tokenizer adds
+    # one too unless told not to, as transformers' own chat path does.
+    from tokenizers.processors import TemplateProcessing
+
+    from serve_app.experts import render_chat
+
+    tok = causal_tok.__class__.from_pretrained(
+        _save(_gpt2(len(causal_tok)), causal_tok, folders / "bos-tok")
+    )
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    expert = HFExpert(str(_save(_gpt2(len(tok)), tok, folders / "bos")), "text-generation")
+    assert expert.tokenize("the cat")["input_ids"][0] == tok.bos_token_id  # it adds one
+    text = render_chat(expert.tokenizer, [{"role": "user", "content": "the cat"}])
+    (gen,) = expert.generate([text], max_new_tokens=2, chat=True)
+    assert gen.prompt_tokens == 1 + len(tok("the cat", add_special_tokens=False)["input_ids"])
+    *_, streamed = expert.stream(text, max_new_tokens=2, chat=True)
+    assert streamed.prompt_tokens == gen.prompt_tokens
+
+
+def test_a_developer_message_is_rendered_as_the_system_s(causal_tok):
+    # OpenAI's newer name for the system role; chat templates know only "system".
+    from copy import deepcopy
+
+    from serve_app.experts import render_chat
+
+    tok = deepcopy(causal_tok)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert render_chat(tok, messages) == "<system>Be brief.<user>hi"
+
+
+def test_the_masks_a_long_prompt_keeps_are_its_last(masked):
+    # A prompt longer than the context keeps its end: the first mask is cut off and stays as
+    # written, and the prediction fills the last.
+    prompt = "[MASK] first. " + "the cat sat " * 200 + "last [MASK]."
+    (out,) = masked.fill_mask([prompt], top_k=1)
+    assert len(out.masks) == 1
+    assert out.text.startswith("[MASK] first.")
+    assert not out.text.endswith("[MASK].")
