@@ -513,7 +513,7 @@ class Ingress:
         return {
             "max_new_tokens": self._new_tokens(asked, field),
             "temperature": body.temperature or 0.0,
-            "top_p": body.top_p or 1.0,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
             "seed": body.seed or 0,
             "stop": tuple(body.stop or ()),
             "deadline": self._deadline(),

@@ -404,7 +404,8 @@ class SeededSampling:
         if self.top_p < 1.0:  # the fewest most likely tokens that hold top_p of the mass
             ordered, order = logits.sort(dim=-1, descending=True)
             probs = ordered.softmax(-1)
-            beyond = probs.cumsum(-1) - probs >= self.top_p  # the first always stays
+            beyond = probs.cumsum(-1) - probs >= self.top_p
+            beyond[:, 0] = False  # the most likely token always stays (top_p 0: greedy)
             ordered = ordered.masked_fill(beyond, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, ordered)
         probs = logits.softmax(-1)

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-#: The largest sampling seed (torch takes 64-bit seeds; a signed bound fits every backend).
-MAX_SEED = 2**63 - 1
+#: The sampling seed's range: a signed 64-bit integer, as OpenAI's API takes (torch takes it).
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 #: Stop strings a request may give, and their longest (OpenAI's limit is 4 strings).
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
@@ -149,8 +149,12 @@ class InferRequest(RouteRequest):
         allow_inf_nan=False,
         description="0 is greedy (and so is anything below 0.01).",
     )
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass.")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0.")
+    top_p: float = Field(
+        1.0, ge=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass (0: greedy)."
+    )
+    seed: int = Field(
+        0, ge=MIN_SEED, le=MAX_SEED, description="Sampling seed when temperature > 0."
+    )
     top_k: int = Field(5, ge=1, le=50, description="Predictions per mask (fill-mask).")
     stop: Stop = None
 
@@ -311,16 +315,16 @@ class _OpenAIRequest(_Unicode):
         None, ge=0, le=2, allow_inf_nan=False, description="0 or none is greedy."
     )
     top_p: float | None = Field(
-        None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass."
+        None, ge=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass (0: greedy)."
     )
-    n: int = Field(1, ge=1, le=1, description="Choices; only one is supported.")
-    stream: bool = Field(
+    n: int | None = Field(1, ge=1, le=1, description="Choices; only one is supported.")
+    stream: bool | None = Field(
         False,
         description="true: Server-Sent Events in OpenAI's chunk format, ending with "
         "`data: [DONE]`; the last chunk carries usage.",
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Sampling seed when temperature > 0."
+        None, ge=MIN_SEED, le=MAX_SEED, description="Sampling seed when temperature > 0."
     )
     stop: Stop = None
     response_format: Annotated[

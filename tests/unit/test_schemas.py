@@ -9,6 +9,9 @@ from pydantic import ValidationError
 from serve_app.protocol import ChatRequest, CompletionRequest, InferRequest, RouteRequest
 
 
+USER_HI = {"role": "user", "content": "hi"}
+
+
 def test_route_request_takes_prompt_weights_experts_and_task():
     req = RouteRequest.model_validate(
         {"prompt": "hi", "weights": {"size": 0.5}, "experts": ["gen-xs"], "task": "fill-mask"}
@@ -33,7 +36,8 @@ def test_route_request_refuses_an_unknown_task():
 
 
 @pytest.mark.parametrize(
-    "field", [{"max_new_tokens": 0}, {"temperature": 2.5}, {"top_p": 0}, {"top_k": 51}]
+    "field",
+    [{"max_new_tokens": 0}, {"temperature": 2.5}, {"top_p": -0.1}, {"top_k": 51}, {"seed": 2**63}],
 )
 def test_infer_request_refuses_out_of_range_sampling(field):
     with pytest.raises(ValidationError, match=next(iter(field))):
@@ -46,6 +50,14 @@ def test_a_non_finite_sampling_setting_is_refused_as_such(model, field):
     # not "should be less than or equal to 2": NaN compares false with every bound
     with pytest.raises(ValidationError, match="finite number"):
         model.model_validate({"prompt": "hi", field: float("nan")})
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatRequest])
+def test_openai_requests_take_what_openai_s_api_takes(model):
+    # null for n and stream, top_p 0 (greedy), a negative seed: all valid in OpenAI's API.
+    body = {"prompt": "hi"} if model is CompletionRequest else {"messages": [USER_HI]}
+    req = model.model_validate({**body, "n": None, "stream": None, "top_p": 0, "seed": -5})
+    assert (req.n, req.stream, req.top_p, req.seed) == (None, None, 0, -5)
 
 
 def test_openai_requests_ignore_fields_tryage_does_not_use():
