@@ -73,6 +73,9 @@ class TryageUser(HttpUser):
     wait_time = between(0.5, 1.5)
 
     def on_start(self):
+        key = os.environ.get("TRYAGE_LOADTEST_API_KEY")
+        if key:  # a service with TRYAGE_API_KEYS set
+            self.client.headers["Authorization"] = f"Bearer {key}"
         seed = int(os.environ.get("TRYAGE_LOADTEST_SEED", "0"))
         with _lock:
             _shared["users"] = _shared.get("users", 0) + 1

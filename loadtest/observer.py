@@ -36,7 +36,8 @@ Source = Callable[[], list[Sample]]
 
 
 def parse_serve_details(details: Mapping[str, Any], app: str) -> list[Sample]:
-    """Samples from Serve's instance details (the REST API's JSON) for application `app`."""
+    """Samples from Serve's instance details (the REST API's JSON) for application `app`;
+    none where it is not (yet) there."""
     apps = details.get("applications") or {}
     if app not in apps:
         return []
@@ -93,15 +94,17 @@ def ray_auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def rest_source(dashboard: str, app: str, timeout_s: float = 5.0) -> Source:
+def rest_source(dashboard: str, app: str | None = None, timeout_s: float = 5.0) -> Source:
     """Replica counts from Serve's REST API on a Ray dashboard, e.g. http://head:8265, with
-    Ray's auth token where one is found (ray_auth_headers)."""
+    Ray's auth token where one is found (ray_auth_headers). `app`: the Serve application;
+    None: the cluster's only one (`serve run` names it "default", serve_config.yaml
+    "tryage"), or "tryage" among several."""
     import httpx
 
     url = dashboard.rstrip("/") + "/api/serve/applications/"
     headers = ray_auth_headers()
 
-    def sample() -> list[Sample]:
+    def details() -> Mapping[str, Any]:
         answer = httpx.get(url, timeout=timeout_s, headers=headers)
         if answer.status_code in (401, 403):
             raise PermissionError(
@@ -109,9 +112,29 @@ def rest_source(dashboard: str, app: str, timeout_s: float = 5.0) -> Source:
                 "set RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the head node"
             )
         answer.raise_for_status()
-        return parse_serve_details(answer.json(), app)
+        return answer.json()
 
+    if app is None:
+        app = pick_app(details())
+
+    def sample() -> list[Sample]:
+        return parse_serve_details(details(), app)
+
+    sample.app = app  # type: ignore[attr-defined]
     return sample
+
+
+def pick_app(details: Mapping[str, Any]) -> str:
+    """The application to observe when none is named: the only one, or "tryage"."""
+    apps = sorted(details.get("applications") or {})
+    if len(apps) == 1:
+        return apps[0]
+    if "tryage" in apps:
+        return "tryage"
+    raise ValueError(
+        f"Serve runs {len(apps)} applications ({', '.join(apps) or 'none'}): name the one to "
+        "observe with --app"
+    )
 
 
 class ReplicaObserver:

@@ -34,6 +34,7 @@ import yaml
 from loadtest import shape
 from loadtest.observer import ReplicaObserver, local_source, rest_source
 from loadtest.report import write_report
+from serve_app.api import API_KEYS_ENV, Guard
 from serve_app.session import free_port, workers_import_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,13 +306,23 @@ def serve_library(stack: contextlib.ExitStack, library: Path, port: int, num_cpu
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
-    p.add_argument("--library", type=Path, help="library.yaml to serve (default: demo or smoke)")
+    p.add_argument("--library", type=Path, help="library.yaml to serve (default: the smoke one)")
     p.add_argument("--profile", choices=sorted(shape.PROFILES), default="short")
     p.add_argument("--users", type=int, help="peak simulated users (default: the profile's)")
     p.add_argument("--data", type=Path, help="prompts: a .jsonl/.parquet file or a folder")
     p.add_argument("--host", help="load a running service at this URL instead of serving one")
     p.add_argument(
         "--dashboard", help="Ray dashboard URL for --host (default: the host's name, port 8265)"
+    )
+    p.add_argument(
+        "--app",
+        help="the Serve application to observe with --host (default: the only one, or tryage)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TRYAGE_API_KEY"),
+        help="a key for a service with TRYAGE_API_KEYS set (default: $TRYAGE_API_KEY; a "
+        "library served here takes the first of $TRYAGE_API_KEYS)",
     )
     p.add_argument("--port", type=int, help="port to serve on (default: a free one)")
     p.add_argument(
@@ -379,11 +390,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loadtest: serving {library} on a local Ray ({cpus} logical CPUs)")
             host = serve_library(serving, library, args.port or free_port(), cpus)
             source = local_source(APP)
+            keys = Guard.keys_from(os.environ.get(API_KEYS_ENV))
+            api_key = args.api_key or (keys[0] if keys else None)
         else:
             host = args.host.rstrip("/")
             dashboard = args.dashboard or f"http://{urlsplit(host).hostname}:8265"
             run["dashboard"] = dashboard
-            source = rest_source(dashboard, APP)
+            source = observed(dashboard, args.app)
+            run["app"] = source.app  # type: ignore[attr-defined]
+            api_key = args.api_key
+        check_service(host, api_key)  # before minutes of load: a wrong host or key says so
         run["host"] = host
         workers_import_checkout()  # Locust imports loadtest/ and serve_app/ from the checkout
         env = {
@@ -394,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.users:
             env["TRYAGE_LOADTEST_USERS"] = str(args.users)
+        if api_key:
+            env["TRYAGE_LOADTEST_API_KEY"] = api_key
         if args.data:
             env["TRYAGE_LOADTEST_DATA"] = str(args.data.resolve())
             run["data"] = str(args.data)
@@ -409,13 +427,58 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loadtest: interrupted", file=sys.stderr)
         return 130
+    except ServiceError as err:
+        print(f"loadtest: {err}", file=sys.stderr)
+        return 2
     finally:
         serving.close()
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    report = write_report(out)
+    try:
+        report = write_report(out)
+    except ValueError as err:  # Locust ran no user: its log says why
+        print(f"loadtest: no report: {err}; see {out / 'locust.log'}", file=sys.stderr)
+        return 1
     print(json.dumps(report))
     print(f"loadtest: report in {out / 'report.md'}")
     return 0 if report["failures"] == 0 else 1
+
+
+class ServiceError(Exception):
+    """The service to load cannot be used as it is: unreachable, or it refuses the key."""
+
+
+def observed(dashboard: str, app: str | None) -> Any:
+    """rest_source for `app` (or the one pick_app finds); ServiceError where the dashboard
+    cannot be read or the application is not there."""
+    import httpx
+
+    try:
+        source = rest_source(dashboard, app)
+        source()
+    except (httpx.HTTPError, PermissionError, ValueError) as err:
+        raise ServiceError(f"replicas cannot be read from {dashboard}: {err}") from None
+    if app is not None and not source():
+        raise ServiceError(f"{dashboard} serves no application {app!r}")
+    return source
+
+
+def check_service(host: str, api_key: str | None, timeout_s: float = 60.0) -> None:
+    """One GET /v1/models, as every simulated user starts with: raises ServiceError saying
+    what to fix where it does not answer 200."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        answer = httpx.get(f"{host}/v1/models", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as err:
+        raise ServiceError(f"{host} does not answer ({err}); is the service up there?") from None
+    if answer.status_code == 401:
+        hint = "wrong" if api_key else "needed"
+        raise ServiceError(
+            f"{host} answered 401: an API key is {hint}; pass --api-key or set TRYAGE_API_KEY"
+        )
+    if answer.status_code != 200:
+        raise ServiceError(f"{host}/v1/models answered {answer.status_code}: {answer.text[:200]}")
 
 
 def _given(value: int | None, default: int | None) -> int | None:

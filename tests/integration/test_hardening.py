@@ -180,3 +180,17 @@ def test_answers_say_who_answered_and_that_it_was_no_fallback(guarded):
 def test_the_service_still_serves(guarded):
     r = guarded.post("/v1/route", json={"prompt": "still there?"}, headers=AUTH)
     assert r.status_code == 200, r.text
+
+
+def test_the_load_test_checks_the_service_and_its_key_before_loading_it(guarded):
+    # Minutes of load against a wrong host or without the key used to end in a traceback.
+    from loadtest.run import ServiceError, check_service
+
+    host = str(guarded.base_url).rstrip("/")
+    check_service(host, KEY)
+    with pytest.raises(ServiceError, match="an API key is needed; pass --api-key"):
+        check_service(host, None)
+    with pytest.raises(ServiceError, match="an API key is wrong"):
+        check_service(host, "not-the-key")
+    with pytest.raises(ServiceError, match="does not answer"):
+        check_service("http://127.0.0.1:9", KEY, timeout_s=5)

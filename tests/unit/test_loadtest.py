@@ -446,3 +446,15 @@ def test_the_dashboard_token_is_found_where_ray_looks_for_it(tmp_path, monkeypat
     assert ray_auth_headers(env) == {"Authorization": "Bearer file-token"}
     env["RAY_AUTH_TOKEN"] = "env-token"
     assert ray_auth_headers(env) == {"Authorization": "Bearer env-token"}
+
+
+def test_the_application_observed_is_the_only_one_or_tryage():
+    # `serve run` names its application "default", serve_config.yaml "tryage".
+    from loadtest.observer import pick_app
+
+    assert pick_app({"applications": {"default": {}}}) == "default"
+    assert pick_app({"applications": {"tryage": {}, "other": {}}}) == "tryage"
+    with pytest.raises(ValueError, match="--app"):
+        pick_app({"applications": {"a": {}, "b": {}}})
+    with pytest.raises(ValueError, match="none"):
+        pick_app({"applications": {}})

@@ -8,7 +8,6 @@ from pydantic import ValidationError
 
 from serve_app.protocol import ChatRequest, CompletionRequest, InferRequest, RouteRequest
 
-
 USER_HI = {"role": "user", "content": "hi"}
 
 
