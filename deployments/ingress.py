@@ -474,6 +474,12 @@ class Ingress:
                         "tryage.experts",
                     )
             allow = [body.model]
+            if self.task_of[body.model] != "text-generation":
+                raise BadRequest(
+                    f"model {body.model!r} is a {self.task_of[body.model]} expert; these "
+                    "endpoints answer with text-generation experts (/v1/infer takes any)",
+                    "model",
+                )
         weights = opts.weights if opts else None
         ranking, _ = await self._rank(endpoint, text, flags, weights, allow, "text-generation")
         return text, ranking

@@ -131,7 +131,14 @@ class GuardMiddleware:
         headers = dict(scope.get("headers") or [])
         path, root = scope["path"], scope.get("root_path") or ""
         path = path[len(root) :] if root and path.startswith(root) else path  # under a prefix
+        telemetry = getattr(scope["app"].state, "telemetry", None)
+
+        def count(reason: str) -> None:  # a refused request, in the ingress's metrics
+            if telemetry is not None:
+                telemetry.rejected(path, reason)
+
         if guard.key_digests and path not in OPEN_PATHS and not guard.authorised(headers):
+            count("invalid_api_key")
             message = "a valid API key is needed: send the header 'Authorization: Bearer <key>'"
             return await _send_error(
                 send,
@@ -144,6 +151,7 @@ class GuardMiddleware:
         limit = guard.max_body_bytes
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > limit:
+            count("body_too_large")
             return await _too_large(send, limit)
         seen = 0
         over = False  # the body passed the limit while the app read it
@@ -175,6 +183,8 @@ class GuardMiddleware:
         except _TooLarge:
             if not replaced:
                 await _too_large(send, limit)
+        if over:
+            count("body_too_large")
 
 
 async def _too_large(send: Any, limit: int) -> None:

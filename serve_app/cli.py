@@ -37,11 +37,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a library on a local Ray instance (or RAY_ADDRESS's cluster) until Ctrl-C."""
     import ray
 
-    from serve_app.app import build_graph
+    from serve_app.app import DEFAULT_LIBRARY, build_graph
     from serve_app.config import load_library
     from serve_app.session import serving
 
     if not args.library.exists():
+        if args.library != DEFAULT_LIBRARY:
+            raise LibraryError(f"no library at {args.library}")
         raise LibraryError(
             f"no library at {args.library}; build the demo library (tryage demo build, or "
             "make serve) or pass --library FILE"
@@ -61,9 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             init["_metrics_export_port"] = args.metrics_port
-        with serving(app, host=args.host, port=args.port, **init) as url:
+
+        def warn() -> None:  # before the app starts: a router that cannot be placed waits
             if warning := library.short_of(ray.cluster_resources()):
                 print(f"tryage: warning: {warning}", file=sys.stderr, flush=True)
+
+        with serving(app, host=args.host, port=args.port, on_start=warn, **init) as url:
             print(f"tryage: serving {args.library} on {url} (Ctrl-C stops)", flush=True)
             if args.metrics_port:
                 print(

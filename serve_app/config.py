@@ -676,6 +676,15 @@ class LibraryConfig(_Strict):
     def short_of(self, cluster: Mapping[str, float]) -> str | None:
         """Where `reserved()` exceeds a Ray cluster's resources (`ray.cluster_resources()`),
         what that costs, in words; None where everything fits."""
+        actor = self.router.serve_options(self.ingress)["ray_actor_options"] or {}
+        gpus = float(actor.get("num_gpus") or 0)
+        if gpus > cluster.get("GPU", 0) + 1e-9:
+            return (
+                f"the router asks for {gpus:g} GPU a replica and this Ray has "
+                f"{cluster.get('GPU', 0):g}: the service cannot start until a node with one "
+                "joins (on a machine without a GPU, set router.resources.num_gpus to 0; "
+                "`tryage smoke-library` without --gpus)"
+            )
         need = self.reserved()
         short = [
             f"{need[k]:g} {k}s (this Ray has {cluster.get(k, 0):g})"

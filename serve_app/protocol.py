@@ -359,7 +359,18 @@ class _OpenAIRequest(_Unicode):
 class CompletionRequest(_OpenAIRequest):
     """OpenAI's completions request."""
 
-    prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
+    prompt: Annotated[
+        str | list[str],
+        BeforeValidator(
+            _only(
+                lambda v: (
+                    isinstance(v, str)
+                    or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                ),
+                "must be a string, or a list of one string (token ids are not taken)",
+            )
+        ),
+    ] = Field(description="One prompt (a list of exactly one is accepted).")
     echo: Annotated[
         bool | None,
         BeforeValidator(

@@ -10,7 +10,7 @@ import logging
 import os
 import platform
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,13 @@ def serving(
     host: str = "127.0.0.1",
     port: int | None = None,
     name: str = "tryage",
+    on_start: Callable[[], None] | None = None,
     **init: Any,
 ) -> Iterator[str]:
     """Serve a Serve application on `host:port` (a free port when None) inside a Ray session;
-    yields the base URL and shuts Serve down (and Ray, if this started it) on the way out."""
+    yields the base URL and shuts Serve down (and Ray, if this started it) on the way out.
+    `on_start` runs once Ray and Serve are up, before the application starts (which waits
+    for every deployment that must be running)."""
     from ray import serve
 
     workers_import_checkout()
@@ -102,6 +105,8 @@ def serving(
     with ray_session(**init):
         try:
             serve.start(http_options={"host": host, "port": port})
+            if on_start is not None:
+                on_start()
             with _quiet_reconnect():
                 serve.run(app, name=name, route_prefix="/")
             yield f"http://{host}:{port}"

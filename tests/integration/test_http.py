@@ -300,6 +300,14 @@ BAD = [
     ("/v1/infer", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
     ("/v1/completions", {"model": "tryage", "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"model": "tryage", "prompt": [1, 2, 3]}, 400, "prompt"),
+    ("/v1/completions", {"model": "mask-s", "prompt": "the [MASK] sat"}, 400, "model"),
+    (
+        "/v1/chat/completions",
+        {"model": "mask-s", "messages": [{"role": "user", "content": "hi"}]},
+        400,
+        "model",
+    ),
     ("/v1/chat/completions", {"model": "tryage", "messages": []}, 400, "messages"),
     (
         "/v1/chat/completions",

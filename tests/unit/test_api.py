@@ -67,6 +67,22 @@ def test_with_keys_a_request_needs_a_bearer_key_but_healthz_does_not():
     assert client.get("/healthz").status_code == 200
 
 
+def test_refusals_at_the_guard_are_counted_by_reason():
+    # ray_tryage_rejections_total: a 401 or a 413 is refused before FastAPI sees the request,
+    # so the guard counts it (the error handlers count the rest).
+    class Rejections(list):
+        def rejected(self, endpoint: str, reason: str) -> None:
+            self.append((endpoint, reason))
+
+    client = _client(Guard(max_body_bytes=1024, key_digests=[key_digest("k")]))
+    client.app.state.telemetry = counted = Rejections()
+    client.post("/echo", json={})
+    key = {"Authorization": "Bearer k"}
+    client.post("/echo", content=b"x" * 2000, headers={**key, "content-type": "application/json"})
+    assert client.post("/echo", json={"a": 1}, headers=key).status_code == 200
+    assert counted == [("/echo", "invalid_api_key"), ("/echo", "body_too_large")]
+
+
 def test_a_body_over_the_limit_is_a_413_in_the_error_shape():
     client = _client(Guard(max_body_bytes=1024))
     r = client.post("/echo", content=b'{"a": "' + b"x" * 5000 + b'"}')

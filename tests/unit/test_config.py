@@ -237,6 +237,11 @@ def test_what_the_router_at_its_most_and_a_replica_of_every_expert_reserve(smoke
     assert gpu.reserved() == {"CPU": 2.75, "GPU": 1.0}
     short = gpu.short_of({"CPU": 4.0})
     assert "1 GPUs (this Ray has 0)" in short and "CPU" not in short.split(":")[0]
+    # a router that asks for a GPU where there is none: the service cannot even start
+    router_gpu = load_library(variant(lambda raw: raw["router"].update(resources={"num_gpus": 1})))
+    short = router_gpu.short_of({"CPU": 8.0})
+    assert "the router asks for 1 GPU" in short and "cannot start" in short
+    assert "the router asks" not in router_gpu.short_of({"CPU": 8.0, "GPU": 1.0})  # 2 replicas
     # a pool counts once, however many experts it serves
     pooled = load_library(variant(_pooled))
     pools = [cfg.serve_options(n, pooled.ingress) for n, (cfg, _) in pooled.pooled().items()]
