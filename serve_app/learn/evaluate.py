@@ -41,7 +41,12 @@ BASELINES = ("oracle", "random", "best_single", "model_card", "knn")
 def routers(library: LibraryConfig, truth: Matrix, *, k: int = 10) -> dict[str, Router]:
     """The learned router and every baseline (by name), sharing one memoising encoder."""
     ckpt = library.router.checkpoint
-    encoder = Encoder(library.router.model, read_head_config(ckpt).max_length, memo=True)
+    encoder = Encoder(
+        library.router.model,
+        read_head_config(ckpt).max_length,
+        memo=True,
+        revision=library.router.revision,  # the encoder the service pins
+    )
     ref_experts, emb, losses = load_reference(ckpt)
     missing = [e for e in truth.experts if e not in ref_experts]
     if missing:
