@@ -6,6 +6,7 @@ sends the prompt to the chosen expert only (falling back down the ranking if it 
 import asyncio
 import logging
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from serve_app.config import POOL_PREFIX, ExpertConfig, LibraryConfig
 from serve_app.errors import BadRequest, NoExpertAvailable, Overloaded, UnknownExpert
 from serve_app.learn.route import check_prompt
 from serve_app.protocol import (
+    MAX_SEED,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -73,6 +75,17 @@ def _head(payload: BaseModel) -> Response:
     body is pydantic's own JSON of the model (FastAPI's path), measured the same way."""
     length = len(payload.model_dump_json().encode())
     return Response(headers={"content-length": str(length)}, media_type="application/json")
+
+
+def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> dict:
+    """A request's sampling settings: none is greedy; top_p 0 is greedy too (said as such,
+    as a remote server may refuse top_p 0); no seed, a new one, so that sampled answers
+    vary from request to request unless the client fixes the seed."""
+    temperature = temperature or 0.0
+    if top_p == 0:
+        temperature, top_p = 0.0, 1.0
+    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+    return {"temperature": temperature, "top_p": 1.0 if top_p is None else top_p, "seed": seed}
 
 
 def _answered_by(response: Response, expert: str, skipped: list[str]) -> None:
@@ -304,7 +317,8 @@ class Ingress:
             self.telemetry.fallback(ranked.expert, reason)
             skipped.append(ranked.expert)
         if refusals and len(refusals) == attempts:
-            raise BadRequest(refusals[0].message, "messages")
+            where = "messages" if endpoint == "/v1/chat/completions" else "prompt"
+            raise BadRequest(refusals[0].message, where)
         if busy is not None:
             raise Overloaded(
                 f"the experts that could answer are busy ({', '.join(skipped)}); retry shortly",
@@ -316,7 +330,10 @@ class Ingress:
                 f"no answer within the deadline of {self.limits.request_timeout_s:g} s "
                 f"(tried: {', '.join(skipped) or 'none'}); retry shortly"
             )
-        raise NoExpertAvailable(f"every expert tried failed ({', '.join(skipped)}); retry shortly")
+        raise NoExpertAvailable(
+            f"every expert tried failed or refused the request ({', '.join(skipped)}); "
+            "retry shortly"
+        )
 
     def _deadline(self) -> float:
         """Wall-clock time at which a generation for this request stops."""
@@ -424,9 +441,7 @@ class Ingress:
         payload = ExpertRequest(
             prompt=text,
             max_new_tokens=asked,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
+            **_sampling(body.temperature, body.top_p, body.seed),
             top_k=body.top_k,
             stop=tuple(body.stop or ()),
             deadline=self._deadline(),
@@ -518,9 +533,7 @@ class Ingress:
         asked = max_tokens or self.limits.openai_default_max_tokens
         return {
             "max_new_tokens": self._new_tokens(asked, field),
-            "temperature": body.temperature or 0.0,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "seed": body.seed or 0,
+            **_sampling(body.temperature, body.top_p, body.seed),
             "stop": tuple(body.stop or ()),
             "deadline": self._deadline(),
         }

@@ -98,7 +98,8 @@ class Guard:
         """The accepted keys' digests: of TRYAGE_API_KEYS (set in the Ray processes'
         environment) and TRYAGE_API_KEY_DIGESTS (from the builder)."""
         digests = [key_digest(k) for k in cls.keys_from(environ.get(API_KEYS_ENV))]
-        return digests + [d.lower() for d in cls.keys_from(environ.get(API_KEY_DIGESTS_ENV))]
+        digests += [d.lower() for d in cls.keys_from(environ.get(API_KEY_DIGESTS_ENV))]
+        return list(dict.fromkeys(digests))  # a local Ray's replicas see both: once each
 
     def authorised(self, headers: dict[bytes, bytes]) -> bool:
         """Whether the Authorization header carries an accepted key (constant-time compare)."""

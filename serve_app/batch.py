@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from itertools import groupby
 from typing import Any, TypeVar
@@ -37,10 +38,18 @@ def isolated(
     key = lambda i: settings(items[i])  # noqa: E731
     for shared, group in groupby(sorted(range(len(items)), key=key), key=key):
         idx = list(group)
+        failed: Exception | None = None
         try:
             answers = run(shared, [items[i] for i in idx])
-        except Exception as err:  # one of them, or the device: find out one by one
-            _seen(err, on_fault)
+        except Exception as err:
+            failed = err
+        if failed is not None:  # one of them, or the device: find out one by one
+            # Outside the except clause, and with the failed call's frames cleared: until
+            # then they hold what the batch allocated (on a GPU, its activations and cache),
+            # which an out-of-memory error must give back before the reruns (on_fault).
+            traceback.clear_frames(failed.__traceback__)
+            _seen(failed, on_fault)
+            failed = None
             answers = [_alone(run, shared, items[i], on_fault) for i in idx]
         for i, answer in zip(idx, answers, strict=True):
             out[i] = answer

@@ -168,7 +168,7 @@ class HFExpert:
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         stop: tuple[str, ...] = (),
         deadline: float | None = None,
         chat: bool = False,
@@ -181,8 +181,9 @@ class HFExpert:
         An answer ends before the first of the `stop` strings. Generation stops where it is at
         `deadline` (time.time()), as a request that timed out needs no more tokens. `chat`:
         the prompts were rendered by the chat template, which writes its own special tokens
-        (a BOS among them), so none are added."""
+        (a BOS among them), so none are added. `seed`: one for every prompt, or one each."""
         special = not chat
+        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         lengths = self.tokenize(
             prompts, truncation=True, max_length=self.max_length, add_special_tokens=special
         )["input_ids"]
@@ -190,8 +191,10 @@ class HFExpert:
         out: list[Generation | None] = [None] * len(prompts)
         for cap in sorted(set(caps)):  # prompts that may have as many new tokens run together
             idx = [i for i, c in enumerate(caps) if c == cap]
-            group = [prompts[i] for i in idx]
-            answers = self._generate(group, cap, temperature, top_p, seed, stop, deadline, special)
+            group, group_seeds = [prompts[i] for i in idx], [seeds[i] for i in idx]
+            answers = self._generate(
+                group, cap, temperature, top_p, group_seeds, stop, deadline, special
+            )
             for i, answer in zip(idx, answers, strict=True):
                 out[i] = answer
         return out  # type: ignore[return-value]
@@ -202,7 +205,7 @@ class HFExpert:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        seed: int,
+        seeds: list[int],
         stop: tuple[str, ...],
         deadline: float | None,
         special: bool,
@@ -220,7 +223,7 @@ class HFExpert:
         start = enc["input_ids"].shape[1]
         ended: dict[int, int] = {}  # row -> new tokens when a stop string ended it
         stopping = _until(deadline, None, start, stop, self.tokenizer, ended)
-        out = self._run(enc, max_new_tokens, temperature, top_p, seed, stopping)
+        out = self._run(enc, max_new_tokens, temperature, top_p, seeds, stopping)
         new = out[:, start:]  # (B, new)
         return [
             self._answer(row, int(mask.sum()), stop, max_new_tokens, ended.get(b))
@@ -259,22 +262,27 @@ class HFExpert:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        seed: int,
+        seed: int | list[int],
         stopping: Any,
         streamer: Any = None,
     ) -> torch.Tensor:
         """model.generate: greedy, or from MIN_TEMPERATURE up sampling with a generator of its
-        own per row (SeededSampling), which picks the token greedy decoding then takes."""
+        own per row (SeededSampling), which picks the token greedy decoding then takes. `seed`:
+        one for every row, or one each. One beam, whatever the model's generation config says:
+        a row is one answer."""
         from transformers import LogitsProcessorList
 
         processors = LogitsProcessorList()
         if temperature >= MIN_TEMPERATURE:
             rows = enc["input_ids"].shape[0]
-            processors.append(SeededSampling(rows, temperature, top_p, seed, self.device))
+            seeds = seed if isinstance(seed, list) else [seed] * rows
+            processors.append(SeededSampling(seeds, temperature, top_p, self.device))
         return self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            num_beams=1,
+            num_return_sequences=1,
             temperature=None,
             top_p=None,
             top_k=None,
@@ -395,11 +403,12 @@ class SeededSampling:
     different answer beside other requests; with a generator per row the same request gives
     the same answer alone, in any batch, beside any other generation."""
 
-    def __init__(self, rows: int, temperature: float, top_p: float, seed: int, device: Any):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: Any):
         self.temperature, self.top_p = temperature, top_p
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        assert scores.shape[0] == len(self.generators), "one generator a row (one beam a row)"
         logits = scores.float() / self.temperature  # (B, V)
         if self.top_p < 1.0:  # the fewest most likely tokens that hold top_p of the mass
             ordered, order = logits.sort(dim=-1, descending=True)
@@ -518,9 +527,15 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
             if token in content:
                 content = content.replace(token, token[0] + DEFUSE + token[1:])
         safe.append({"role": role, "content": content})
-    if getattr(tokenizer, "chat_template", None):
+    if has_template(tokenizer):
         return tokenizer.apply_chat_template(safe, tokenize=False, add_generation_prompt=True)
     return "\n".join([*(f"{m['role']}: {m['content']}" for m in safe), "assistant:"])
+
+
+def has_template(tokenizer: Any) -> bool:
+    """Whether render_chat uses the tokenizer's own chat template (which writes its special
+    tokens itself), not a plain transcript."""
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def special_tokens(tokenizer: Any) -> list[str]:

@@ -41,6 +41,7 @@ FLAGS = {
 # brackets anyway).
 _FLAG = re.compile(r"\[\s*flag\s*:([^\[\]]*)\][ \t]?", re.IGNORECASE)
 _FLAG_AT_END = re.compile(_FLAG.pattern + r"\s*\Z", re.IGNORECASE)
+_LEADING_BLANK = re.compile(r"\A\s*\n")  # whitespace up to the last newline before the text
 
 
 class ExpertMeta(Protocol):
@@ -162,7 +163,12 @@ def _without_flags(prompt: str) -> str:
     if text == prompt:
         return prompt
     if _FLAG.match(prompt, len(prompt) - len(prompt.lstrip())):
-        text = text.lstrip()
+        # the blank lines a leading marker leaves, not the indentation of the first line
+        text = (
+            _LEADING_BLANK.sub("", text)
+            if "\n" in text[: len(text) - len(text.lstrip())]
+            else text.lstrip()
+        )
     if _FLAG_AT_END.search(prompt):
         text = text.rstrip()
     return text

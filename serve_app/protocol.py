@@ -152,8 +152,12 @@ class InferRequest(RouteRequest):
     top_p: float = Field(
         1.0, ge=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass (0: greedy)."
     )
-    seed: int = Field(
-        0, ge=MIN_SEED, le=MAX_SEED, description="Sampling seed when temperature > 0."
+    seed: int | None = Field(
+        None,
+        ge=MIN_SEED,
+        le=MAX_SEED,
+        description="Sampling seed when temperature > 0 (the same seed, the same answer); "
+        "none: a new one each request.",
     )
     top_k: int = Field(5, ge=1, le=50, description="Predictions per mask (fill-mask).")
     stop: Stop = None
@@ -569,9 +573,10 @@ class ExpertRequest(BaseModel):
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     deadline: float | None = None  # time.time() after which a generation stops where it is
 
-    def generation_settings(self) -> tuple[int, float, float, int, tuple[str, ...]]:
-        """The settings requests must share to run in one generation batch."""
-        return (self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop)
+    def generation_settings(self) -> tuple[int, float, float, tuple[str, ...]]:
+        """The settings requests must share to run in one generation batch (a seed need not
+        be shared: each row samples from a generator of its own)."""
+        return (self.max_new_tokens, self.temperature, self.top_p, self.stop)
 
 
 class Failure(BaseModel):

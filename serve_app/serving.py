@@ -56,10 +56,18 @@ class ExpertCalls(DeviceHealth):
             return (*requests[i].generation_settings(), prompts[i][1])
 
         def run(shared: tuple, group: list[int]) -> list[Generation]:
-            *generation, chat = shared
+            new_tokens, temperature, top_p, stop, chat = shared
             deadline = min((d for i in group if (d := requests[i].deadline)), default=None)
-            texts = [prompts[i][0] for i in group]
-            return engine.generate(texts, *generation, deadline, chat=chat)
+            return engine.generate(
+                [prompts[i][0] for i in group],
+                new_tokens,
+                temperature,
+                top_p,
+                [requests[i].seed for i in group],
+                stop,
+                deadline,
+                chat=chat,
+            )
 
         answers = isolated(todo, settings, run, self._noticed)
         for i, answer in zip(todo, answers, strict=True):
@@ -80,12 +88,22 @@ class ExpertCalls(DeviceHealth):
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        settings = request.generation_settings()
+        new_tokens, temperature, top_p, stop = request.generation_settings()
 
         def work() -> None:
             self.streaming += 1
             try:
-                stream = engine.stream(prompt, *settings, request.deadline, cancel, chat=chat)
+                stream = engine.stream(
+                    prompt,
+                    new_tokens,
+                    temperature,
+                    top_p,
+                    request.seed,
+                    stop,
+                    request.deadline,
+                    cancel,
+                    chat=chat,
+                )
                 for item in stream:
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except Exception as err:
@@ -121,10 +139,9 @@ def _prompt(engine: HFExpert, request: ExpertRequest) -> tuple[str, bool]:
     message text unable to forge a role (serve_app.experts)."""
     if request.messages is None:
         return request.prompt or "", False
-    from serve_app.experts import render_chat
+    from serve_app.experts import has_template, render_chat
 
-    templated = bool(getattr(engine.tokenizer, "chat_template", None))
-    return render_chat(engine.tokenizer, request.messages), templated
+    return render_chat(engine.tokenizer, request.messages), has_template(engine.tokenizer)
 
 
 def rss_bytes() -> int:

@@ -153,6 +153,17 @@ def test_infer_generates_on_the_chosen_expert(api):
     assert r.headers["x-tryage-expert"] == body["expert"]
 
 
+def test_a_sampled_answer_repeats_with_its_seed_and_varies_without_one(api):
+    def sample(**seed) -> str:
+        body = {"prompt": "def main():", "experts": ["gen-xs"], "max_new_tokens": 8}
+        r = api.post("/v1/infer", json={**body, "temperature": 1.0, **seed})
+        assert r.status_code == 200, r.text
+        return r.json()["output"]
+
+    assert sample(seed=-3) == sample(seed=-3)
+    assert len({sample() for _ in range(4)}) > 1  # no seed: a new one each request
+
+
 def test_infer_fills_masks(api):
     body = {"prompt": "The [MASK] sat on the mat.", "task": "fill-mask", "top_k": 3}
     r = api.post("/v1/infer", json=body)

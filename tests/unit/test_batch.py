@@ -65,3 +65,30 @@ def test_running_out_of_device_memory_fails_the_request_not_the_replica():
     health._noticed(RuntimeError("CUDA error: device-side assert triggered"))
     with pytest.raises(RuntimeError, match="the device is broken"):
         health.check_health()
+
+
+def test_what_a_failed_batch_held_is_given_back_before_its_requests_rerun():
+    # The failed call's frames hold what the batch allocated (on a GPU, its activations and
+    # cache): the fault hook (which empties torch's cache) and the reruns one by one must
+    # not run while it is still held.
+    import weakref
+
+    class Activations:
+        pass
+
+    held: list[weakref.ref] = []
+    alive: list[bool] = []
+
+    def run(_: tuple, group: list[int]) -> list[int]:
+        if len(group) > 1:
+            activations = Activations()
+            held.append(weakref.ref(activations))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive.append(held[0]() is not None)  # during each rerun
+        return [x * 2 for x in group]
+
+    def on_fault(err: BaseException) -> None:
+        alive.append(held[0]() is not None)
+
+    assert isolated([1, 2, 3], lambda _: (), run, on_fault) == [2, 4, 6]
+    assert alive == [False, False, False, False]

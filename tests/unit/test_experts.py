@@ -36,9 +36,12 @@ def folders(tmp_path_factory):
     return tmp_path_factory.mktemp("experts")
 
 
-def _gpt2(vocab: int, n_positions: int = 128, zero: bool = False) -> GPT2LMHeadModel:
+def _gpt2(
+    vocab: int, n_positions: int = 128, zero: bool = False, init: float = 0.02
+) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(
+        initializer_range=init,  # 0.3: sharp next-token distributions that follow the prompt
         vocab_size=vocab,
         n_positions=n_positions,
         n_embd=32,
@@ -457,20 +460,36 @@ def test_a_chat_without_a_template_is_a_plain_transcript(causal_tok):
 # --- answers that do not depend on their neighbours -------------------------------------
 
 
-def test_a_seeded_sample_is_the_same_alone_in_any_batch_and_beside_other_work(causal):
+@pytest.fixture(scope="module")
+def causal_sharp(causal_tok, folders) -> HFExpert:
+    """A model whose samples depend on the prompt (a fresh GPT-2's are near uniform)."""
+    model = _gpt2(len(causal_tok), init=0.3)
+    model.generation_config.num_beams = 2  # a model's own default: a row is still one answer
+    return HFExpert(str(_save(model, causal_tok, folders / "causal-sharp")), "text-generation")
+
+
+def test_a_seeded_sample_is_the_same_alone_in_any_batch_and_beside_other_work(causal_sharp):
     # torch's global generator is shared by the replica's threads and by a batch's rows: a
     # sample drawn from it changed with what else ran. Each row now has its own generator.
+    expert = causal_sharp
+
+    def sample(prompts: list[str], seed: int | list[int], **kw) -> list[Generation]:
+        return expert.generate(prompts, max_new_tokens=8, temperature=1.0, seed=seed, **kw)
+
     p, q = "the cat", "hello world, the dog sat on"
-    (alone,) = causal.generate([p], max_new_tokens=8, temperature=1.0, seed=7)
+    (alone,) = sample([p], 7)
+    assert alone.text != sample([q], 7)[0].text  # the sample follows the prompt
     torch.manual_seed(123)  # another request's use of the global generator
-    assert causal.generate([p, q], max_new_tokens=8, temperature=1.0, seed=7)[0] == alone
-    assert causal.generate([q, p], max_new_tokens=8, temperature=1.0, seed=7)[1] == alone
-    *_, streamed = causal.stream(p, max_new_tokens=8, temperature=1.0, seed=7)
+    assert sample([p, q], 7)[0] == alone
+    assert sample([q, p], 7)[1] == alone
+    *_, streamed = expert.stream(p, max_new_tokens=8, temperature=1.0, seed=7)
     assert streamed == alone
-    others = [causal.generate([p], 8, temperature=1.0, seed=s)[0].text for s in range(8, 12)]
-    assert any(text != alone.text for text in others)  # the seed matters
-    (greedy,) = causal.generate([p], max_new_tokens=8)
-    (narrow,) = causal.generate([p], max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)
+    # Requests with seeds of their own share a batch, each answered as alone.
+    (other,) = sample([p], 8)
+    assert other.text != alone.text  # the seed matters
+    assert sample([p, q, p], [7, 7, 8]) == [alone, sample([q], 7)[0], other]
+    (greedy,) = expert.generate([p], max_new_tokens=8)
+    (narrow,) = sample([p], 3, top_p=1e-6)
     assert narrow.text == greedy.text  # top-p that keeps one token is greedy
 
 

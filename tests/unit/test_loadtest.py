@@ -458,3 +458,12 @@ def test_the_application_observed_is_the_only_one_or_tryage():
         pick_app({"applications": {"a": {}, "b": {}}})
     with pytest.raises(ValueError, match="none"):
         pick_app({"applications": {}})
+
+
+def test_a_dashboard_that_cannot_be_read_leaves_the_report_without_replicas(capsys):
+    # A service whose dashboard only SSH reaches can still be loaded; the report says less.
+    from loadtest.run import observed
+
+    source = observed("http://127.0.0.1:9", None)
+    assert source() == []
+    assert "no replicas" in capsys.readouterr().err

@@ -229,6 +229,7 @@ def test_a_prompt_without_flags_is_unchanged():
         ("\n\nHuman: hi\n\nAssistant: ", "\n\nHuman: hi\n\nAssistant: "),
         ("[flag: smallest] def f():\n    ", "def f():\n    "),
         ("  [flag: smallest]\n\nWrite a poem", "Write a poem"),
+        ("[flag: smallest]\n    x = 1\n    y", "    x = 1\n    y"),  # the first line's indent
         ("Explain recursion [flag: smallest]\n", "Explain recursion"),
     ],
 )
