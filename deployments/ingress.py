@@ -220,9 +220,11 @@ class Ingress:
         weights: dict | None,
         allow: list | None,
         task: str | None,
+        deadline: float | None = None,
     ) -> tuple[list[objective.Ranked], dict[str, float]]:
         """Eligible experts, predicted losses and the objective: the routing decision, and the
-        weights it used.
+        weights it used. The router's answer is awaited until the request's `deadline`
+        (time.time()), or request_timeout_s from now.
 
         Precedence: the operator's policy > the request's weights > prompt flags > library
         defaults."""
@@ -233,13 +235,14 @@ class Ingress:
         spent = time.perf_counter() - start
         # A router that hangs (a wedged device) must not hold requests for ever: it gets the
         # request's deadline, and then the answer is a 503 the client can retry.
+        wait = self.limits.request_timeout_s if deadline is None else deadline - time.time()
         response = self.router.predict.remote(text)
         try:
             with self.telemetry.stage(endpoint, "router"):
-                predicted = await asyncio.wait_for(response, self.limits.request_timeout_s)
+                predicted = await asyncio.wait_for(response, max(0.0, wait))
         except TimeoutError:
             response.cancel()
-            logger.error("the router gave no answer in %g s", self.limits.request_timeout_s)
+            logger.error("the router gave no answer in %.3g s", wait)
             raise NoExpertAvailable("the router gave no answer in time; retry shortly") from None
         except BackPressureError as err:
             raise Overloaded(
@@ -258,11 +261,16 @@ class Ingress:
         return ranking, merged
 
     async def _dispatch(
-        self, endpoint: str, ranking: list[objective.Ranked], call: Callable[[str], Any]
+        self,
+        endpoint: str,
+        ranking: list[objective.Ranked],
+        call: Callable[[str], Any],
+        deadline: float,
     ) -> tuple[str, Any, list[str]]:
         """Run `call` (an expert's name -> an awaitable that can be cancelled: a deployment
         response, or a task) on the best expert; on failure or timeout the next, up to max_attempts,
-        all within ingress.request_timeout_s.
+        all before the request's `deadline` (time.time(): request_timeout_s from its arrival,
+        the router's wait included).
 
         An expert that refuses the request itself (its chat template rejects a system message,
         a remote server answers 400) is passed for the next too: another expert may take it.
@@ -272,7 +280,7 @@ class Ingress:
         other experts) is passed over without spending an attempt, since it would be refused
         too; it is not tried, so it is neither in `skipped` nor counted as a fallback (a pool
         of hundreds would otherwise list them all)."""
-        end = time.monotonic() + self.limits.request_timeout_s
+        end = time.monotonic() + (deadline - time.time())
         skipped: list[str] = []
         busy: BackPressureError | None = None
         full: set[str] = set()  # deployments at their queue limit, as found by this request
@@ -336,7 +344,8 @@ class Ingress:
         )
 
     def _deadline(self) -> float:
-        """Wall-clock time at which a generation for this request stops."""
+        """Wall-clock time at which this request ends (taken as it arrives): routing, every
+        attempt and the generation itself within ingress.request_timeout_s."""
         return time.time() + self.limits.request_timeout_s
 
     def _new_tokens(self, asked: int | None, field: str = "max_new_tokens") -> int:
@@ -432,10 +441,11 @@ class Ingress:
 
     @api.post("/v1/infer")
     async def infer(self, body: InferRequest, response: Response) -> InferResponse:
+        deadline = self._deadline()
         text, flags = self._clean(body.prompt)
         endpoint = "/v1/infer"
         ranking, used = await self._rank(
-            endpoint, text, flags, body.weights, body.experts, body.task
+            endpoint, text, flags, body.weights, body.experts, body.task, deadline
         )
         asked = self._new_tokens(body.max_new_tokens)
         payload = ExpertRequest(
@@ -444,9 +454,10 @@ class Ingress:
             **_sampling(body.temperature, body.top_p, body.seed),
             top_k=body.top_k,
             stop=tuple(body.stop or ()),
-            deadline=self._deadline(),
+            deadline=deadline,
         )
-        expert, output, skipped = await self._dispatch(endpoint, ranking, self._on_expert(payload))
+        call = self._on_expert(payload)
+        expert, output, skipped = await self._dispatch(endpoint, ranking, call, deadline)
         task = self.task_of[expert]
         _answered_by(response, expert, skipped)
         generated = isinstance(output, Generation)
@@ -464,7 +475,7 @@ class Ingress:
         )
 
     async def _openai_ranking(
-        self, endpoint: str, body: Any, raw: str, where: str = "prompt"
+        self, endpoint: str, body: Any, raw: str, deadline: float, where: str = "prompt"
     ) -> tuple[str, list[objective.Ranked]]:
         """Route (or pin) an OpenAI request among text-generation experts: the text routed on
         (`raw`, the prompt or the last user message, its flags stripped; `where` names its
@@ -496,7 +507,9 @@ class Ingress:
                     "model",
                 )
         weights = opts.weights if opts else None
-        ranking, _ = await self._rank(endpoint, text, flags, weights, allow, "text-generation")
+        ranking, _ = await self._rank(
+            endpoint, text, flags, weights, allow, "text-generation", deadline
+        )
         return text, ranking
 
     async def _stream(
@@ -519,7 +532,9 @@ class Ingress:
             return first, pieces
 
         call = lambda name: asyncio.ensure_future(start(name))  # noqa: E731
-        expert, (first, pieces), skipped = await self._dispatch(endpoint, ranking, call)
+        assert payload.deadline is not None, "an OpenAI request has its deadline"
+        answer = await self._dispatch(endpoint, ranking, call, payload.deadline)
+        expert, (first, pieces), skipped = answer
         headers = {
             "x-tryage-expert": expert,
             "x-tryage-fallback": "true" if skipped else "false",
@@ -545,11 +560,13 @@ class Ingress:
             raise BadRequest("send exactly one prompt per request", "prompt")
         settings = self._settings(body, body.max_tokens)
         endpoint = "/v1/completions"
-        text, ranking = await self._openai_ranking(endpoint, body, prompts[0])
+        deadline = settings["deadline"]
+        text, ranking = await self._openai_ranking(endpoint, body, prompts[0], deadline)
         payload = ExpertRequest(prompt=text, **settings)
         if body.stream:
             return await self._stream(endpoint, ranking, payload, "text_completion")
-        expert, gen, skipped = await self._dispatch(endpoint, ranking, self._on_expert(payload))
+        call = self._on_expert(payload)
+        expert, gen, skipped = await self._dispatch(endpoint, ranking, call, deadline)
         self.telemetry.tokens(expert, gen.prompt_tokens, gen.completion_tokens)
         _answered_by(response, expert, skipped)
         return Completion(
@@ -586,13 +603,14 @@ class Ingress:
 
         endpoint = "/v1/chat/completions"
         last = f"messages.{users[-1]}.content"
+        deadline = settings["deadline"]
         text, ranking = await self._openai_ranking(
-            endpoint, body, body.messages[users[-1]].content, last
+            endpoint, body, body.messages[users[-1]].content, deadline, last
         )
         if body.stream:
             return await self._stream(endpoint, ranking, build(text), "chat.completion.chunk")
         call = self._on_expert(build(text))
-        expert, gen, skipped = await self._dispatch(endpoint, ranking, call)
+        expert, gen, skipped = await self._dispatch(endpoint, ranking, call, deadline)
         self.telemetry.tokens(expert, gen.prompt_tokens, gen.completion_tokens)
         _answered_by(response, expert, skipped)
         return ChatCompletion(

@@ -446,9 +446,8 @@ class IngressConfig(_Strict):
     request_timeout_s: float = Field(
         300.0,
         gt=0,
-        description="Deadline of one request across every attempt; a generation still running "
-        "then stops, and the answer is 503 with Retry-After. The router's answer is awaited "
-        "as long at most.",
+        description="Deadline of one request from its arrival: routing and every attempt; a "
+        "generation still running then stops, and the answer is 503 with Retry-After.",
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Larger request bodies are refused (413)."

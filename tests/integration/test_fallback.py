@@ -149,18 +149,18 @@ DEADLINE_S = 8.0
 
 @pytest.fixture(scope="module")
 def refusing(serve_port, smoke_library) -> httpx.Client:
-    # The smoke library, but gen-xs's chat template refuses a system message and the router's
-    # device hangs while its wedge marker exists.
+    # The smoke library, but gen-xs's chat template refuses a system message, gen-s hangs,
+    # and the router's device hangs while its wedge marker exists.
     library = load_library(smoke_library)
     wedge_marker(library.router.checkpoint).unlink(missing_ok=True)
     ingress = library.ingress.model_copy(update={"request_timeout_s": DEADLINE_S})
     app = build_graph(
         library.model_copy(update={"ingress": ingress}),
         load_router=load_wedging_router,
-        load_experts={"gen-xs": load_no_system_role},
+        load_experts={"gen-xs": load_no_system_role, "gen-s": load_slow},
     )
     serve.run(app, name="refusals", route_prefix="/refusals")
-    warm({"refusals": ("gen-xs", "gen-m")})
+    warm({"refusals": ("gen-xs", "gen-s", "gen-m")})
     with client(serve_port, "/refusals") as c:
         yield c
     wedge_marker(library.router.checkpoint).unlink(missing_ok=True)
@@ -217,3 +217,19 @@ def test_a_hung_router_is_a_503_at_the_deadline_and_the_service_recovers(refusin
         marker.unlink(missing_ok=True)
     r = refusing.post("/v1/route", json={"prompt": "hello"})
     assert r.status_code == 200, r.text
+
+
+def test_the_router_s_wait_counts_against_the_request_s_deadline(refusing, smoke_library):
+    # The router answers after 4 s, and the expert it picks hangs: the request ends at its
+    # deadline (8 s from arrival), not a whole deadline after routing.
+    import threading
+
+    marker = wedge_marker(load_library(smoke_library).router.checkpoint)
+    marker.write_text("wedged")
+    threading.Timer(4.0, lambda: marker.unlink(missing_ok=True)).start()
+    start = time.monotonic()
+    r = refusing.post("/v1/infer", json={"prompt": "hello", "experts": ["gen-s"]})
+    waited = time.monotonic() - start
+    assert r.status_code == 503, r.text
+    assert "deadline" in r.json()["error"]["message"]
+    assert DEADLINE_S - 1 < waited < DEADLINE_S + 3
