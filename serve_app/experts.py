@@ -170,7 +170,7 @@ class HFExpert:
         top_p: float = 1.0,
         seed: int | list[int] = 0,
         stop: tuple[str, ...] = (),
-        deadline: float | None = None,
+        deadline: float | list[float | None] | None = None,
         chat: bool = False,
     ) -> list[Generation]:
         """Continue each prompt; greedy unless temperature >= MIN_TEMPERATURE (then seeded
@@ -179,11 +179,13 @@ class HFExpert:
         beside it (the prompt keeps at least half the context), never to what fits beside
         another prompt of the batch, and a prompt longer than the rest keeps its last tokens.
         An answer ends before the first of the `stop` strings. Generation stops where it is at
-        `deadline` (time.time()), as a request that timed out needs no more tokens. `chat`:
+        `deadline` (time.time(); one for every prompt, or one each: a row stops at its own),
+        as a request that timed out needs no more tokens. `chat`:
         the prompts were rendered by the chat template, which writes its own special tokens
         (a BOS among them), so none are added. `seed`: one for every prompt, or one each."""
         special = not chat
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+        deadlines = deadline if isinstance(deadline, list) else [deadline] * len(prompts)
         lengths = self.tokenize(
             prompts, truncation=True, max_length=self.max_length, add_special_tokens=special
         )["input_ids"]
@@ -191,9 +193,15 @@ class HFExpert:
         out: list[Generation | None] = [None] * len(prompts)
         for cap in sorted(set(caps)):  # prompts that may have as many new tokens run together
             idx = [i for i, c in enumerate(caps) if c == cap]
-            group, group_seeds = [prompts[i] for i in idx], [seeds[i] for i in idx]
             answers = self._generate(
-                group, cap, temperature, top_p, group_seeds, stop, deadline, special
+                [prompts[i] for i in idx],
+                cap,
+                temperature,
+                top_p,
+                [seeds[i] for i in idx],
+                stop,
+                [deadlines[i] for i in idx],
+                special,
             )
             for i, answer in zip(idx, answers, strict=True):
                 out[i] = answer
@@ -207,7 +215,7 @@ class HFExpert:
         top_p: float,
         seeds: list[int],
         stop: tuple[str, ...],
-        deadline: float | None,
+        deadlines: list[float | None],
         special: bool,
     ) -> list[Generation]:
         """One padded batch of prompts that fit the context beside max_new_tokens."""
@@ -222,11 +230,12 @@ class HFExpert:
         ).to(self.device)
         start = enc["input_ids"].shape[1]
         ended: dict[int, int] = {}  # row -> new tokens when a stop string ended it
-        stopping = _until(deadline, None, start, stop, self.tokenizer, ended)
+        late: dict[int, int] = {}  # row -> new tokens when its deadline stopped it
+        stopping = _until(deadlines, None, start, stop, self.tokenizer, ended, late)
         out = self._run(enc, max_new_tokens, temperature, top_p, seeds, stopping)
         new = out[:, start:]  # (B, new)
         return [
-            self._answer(row, int(mask.sum()), stop, max_new_tokens, ended.get(b))
+            self._answer(row, int(mask.sum()), stop, max_new_tokens, ended.get(b), late.get(b))
             for b, (row, mask) in enumerate(zip(new.tolist(), enc["attention_mask"], strict=True))
         ]
 
@@ -237,13 +246,18 @@ class HFExpert:
         stop: tuple[str, ...],
         max_new_tokens: int,
         ended: int | None = None,
+        late: int | None = None,
     ) -> Generation:
         """One generated row as an answer: up to its first end id (self.end_ids), or its first
         `ended` tokens where a stop string ended it (the batch goes on padding it), the text
-        cut before that string."""
+        cut before that string, or its first `late` tokens where its deadline stopped it (an
+        answer cut short: finish reason "length")."""
         tok = self.tokenizer
         end = next((i for i, t in enumerate(row) if t in self.end_ids), len(row))
         end = end if ended is None else min(end, ended)
+        stopped = end < len(row)
+        if late is not None and late < end:
+            end, stopped = late, False
         kept = row[:end]
         text = tok.decode(kept, skip_special_tokens=True)
         cut = stop_at(text, stop)
@@ -251,7 +265,7 @@ class HFExpert:
             text=whole(text) if cut is None else text[:cut],
             prompt_tokens=prompt_tokens,
             completion_tokens=len(kept),
-            finish_reason="stop" if end < len(row) or cut is not None else "length",
+            finish_reason="stop" if stopped or cut is not None else "length",
             max_new_tokens=max_new_tokens,
         )
 
@@ -328,7 +342,7 @@ class HFExpert:
         start = enc["input_ids"].shape[1]
         cancel = cancel if cancel is not None else threading.Event()
         ended: dict[int, int] = {}
-        stopping = _until(deadline, cancel, start, stop, tok, ended)
+        stopping = _until([deadline], cancel, start, stop, tok, ended, {})
 
         def run() -> None:
             try:
@@ -452,27 +466,30 @@ def _token_streamer(tokenizer: Any) -> Any:
 
 
 def _until(
-    deadline: float | None,
+    deadlines: list[float | None],
     cancel: threading.Event | None,
     start: int,
     stop: tuple[str, ...],
     tokenizer: Any,
     ended: dict[int, int],
+    late: dict[int, int],
 ) -> Any:
-    """Stopping criteria: every row ends once `deadline` (time.time()) has passed or `cancel`
-    is set (the client went away); a row ends once its new tokens (those from position
-    `start`) hold one of the `stop` strings, and `ended` records how many it had then.
+    """Stopping criteria: a row ends once its deadline (`deadlines`, time.time(), one a row)
+    has passed, every row once `cancel` is set (the client went away); a row ends once its
+    new tokens (those from position
+    `start`) hold one of the `stop` strings, and `ended` records how many it had then
+    (`late`, when its deadline stopped it).
     transformers' own stop_strings are not used: they match across the prompt's end, where
     OpenAI's stop looks at the answer alone."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Deadline(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            late = deadline is not None and time.time() > deadline
-            late = late or (cancel is not None and cancel.is_set())
-            return torch.full(
-                (input_ids.shape[0],), late, dtype=torch.bool, device=input_ids.device
-            )
+            now, gone = time.time(), cancel is not None and cancel.is_set()
+            over = [gone or (d is not None and now > d) for d in deadlines]
+            for b in (b for b, o in enumerate(over) if o and b not in late):
+                late[b] = input_ids.shape[1] - start
+            return torch.tensor(over, dtype=torch.bool, device=input_ids.device)
 
     # Only the last tokens are decoded each step: a stop string of n characters lies within
     # the last 4n + 1 when each token holds a byte or more of its text (a character is at most

@@ -57,7 +57,6 @@ class ExpertCalls(DeviceHealth):
 
         def run(shared: tuple, group: list[int]) -> list[Generation]:
             new_tokens, temperature, top_p, stop, chat = shared
-            deadline = min((d for i in group if (d := requests[i].deadline)), default=None)
             return engine.generate(
                 [prompts[i][0] for i in group],
                 new_tokens,
@@ -65,7 +64,7 @@ class ExpertCalls(DeviceHealth):
                 top_p,
                 [requests[i].seed for i in group],
                 stop,
-                deadline,
+                [requests[i].deadline for i in group],  # each row stops at its own
                 chat=chat,
             )
 

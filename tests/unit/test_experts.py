@@ -575,3 +575,14 @@ def test_the_masks_a_long_prompt_keeps_are_its_last(masked):
     assert len(out.masks) == 1
     assert out.text.startswith("[MASK] first.")
     assert not out.text.endswith("[MASK].")
+
+
+def test_a_row_stops_at_its_own_deadline_not_its_batchmates(causal):
+    # A request whose deadline passed needs no more tokens; the one batched with it does.
+    import time as clock
+
+    p, q = "the cat", "hello world, the dog sat on"
+    (alone,) = causal.generate([q], max_new_tokens=8)
+    late, on_time = causal.generate([p, q], max_new_tokens=8, deadline=[clock.time() - 1, None])
+    assert late.completion_tokens <= 1 and late.finish_reason == "length"
+    assert on_time == alone
