@@ -513,7 +513,12 @@ class Ingress:
         return text, ranking
 
     async def _stream(
-        self, endpoint: str, ranking: list[objective.Ranked], payload: ExpertRequest, kind: str
+        self,
+        endpoint: str,
+        ranking: list[objective.Ranked],
+        payload: ExpertRequest,
+        kind: str,
+        deadline: float,
     ) -> StreamingResponse:
         """Stream the best expert's answer as Server-Sent Events. Fallback (the same as for a
         whole answer, `_dispatch`) happens only before the first token: an expert is chosen
@@ -532,9 +537,7 @@ class Ingress:
             return first, pieces
 
         call = lambda name: asyncio.ensure_future(start(name))  # noqa: E731
-        assert payload.deadline is not None, "an OpenAI request has its deadline"
-        answer = await self._dispatch(endpoint, ranking, call, payload.deadline)
-        expert, (first, pieces), skipped = answer
+        expert, (first, pieces), skipped = await self._dispatch(endpoint, ranking, call, deadline)
         headers = {
             "x-tryage-expert": expert,
             "x-tryage-fallback": "true" if skipped else "false",
@@ -564,7 +567,7 @@ class Ingress:
         text, ranking = await self._openai_ranking(endpoint, body, prompts[0], deadline)
         payload = ExpertRequest(prompt=text, **settings)
         if body.stream:
-            return await self._stream(endpoint, ranking, payload, "text_completion")
+            return await self._stream(endpoint, ranking, payload, "text_completion", deadline)
         call = self._on_expert(payload)
         expert, gen, skipped = await self._dispatch(endpoint, ranking, call, deadline)
         self.telemetry.tokens(expert, gen.prompt_tokens, gen.completion_tokens)
@@ -608,7 +611,8 @@ class Ingress:
             endpoint, body, body.messages[users[-1]].content, deadline, last
         )
         if body.stream:
-            return await self._stream(endpoint, ranking, build(text), "chat.completion.chunk")
+            chunk = "chat.completion.chunk"
+            return await self._stream(endpoint, ranking, build(text), chunk, deadline)
         call = self._on_expert(build(text))
         expert, gen, skipped = await self._dispatch(endpoint, ranking, call, deadline)
         self.telemetry.tokens(expert, gen.prompt_tokens, gen.completion_tokens)

@@ -153,21 +153,22 @@ def derive_library(
     for name in {e["pool"] for e in raw["experts"] if e.get("pool")}:
         pools[name] = pools.get(name) or {}
     deployments = [e for e in raw["experts"] if not e.get("pool")] + list(pools.values())
-    for expert in deployments:
+    for deployment in deployments:
         if max_queued is not None:
-            expert["max_queued_requests"] = max_queued
+            deployment["max_queued_requests"] = max_queued
         if scale_out:
-            expert["autoscaling"] = {**(expert.get("autoscaling") or {}), **scale_out["expert"]}
+            scaled = {**(deployment.get("autoscaling") or {}), **scale_out["expert"]}
+            deployment["autoscaling"] = scaled
         if downscale_s is None:
             continue
-        scaling = dict(expert.get("autoscaling") or {})
+        scaling = dict(deployment.get("autoscaling") or {})
         look_back = min(float(scaling.get("look_back_period_s", LOOK_BACK_S)), LOOK_BACK_S)
         scaling.update(
             downscale_delay_s=downscale_s,
             downscale_to_zero_delay_s=downscale_s,
             look_back_period_s=look_back,
         )
-        expert["autoscaling"] = scaling
+        deployment["autoscaling"] = scaling
     if downscale_s is not None:
         changes.append(f"experts' downscale delays {downscale_s} s")
     if max_queued is not None:
@@ -222,7 +223,7 @@ def _replica_groups(lib: Any) -> list[tuple[str, Any]]:
     from serve_app.config import POOL_PREFIX
 
     own = [(e.name, e) for e in lib.experts if not e.pool]
-    return own + [(POOL_PREFIX + name, pool) for name, pool in sorted(lib.pools.items())]
+    return own + [(POOL_PREFIX + name, cfg) for name, (cfg, _) in sorted(lib.pooled().items())]
 
 
 def clear(out: Path) -> None:

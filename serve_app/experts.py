@@ -276,20 +276,18 @@ class HFExpert:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        seed: int | list[int],
+        seeds: list[int],
         stopping: Any,
         streamer: Any = None,
     ) -> torch.Tensor:
         """model.generate: greedy, or from MIN_TEMPERATURE up sampling with a generator of its
-        own per row (SeededSampling), which picks the token greedy decoding then takes. `seed`:
-        one for every row, or one each. One beam, whatever the model's generation config says:
-        a row is one answer."""
+        own per row (SeededSampling, `seeds` one a row), which picks the token greedy decoding
+        then takes. One beam, whatever the model's generation config says: a row is one
+        answer."""
         from transformers import LogitsProcessorList
 
         processors = LogitsProcessorList()
         if temperature >= MIN_TEMPERATURE:
-            rows = enc["input_ids"].shape[0]
-            seeds = seed if isinstance(seed, list) else [seed] * rows
             processors.append(SeededSampling(seeds, temperature, top_p, self.device))
         return self.model.generate(
             **enc,
@@ -347,7 +345,7 @@ class HFExpert:
         def run() -> None:
             try:
                 done["out"] = self._run(
-                    enc, max_new_tokens, temperature, top_p, seed, stopping, streamer
+                    enc, max_new_tokens, temperature, top_p, [seed], stopping, streamer
                 )
             except Exception as err:  # handed to the caller below, after the stream ends
                 done["error"] = err
@@ -475,10 +473,9 @@ def _until(
     late: dict[int, int],
 ) -> Any:
     """Stopping criteria: a row ends once its deadline (`deadlines`, time.time(), one a row)
-    has passed, every row once `cancel` is set (the client went away); a row ends once its
-    new tokens (those from position
-    `start`) hold one of the `stop` strings, and `ended` records how many it had then
-    (`late`, when its deadline stopped it).
+    has passed, and `late` records how many new tokens (those from position `start`) it had
+    then; every row ends once `cancel` is set (the client went away); a row ends once its new
+    tokens hold one of the `stop` strings, and `ended` records how many it had then.
     transformers' own stop_strings are not used: they match across the prompt's end, where
     OpenAI's stop looks at the answer alone."""
     from transformers import StoppingCriteria, StoppingCriteriaList

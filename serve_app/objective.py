@@ -41,7 +41,9 @@ FLAGS = {
 # brackets anyway).
 _FLAG = re.compile(r"\[\s*flag\s*:([^\[\]]*)\][ \t]?", re.IGNORECASE)
 _FLAG_AT_END = re.compile(_FLAG.pattern + r"\s*\Z", re.IGNORECASE)
-_LEADING_BLANK = re.compile(r"\A\s*\n")  # whitespace up to the last newline before the text
+# What a leading marker leaves: the blank lines before the text (not its first line's
+# indentation), or, without a newline, every leading space.
+_LEFT_BEFORE = re.compile(r"\A(?:\s*\n|\s+)")
 
 
 class ExpertMeta(Protocol):
@@ -163,12 +165,7 @@ def _without_flags(prompt: str) -> str:
     if text == prompt:
         return prompt
     if _FLAG.match(prompt, len(prompt) - len(prompt.lstrip())):
-        # the blank lines a leading marker leaves, not the indentation of the first line
-        text = (
-            _LEADING_BLANK.sub("", text)
-            if "\n" in text[: len(text) - len(text.lstrip())]
-            else text.lstrip()
-        )
+        text = _LEFT_BEFORE.sub("", text)
     if _FLAG_AT_END.search(prompt):
         text = text.rstrip()
     return text

@@ -32,7 +32,7 @@ class SlowGenerator(HFExpert):
         time.sleep(120)
         return super().generate(*args, **kwargs)
 
-    def _run(self, enc, max_new_tokens, temperature, top_p, seed, stopping, streamer=None):
+    def _run(self, enc, max_new_tokens, temperature, top_p, seeds, stopping, streamer=None):
         from transformers import StoppingCriteria
 
         class Slowly(StoppingCriteria):
@@ -41,7 +41,7 @@ class SlowGenerator(HFExpert):
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
         stopping.append(Slowly())
-        return super()._run(enc, max_new_tokens, temperature, top_p, seed, stopping, streamer)
+        return super()._run(enc, max_new_tokens, temperature, top_p, seeds, stopping, streamer)
 
 
 def load_slow(model: str, task: str) -> SlowGenerator:
